@@ -1,0 +1,95 @@
+"""The contract between a method (models/) and the shared core (train/, evaluate/).
+
+A method is a small object that builds an NNX model, declares its training stages and
+predicts risks under a set of present modalities. The core knows nothing else about it:
+the trainer runs the stages, the evaluation harness runs the scenarios.
+
+Every function a method hands to the core is pure in the JAX sense: it receives a merged
+model, a batch pytree (see `survjax.data.batching`) and an explicit PRNG key, and returns
+arrays. The core jits it over ``(graphdef, state)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import jax
+import optax
+from flax import nnx
+
+Batch = dict
+LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage.
+
+  Attributes:
+    name: shown in logs and checkpoints ("warmup", "main", "ldm_genomics", ...).
+    loss_fn: ``(model, batch, key) -> (scalar loss, dict of scalar metrics)``.
+    optimizer: optax transformation (its learning rate, schedule, accumulation).
+    epochs: passes over the training patients (batch stages), or, for a feature stage,
+      the number of chunks of ``steps_per_epoch`` optimiser steps.
+    trainable: NNX filter of the parameters this stage updates; everything else is
+      frozen (no gradient is computed for it).
+    patients: "complete" trains on patients with every modality of ``requires``
+      (the MUST paper protocol), "any" on every training patient.
+    requires: modalities that "complete" refers to (default: all of the method's).
+    features: feature stage: ``(model, batch) -> pytree of per-patient arrays [B, ...]``
+      computed once with the model frozen; the stage then trains on random minibatches
+      of the cached features (``loss_fn`` receives them as its batch, with a ``valid``
+      entry). Used for MUST's latent diffusion, whose targets come from a frozen encoder.
+    steps_per_epoch: feature stages only.
+    batch_size: feature stages only (minibatch of cached rows); batch stages use the
+      run's batch size.
+  """
+
+  name: str
+  loss_fn: LossFn
+  optimizer: optax.GradientTransformation
+  epochs: int
+  trainable: Any = nnx.Param
+  patients: str = "any"
+  requires: tuple[str, ...] | None = None
+  features: Callable[[nnx.Module, Batch], dict] | None = None
+  steps_per_epoch: int = 100
+  batch_size: int = 32
+
+
+class Method(Protocol):
+  """What the core needs from a method."""
+
+  name: str
+  modalities: tuple[str, ...]   # cohort modalities the method reads
+  time_model: str               # "discrete" (needs bins) or "cox"
+  num_bins: int
+
+  def build(self, cohort_info: dict, rngs: nnx.Rngs) -> nnx.Module:
+    """The model for a cohort described by ``cohort_info`` (see `cohort_info`)."""
+
+  def stages(self) -> list[Stage]:
+    """Training stages in order."""
+
+  def predict(self, model: nnx.Module, batch: Batch, present: frozenset[str],
+              key: jax.Array) -> dict[str, jax.Array]:
+    """Risks ``[B]`` (higher = worse) when only ``present`` modalities exist.
+
+    Returns a dict with at least ``"risk"``; any other entry is an alternative risk for
+    the same scenario (e.g. ``"zeros"``: missing part filled with zeros), reported as
+    its own row ``<scenario>/<entry>``. The function must not read the data of a
+    modality outside ``present`` (tests fill it with NaN).
+    """
+
+  def diagnostics(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+    """Optional per-patient ``[B]`` diagnostics on complete data (may return {})."""
+
+
+def cohort_info(cohort, modalities) -> dict:
+  """Static description of a cohort's modalities that a method builds its model from."""
+  info = {}
+  for name in modalities:
+    mod = cohort.modalities[name]
+    info[name] = {"kind": mod.kind, "dim": mod.dim, "group_sizes": mod.group_sizes}
+  return info

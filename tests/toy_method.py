@@ -1,0 +1,81 @@
+"""A deliberately tiny method for testing the shared core without a real model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from survjax.method import Stage
+
+
+def cox_nll(risk, time, event, weights):
+  """Slow-but-plain Breslow partial likelihood (the test oracle lives in test_survival)."""
+  at_risk = (time[None, :] >= time[:, None]) & (weights[None, :] > 0)
+  lse = jax.nn.logsumexp(jnp.where(at_risk, risk[None, :], -jnp.inf), axis=1)
+  w = event * weights
+  return -jnp.sum(w * (risk - lse)) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+class ToyModel(nnx.Module):
+
+  def __init__(self, dims, rngs):
+    self.enc = nnx.Dict({k: nnx.Linear(d, 4, rngs=rngs) for k, d in dims.items()})
+    self.head = nnx.Linear(4, 1, rngs=rngs)
+    self.aux = nnx.Linear(4, 4, rngs=rngs)
+
+  def embed(self, batch, present):
+    h = 0.0
+    for k, lin in self.enc.items():
+      if k in present:
+        m = batch["modalities"][k]
+        x = m["x"]
+        if x.ndim == 3:  # bag: masked mean
+          mask = m["mask"][..., None]
+          x = jnp.sum(jnp.where(mask, x.astype(jnp.float32), 0.0), 1) / jnp.maximum(mask.sum(1), 1)
+        h = h + lin(x)
+    return jnp.tanh(h)
+
+
+@dataclasses.dataclass
+class ToyMethod:
+  modalities: tuple = ("pathology", "genomics")
+  epochs: tuple = (3, 2)
+  feature_epochs: int = 0
+  name: str = "toy"
+  time_model: str = "cox"
+  num_bins: int = 0
+
+  def build(self, info, rngs):
+    return ToyModel({k: info[k]["dim"] for k in self.modalities}, rngs)
+
+  def stages(self):
+    def loss(model, batch, key):
+      h = model.embed(batch, set(self.modalities))
+      h = h + 0.01 * jax.random.normal(key, h.shape)
+      risk = model.head(h)[:, 0]
+      return cox_nll(risk, batch["time"], batch["event"], batch["valid"].astype(jnp.float32)), {
+          "risk_std": jnp.std(risk)}
+
+    def feats(model, batch):
+      return {"h": model.embed(batch, set(self.modalities))}
+
+    def aux_loss(model, batch, key):
+      h = batch["h"]
+      return jnp.mean((model.aux(h) - h) ** 2), {}
+
+    st = [Stage("a", loss, optax.adamw(1e-2), epochs=self.epochs[0]),
+          Stage("b", loss, optax.adam(3e-3), epochs=self.epochs[1],
+                trainable=nnx.All(nnx.Param, nnx.PathContains("head")))]
+    if self.feature_epochs:
+      st.append(Stage("c", aux_loss, optax.adam(1e-2), epochs=self.feature_epochs,
+                      trainable=nnx.All(nnx.Param, nnx.PathContains("aux")),
+                      features=feats, steps_per_epoch=7, batch_size=8))
+    return st
+
+  def predict(self, model, batch, present, key):
+    return {"risk": model.head(model.embed(batch, present))[:, 0]}
+
+  def diagnostics(self, model, batch):
+    return {}

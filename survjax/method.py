@@ -41,6 +41,9 @@ class Stage:
       computed once with the model frozen; the stage then trains on random minibatches
       of the cached features (``loss_fn`` receives them as its batch, with a ``valid``
       entry). Used for MUST's latent diffusion, whose targets come from a frozen encoder.
+    prepare: feature stages only: ``(model, cached_features) -> None``, called once after
+      the features are cached and before training (e.g. to store latent normalisation
+      statistics in non-trainable model variables, which then travel in checkpoints).
     steps_per_epoch: feature stages only.
     batch_size: feature stages only (minibatch of cached rows); batch stages use the
       run's batch size.
@@ -54,6 +57,7 @@ class Stage:
   patients: str = "any"
   requires: tuple[str, ...] | None = None
   features: Callable[[nnx.Module, Batch], dict] | None = None
+  prepare: Callable[[nnx.Module, dict], None] | None = None
   steps_per_epoch: int = 100
   batch_size: int = 32
 

@@ -1,0 +1,51 @@
+"""Cohort sources: the embedded synthetic cohort, user files, a tfds build, sksurv data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from survjax.data.cohort import Cohort, Modality  # noqa: F401
+from survjax.errors import InputError
+
+
+def load_cohort(data) -> Cohort:
+  """The cohort a config's ``data`` block names, validated.
+
+  Raises:
+    InputError: unknown source or any bad input in the files.
+  """
+  source = data.source
+  if source == "synthetic":
+    from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
+    known = {f.name for f in dataclasses.fields(SyntheticSpec)}
+    kw = dict(data.synthetic)
+    unknown = sorted(set(kw) - known)
+    if unknown:
+      raise InputError(f"unknown synthetic option {unknown[0]!r}, expected one of {sorted(known)}",
+                       path="config.data.synthetic")
+    spec = SyntheticSpec(**kw)
+    cohort = make_synthetic_cohort(spec, name=data.name or
+                                   f"synthetic-n{spec.n_patients}-seed{spec.seed}")
+  elif source == "files":
+    from survjax.data.formats import load_file_cohort
+    f = data.files
+    if not f.clinical_csv:
+      raise InputError("data.source='files' needs data.files.clinical_csv", path="config")
+    cohort = load_file_cohort(
+        f.clinical_csv, name=data.name or "cohort", features_dir=f.features_dir or None,
+        signatures_csv=f.signatures_csv or None, radiology_dir=f.radiology_dir or None,
+        expected_dim=f.feature_dim or None, allow_missing=tuple(f.allow_missing),
+        tabular=dict(f.get("tabular", {})) or None)
+  elif source == "tfds":
+    from survjax.data.tfds_builder import load_tfds_cohort
+    cohort = load_tfds_cohort(data.tfds.data_dir, data.tfds.name)
+    if data.name:
+      cohort.name = data.name
+  elif source == "sksurv_breast":
+    from survjax.data.breast import load_breast_cancer_cohort
+    cohort = load_breast_cancer_cohort()
+  else:
+    raise InputError(f"unknown data.source {source!r}, expected synthetic, files, tfds or "
+                     "sksurv_breast", path="config")
+  cohort.validate(source=getattr(data.files, "clinical_csv", "") or source)
+  return cohort

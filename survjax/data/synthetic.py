@@ -69,7 +69,7 @@ class SyntheticSpec:
   share_pathology: float = 0.3
   share_genomics: float = 0.3
   share_radiology: float = 0.0
-  risk_std: float = 1.2
+  risk_std: float = 1.5
   censoring: float = 0.5
   weibull_shape: float = 1.5
   # Pathology bags.

@@ -202,6 +202,10 @@ class Trainer:
         patients = patients[cohort.complete(need)[patients]]
       if stage.features is not None:
         feats = self._cache_features(s_idx, model, cohort, patients, bins)
+        if stage.prepare is not None:
+          # Deterministic in the cached features, so a resumed run sets the same values.
+          stage.prepare(model, feats)
+          graphdef, trainable, rest = _split(model, stage)
       bar = tqdm(total=stage.epochs, initial=first_epoch, desc=f"fold {fold} {stage.name}",
                  disable=not self.progress, leave=False, unit="ep")
       for epoch in range(first_epoch, stage.epochs):

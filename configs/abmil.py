@@ -1,0 +1,35 @@
+r"""Gated attention MIL (Ilse et al. 2018) on the pathology bag, pathology-only or genomics-only baseline.
+
+Command:
+
+  python -m survjax.main --config=configs/abmil.py --workdir=runs/abmil
+
+Variant :smoke: 120 patients, 3 folds, 3 epochs (seconds). Discrete-time NLL with
+4 bins, AdamW lr 2e-4, weight decay 1e-5, 20 epochs, batch 32 (MCAT/SurvPath defaults,
+which the MUST paper uses for its baselines).
+
+Expected result: EXPECTED_RESULT
+"""
+
+import ml_collections
+
+from configs.common import base_config
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = base_config("abmil")
+  m = c.model = ml_collections.ConfigDict()
+  m.dim = 256
+  m.num_bins = 4
+  m.lr = 2e-4
+  m.weight_decay = 1e-5
+  m.epochs = 20
+  for v in filter(None, variant.split(",")):
+    if v == "smoke":
+      c.data.synthetic.n_patients = 120
+      c.cv.num_folds = 3
+      m.epochs = 3
+      c.train.max_instances = 128
+    else:
+      raise ValueError(f"unknown variant {v!r}")
+  return c

@@ -1,0 +1,45 @@
+"""Fields every experiment config shares; each configs/<method>.py starts from these.
+
+Not an experiment itself. Fields:
+
+  method            which models/<method>.py
+  seed              run seed (init, data order, sampling)
+  data.source       "synthetic" (embedded, default) | "files" | "tfds" | "sksurv_breast"
+  data.synthetic    knobs of survjax.data.synthetic.SyntheticSpec
+  data.files        clinical_csv, features_dir, signatures_csv, radiology_dir, ...
+  data.buckets      padded bag lengths (default powers of 4: 64 ... 262144)
+  cv                num_folds, seed (of the split), splits_dir (folds reused from here),
+                    folds (subset to run; empty = all)
+  train             batch_size, max_instances (per-bag cap during training)
+  eval              scenarios ("auto" = full + missing_<each modality>), batch_size,
+                    max_instances (None = whole bags), latency (batch-1 timing)
+  mesh.num_devices  data-parallel devices (-1 = all)
+"""
+
+import ml_collections
+
+
+def base_config(method: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.seed = 0
+  c.progress = True
+  c.compilation_cache_dir = ""
+  c.tensorboard_dir = ""
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+  c.data.name = ""
+  c.data.buckets = ()
+  c.data.synthetic = ml_collections.ConfigDict(dict(n_patients=400, seed=0))
+  c.data.files = ml_collections.ConfigDict(dict(
+      clinical_csv="", features_dir="", signatures_csv="", radiology_dir="",
+      feature_dim=0, allow_missing=()))
+  c.data.tfds = ml_collections.ConfigDict(dict(data_dir="", name=""))
+
+  c.cv = ml_collections.ConfigDict(dict(num_folds=5, seed=0, splits_dir="splits", folds=()))
+  c.train = ml_collections.ConfigDict(dict(batch_size=32, max_instances=256, accumulate=1))
+  c.eval = ml_collections.ConfigDict(dict(scenarios=("auto",), batch_size=64,
+                                          max_instances=0, latency=True))
+  c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
+  return c

@@ -1,0 +1,37 @@
+r"""Self-normalizing network (Klambauer et al. 2017) on all genomic columns, pathology-only or genomics-only baseline.
+
+Command:
+
+  python -m survjax.main --config=configs/snn.py --workdir=runs/snn
+
+Variant :smoke: 120 patients, 3 folds, 3 epochs (seconds). Discrete-time NLL with
+4 bins, AdamW lr 2e-4, weight decay 1e-5, 20 epochs, batch 32 (MCAT/SurvPath defaults,
+which the MUST paper uses for its baselines).
+
+Expected result: EXPECTED_RESULT
+"""
+
+import ml_collections
+
+from configs.common import base_config
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = base_config("snn")
+  m = c.model = ml_collections.ConfigDict()
+  m.dim = 256
+  m.depth = 2
+  m.dropout = 0.25
+  m.num_bins = 4
+  m.lr = 2e-4
+  m.weight_decay = 1e-5
+  m.epochs = 20
+  for v in filter(None, variant.split(",")):
+    if v == "smoke":
+      c.data.synthetic.n_patients = 120
+      c.cv.num_folds = 3
+      m.epochs = 3
+      c.train.max_instances = 128
+    else:
+      raise ValueError(f"unknown variant {v!r}")
+  return c

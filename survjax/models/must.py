@@ -1,0 +1,382 @@
+"""MUST: modality-specific representation-aware transformer with latent diffusion.
+
+Kim et al., "MUST: Modality-Specific Representation-Aware Transformer for
+Diffusion-Enhanced Survival Prediction with Missing Modality" (arXiv 2603.26071).
+
+Encoders (Sec. 3.2, supp. 6.4). Pathology patches ``[N, D_P]`` go through TransMIL
+(linear projection to D = 256, class token, PPEG, two Nystrom layers) giving ``g_P`` and
+the token outputs ``H_P``; the six gene families go through one small SNN each (tokens
+``[6, D]``) and a multi-head self-attention layer with a class token giving ``g_G`` and
+``H_G``. Bidirectional cross-attention (eq. 7) gives ``c_{P<-G}`` (pathology tokens query
+the genomic tokens) and ``c_{G<-P}`` (genomic tokens query the pathology tokens), each
+mean-pooled over its (valid) queries. Attention layers with learned class tokens
+``CLS_uP``, ``CLS_uG`` give the modality-specific ``u_P``, ``u_G``; only the class-token
+row of that layer is needed, and for one attention layer that row is exact when computed
+alone, so it costs O(N) rather than O(N^2) on a bag.
+
+Decomposition (Sec. 3.3). ``P = B B^T`` with ``B`` in R^{D x r}, r = 64 (eq. 8). The paper
+calls P idempotent, which holds only for orthonormal columns, so ``B`` is the Q factor of
+a QR decomposition of a free parameter ``W``: ``P @ P = P`` exactly (up to float).
+
+    c^_{P<-G} = P c_{P<-G},  c^_{G<-P} = P c_{G<-P},  u^_m = (I - P) u_m      (eq. 9)
+    h = phi([u^_P; c^; u^_G])                                                   (eq. 11)
+
+with ``c^`` the mean of the two shared components (equal under eq. 14) and ``phi`` a
+two-layer MLP giving K = 4 discrete hazard logits.
+
+Training (Sec. 3.4, supp. 7.1), three stages:
+
+1. warm-up, 30 epochs, AdamW lr 1e-3:
+   ``L_warm = L_surv(phi([g_P; eps_P])) + L_surv(phi([g_G; eps_G]))`` (eq. 12),
+   eps ~ N(0, sigma^2 I), sigma = 0.1. The paper writes the head input as a two-part
+   concatenation while ``phi`` takes three slots; we put ``g_m`` in modality m's slot and
+   the noise in the other two (our reading, stated here);
+2. main, 30 epochs, lr 2e-4, weight decay 1e-5:
+   ``L = L_surv + 1.0 L_decomp + 1.0 L_shared + 0.5 L_orth`` (eq. 13-16), cosine
+   similarities in L_orth. With an orthonormal B the two intra-modal terms of eq. 15 are
+   identically zero (u^ and c^ live in complementary subspaces); they are kept so the
+   loss is the paper's;
+3. latent diffusion (Sec. 3.5, supp. 7.2): the main network frozen, one conditional
+   denoiser per modality learns ``u^_m`` from ``cond = [c; CLS_um]`` with the
+   epsilon-prediction loss (eq. 19). Latents are standardised with training statistics
+   (as latent-diffusion models scale their latents); the denoiser trains on cached
+   features, a `lax.scan` per chunk of steps.
+
+Missing-modality inference (Sec. 3.6). With only P: ``c~ = g_P - u^_P`` (eq. 20),
+``u~_G`` by DDIM (eq. 21; 50 steps, eta = 0, 5 samples averaged), risk from
+``phi([u^_P; c~; u~_G])`` (eq. 22); symmetric for missing P. The alternative rows
+``zeros`` and ``mean`` replace ``u~`` with zeros or the training mean of ``u^`` (the
+ablation "missing component filled by the LDM vs zeros vs the training mean").
+Training-time missingness (supp. 8.2): unpaired patients use a zero ``u^`` for the
+missing modality and the survival loss only.
+
+The risk score is ``-sum_k S(k)`` (MCAT convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from survjax import survival
+from survjax.diffusion import ddim, schedules
+from survjax.diffusion.denoiser import ConditionalDenoiser, denoising_loss
+from survjax.method import Stage
+from survjax.nn.attention import MultiHeadAttention, TransformerLayer
+from survjax.nn.genomic import GroupTokenizer
+from survjax.nn.transmil import TransMIL
+
+P_NAME, G_NAME = "pathology", "genomics"
+
+
+def _cos(a, b, eps=1e-8):
+  return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + eps)
+
+
+def _masked_mean(x, mask):
+  m = mask[..., None].astype(x.dtype)
+  return jnp.sum(x * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
+
+
+class LatentStats(nnx.Variable):
+  """Non-trainable latent normalisation statistics (set before diffusion training)."""
+
+
+class ClassQuery(nnx.Module):
+  """One attention layer's class-token row: ``u = MLP(LN(CA(cls, [cls; H])))`` + residual."""
+
+  def __init__(self, dim, num_heads, *, rngs):
+    self.cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim)) * 0.02)
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = MultiHeadAttention(dim, num_heads, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.mlp1 = nnx.Linear(dim, 2 * dim, rngs=rngs)
+    self.mlp2 = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+  def __call__(self, tokens, mask):
+    b = tokens.shape[0]
+    cls = jnp.broadcast_to(self.cls.value, (b, 1, tokens.shape[-1]))
+    kv = jnp.concatenate([cls, tokens], axis=1)
+    kv_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+    x = cls + self.attn(self.norm(cls), self.norm(kv), kv_mask)
+    x = x + self.mlp2(jax.nn.gelu(self.mlp1(self.norm2(x))))
+    return x[:, 0]
+
+
+class MUSTModel(nnx.Module):
+  """Parameters of MUST; the forward pieces are methods, the losses live in `MUST`."""
+
+  def __init__(self, path_dim: int, group_sizes: tuple[int, ...], cfg, *, rngs: nnx.Rngs):
+    d = cfg.dim
+    self.path_encoder = TransMIL(path_dim, dim=d, num_heads=cfg.num_heads,
+                                 num_landmarks=cfg.num_landmarks, rngs=rngs)
+    self.gene_tokens = GroupTokenizer(tuple(group_sizes), d, rngs=rngs)
+    self.gene_cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d)) * 0.02)
+    self.gene_encoder = TransformerLayer(d, cfg.num_heads, 2, cfg.dropout, rngs=rngs)
+    self.gene_norm = nnx.LayerNorm(d, rngs=rngs)
+    self.cross_p_from_g = MultiHeadAttention(d, cfg.num_heads, rngs=rngs)
+    self.cross_g_from_p = MultiHeadAttention(d, cfg.num_heads, rngs=rngs)
+    self.cross_norm_p = nnx.LayerNorm(d, rngs=rngs)
+    self.cross_norm_g = nnx.LayerNorm(d, rngs=rngs)
+    self.specific_p = ClassQuery(d, cfg.num_heads, rngs=rngs)
+    self.specific_g = ClassQuery(d, cfg.num_heads, rngs=rngs)
+    self.subspace = nnx.Param(jax.random.normal(rngs.params(), (d, cfg.rank)) / jnp.sqrt(d))
+    self.head1 = nnx.Linear(3 * d, cfg.head_hidden, rngs=rngs)
+    self.head2 = nnx.Linear(cfg.head_hidden, cfg.num_bins, rngs=rngs)
+    self.denoisers = nnx.Dict({
+        m: ConditionalDenoiser(dim=d, num_layers=cfg.ldm.num_layers, num_heads=cfg.ldm.num_heads,
+                               num_cond_tokens=2, rngs=rngs)
+        for m in (P_NAME, G_NAME)})
+    self.latent_mean = nnx.Dict({m: LatentStats(jnp.zeros((d,))) for m in (P_NAME, G_NAME)})
+    self.latent_std = nnx.Dict({m: LatentStats(jnp.ones((d,))) for m in (P_NAME, G_NAME)})
+    self.dropout = cfg.dropout
+
+  # ---- pieces of the forward pass ------------------------------------------------------
+
+  def basis(self):
+    """Orthonormal B (D x r): the Q factor of the free parameter."""
+    q, r = jnp.linalg.qr(self.subspace.value)
+    return q * jnp.sign(jnp.diagonal(r))[None, :]  # unique Q: positive diag(R)
+
+  def project_shared(self, x):
+    b = self.basis()
+    return (x @ b) @ b.T
+
+  def encode_pathology(self, batch, key=None):
+    m = batch["modalities"][P_NAME]
+    cls, tokens = self.path_encoder(m["x"].astype(jnp.float32), m["mask"], key=key,
+                                    return_tokens=True)
+    return cls[:, 0], tokens, m["mask"]
+
+  def encode_genomics(self, batch, key=None):
+    x = batch["modalities"][G_NAME]["x"]
+    tok = self.gene_tokens(x, key=key)
+    b, n, d = tok.shape
+    cls = jnp.broadcast_to(self.gene_cls.value, (b, 1, d))
+    seq = self.gene_encoder(jnp.concatenate([cls, tok], 1), jnp.ones((b, n + 1), bool), key=key)
+    seq = self.gene_norm(seq)
+    return seq[:, 0], seq[:, 1:], jnp.ones((b, n), bool)
+
+  def components(self, batch, key=None):
+    """All of g, c, u (raw and projected) for complete pairs."""
+    k1 = k2 = None
+    if key is not None:
+      k1, k2 = jax.random.split(key)
+    g_p, h_p, mask_p = self.encode_pathology(batch, k1)
+    g_g, h_g, mask_g = self.encode_genomics(batch, k2)
+    c_pg = _masked_mean(self.cross_p_from_g(self.cross_norm_p(h_p), self.cross_norm_g(h_g), mask_g),
+                        mask_p)
+    c_gp = _masked_mean(self.cross_g_from_p(self.cross_norm_g(h_g), self.cross_norm_p(h_p), mask_p),
+                        mask_g)
+    u_p = self.specific_p(h_p, mask_p)
+    u_g = self.specific_g(h_g, mask_g)
+    proj = self.project_shared
+    return dict(g_p=g_p, g_g=g_g, c_pg=proj(c_pg), c_gp=proj(c_gp),
+                u_p=u_p - proj(u_p), u_g=u_g - proj(u_g))
+
+  def specific_only(self, batch, modality, key=None):
+    """g_m and u^_m from one modality alone (the missing-modality path)."""
+    if modality == P_NAME:
+      g, h, mask = self.encode_pathology(batch, key)
+      u = self.specific_p(h, mask)
+    else:
+      g, h, mask = self.encode_genomics(batch, key)
+      u = self.specific_g(h, mask)
+    return g, u - self.project_shared(u)
+
+  def head(self, u_p, c, u_g, key=None):
+    h = jax.nn.relu(self.head1(jnp.concatenate([u_p, c, u_g], -1)))
+    if key is not None and self.dropout > 0:
+      keep = jax.random.bernoulli(key, 1 - self.dropout, h.shape)
+      h = jnp.where(keep, h / (1 - self.dropout), 0.0)
+    return self.head2(h)
+
+  def condition(self, modality, c, use_cls: bool):
+    """Diffusion condition tokens [c; CLS_um] (or [c; 0] for the no-CLS ablation)."""
+    cls = (self.specific_p if modality == P_NAME else self.specific_g).cls.value[0]
+    cls = jnp.broadcast_to(cls, c.shape) if use_cls else jnp.zeros_like(c)
+    return jnp.stack([c, jax.lax.stop_gradient(cls)], axis=1)
+
+
+@dataclasses.dataclass
+class MUST:
+  """The MUST method (see the module docstring); ``cfg`` is the config's ``model`` block."""
+
+  cfg: object
+  train_cfg: object
+  name: str = "must"
+  modalities: tuple[str, ...] = (P_NAME, G_NAME)
+  time_model: str = "discrete"
+
+  @property
+  def num_bins(self):
+    return self.cfg.num_bins
+
+  def build(self, info, rngs):
+    return MUSTModel(info[P_NAME]["dim"], info[G_NAME]["group_sizes"], self.cfg, rngs=rngs)
+
+  def _schedule(self):
+    ldm = self.cfg.ldm
+    if ldm.schedule == "cosine":
+      return schedules.cosine_schedule(ldm.timesteps)
+    return schedules.linear_schedule(ldm.timesteps, ldm.beta_start, ldm.beta_end)
+
+  # ---- losses --------------------------------------------------------------------------
+
+  def _surv(self, logits, batch, weights):
+    return survival.discrete_time_nll(logits, batch["bin"], batch["event"], weights)
+
+  def warmup_loss(self, model, batch, key):
+    """Eq. 12 (our reading of the slots: see the module docstring)."""
+    k_enc, k_p, k_g, k_h = jax.random.split(key, 4)
+    avail_p = batch["modalities"][P_NAME]["available"]
+    avail_g = batch["modalities"][G_NAME]["available"]
+    w = batch["valid"].astype(jnp.float32)
+    g_p, _, _ = model.encode_pathology(batch, k_enc)
+    g_g, _, _ = model.encode_genomics(batch, jax.random.fold_in(k_enc, 1))
+    sigma = self.cfg.warmup_sigma
+    e_p = sigma * jax.random.normal(k_p, (2,) + g_p.shape)
+    e_g = sigma * jax.random.normal(k_g, (2,) + g_g.shape)
+    logit_p = model.head(g_p, e_p[0], e_p[1], key=k_h)
+    logit_g = model.head(e_g[0], e_g[1], g_g, key=jax.random.fold_in(k_h, 1))
+    loss_p = self._surv(logit_p, batch, w * avail_p)
+    loss_g = self._surv(logit_g, batch, w * avail_g)
+    return loss_p + loss_g, {"surv_p": loss_p, "surv_g": loss_g}
+
+  def main_loss(self, model, batch, key):
+    """Eq. 16 on complete pairs; survival loss alone for unpaired patients (supp. 8.2)."""
+    k_enc, k_h = jax.random.split(key)
+    c = self.cfg
+    comp = model.components(batch, k_enc)
+    avail_p = batch["modalities"][P_NAME]["available"]
+    avail_g = batch["modalities"][G_NAME]["available"]
+    w = batch["valid"].astype(jnp.float32)
+    paired = w * avail_p * avail_g
+    c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
+    # Unpaired patients: zero u^ for the missing modality; c from the one that is there.
+    u_p = jnp.where(avail_p[:, None], comp["u_p"], 0.0)
+    u_g = jnp.where(avail_g[:, None], comp["u_g"], 0.0)
+    c_only_p = comp["g_p"] - comp["u_p"]
+    c_only_g = comp["g_g"] - comp["u_g"]
+    c_in = jnp.where((avail_p & avail_g)[:, None], c_hat,
+                     jnp.where(avail_p[:, None], c_only_p, c_only_g))
+    logits = model.head(u_p, c_in, u_g, key=k_h)
+    l_surv = self._surv(logits, batch, w)
+
+    def wmean(v):
+      return jnp.sum(v * paired) / jnp.maximum(jnp.sum(paired), 1.0)
+
+    l_dec = wmean(jnp.sum((comp["g_p"] - (comp["u_p"] + comp["c_gp"])) ** 2, -1)
+                  + jnp.sum((comp["g_g"] - (comp["u_g"] + comp["c_pg"])) ** 2, -1))
+    l_sh = wmean(jnp.sum((comp["c_pg"] - comp["c_gp"]) ** 2, -1))
+    l_orth = wmean(jnp.abs(_cos(comp["u_p"], comp["u_g"]))
+                   + jnp.abs(_cos(comp["u_p"], comp["c_pg"]))
+                   + jnp.abs(_cos(comp["u_g"], comp["c_gp"])))
+    loss = l_surv + c.lambda_dec * l_dec + c.lambda_sh * l_sh + c.lambda_orth * l_orth
+    return loss, {"surv": l_surv, "decomp": l_dec, "shared": l_sh, "orth": l_orth}
+
+  def ldm_features(self, model, batch):
+    """Frozen targets and conditions for both denoisers (complete training pairs)."""
+    comp = model.components(batch)
+    if self.cfg.ldm.condition_source == "c_tilde":  # surrogate condition (supp. 8.2)
+      cond_g, cond_p = comp["g_p"] - comp["u_p"], comp["g_g"] - comp["u_g"]
+    else:  # the paper: the shared component derived from the available modality
+      cond_g, cond_p = comp["c_gp"], comp["c_pg"]
+    return {"z_p": comp["u_p"], "z_g": comp["u_g"], "cond_p": cond_p, "cond_g": cond_g}
+
+  def _ldm_stage_fns(self, modality):
+    short = "p" if modality == P_NAME else "g"
+    use_cls = self.cfg.ldm.condition == "c_cls"
+
+    def prepare(model, feats):
+      z = jnp.asarray(feats[f"z_{short}"])
+      model.latent_mean[modality].value = jnp.mean(z, 0)
+      model.latent_std[modality].value = jnp.std(z, 0) + 1e-3
+
+    def loss(model, batch, key):
+      mean = model.latent_mean[modality].value
+      std = model.latent_std[modality].value
+      z0 = (batch[f"z_{short}"] - mean) / std
+      cond = model.condition(modality, batch[f"cond_{short}"], use_cls)
+      val = denoising_loss(model.denoisers[modality], z0, cond, key, self._schedule())
+      return val, {}
+
+    return prepare, loss
+
+  def stages(self):
+    c, t = self.cfg, self.train_cfg
+    everything_but_ldm = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("denoisers")))
+
+    def adamw(lr, wd):
+      tx = optax.adamw(lr, weight_decay=wd)
+      if c.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), tx)
+      return optax.MultiSteps(tx, t.accumulate) if t.accumulate > 1 else tx
+
+    out = []
+    if c.stage1.epochs:
+      out.append(Stage("warmup", self.warmup_loss, adamw(c.stage1.lr, c.stage1.weight_decay),
+                       epochs=c.stage1.epochs, trainable=everything_but_ldm,
+                       patients=c.train_patients))
+    out.append(Stage("main", self.main_loss, adamw(c.stage2.lr, c.stage2.weight_decay),
+                     epochs=c.stage2.epochs, trainable=everything_but_ldm,
+                     patients=c.train_patients))
+    ldm = c.ldm
+    for modality in (G_NAME, P_NAME):
+      prepare, loss = self._ldm_stage_fns(modality)
+      out.append(Stage(
+          f"ldm_{modality}", loss, optax.adamw(ldm.lr, weight_decay=ldm.weight_decay),
+          epochs=max(1, ldm.steps // ldm.steps_per_epoch),
+          trainable=nnx.All(nnx.Param, nnx.PathContains("denoisers"),
+                            nnx.PathContains(modality)),
+          patients="complete", features=self.ldm_features, prepare=prepare,
+          steps_per_epoch=ldm.steps_per_epoch, batch_size=ldm.batch_size))
+    return out
+
+  # ---- inference -----------------------------------------------------------------------
+
+  def generate(self, model, modality, c_tilde, key):
+    """DDIM samples of u~ for ``modality`` given c~: mean over samples, de-standardised."""
+    ldm = self.cfg.ldm
+    cond = model.condition(modality, c_tilde, ldm.condition == "c_cls")
+    denoiser = model.denoisers[modality]
+    mean, _ = ddim.ddim_sample(denoiser, cond, key, self._schedule(), num_steps=ldm.ddim_steps,
+                               eta=ldm.eta, num_samples=ldm.num_samples)
+    return mean * model.latent_std[modality].value + model.latent_mean[modality].value
+
+  def predict(self, model, batch, present, key):
+    risk = survival.discrete_time_risk
+    if present == frozenset(self.modalities):
+      comp = model.components(batch)
+      c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
+      return {"risk": risk(model.head(comp["u_p"], c_hat, comp["u_g"]))}
+    if len(present) != 1:
+      raise ValueError(f"MUST needs at least one modality, got {sorted(present)}")
+    (have,) = present
+    missing = G_NAME if have == P_NAME else P_NAME
+    g, u_have = model.specific_only(batch, have)
+    c_tilde = g - u_have                                                    # eq. 20
+    u_gen = self.generate(model, missing, c_tilde, key)                      # eq. 21
+    u_mean = jnp.broadcast_to(model.latent_mean[missing].value, u_gen.shape)
+
+    def score(u_missing):
+      if have == P_NAME:
+        return risk(model.head(u_have, c_tilde, u_missing))                 # eq. 22
+      return risk(model.head(u_missing, c_tilde, u_have))
+
+    return {"risk": score(u_gen), "zeros": score(jnp.zeros_like(u_gen)), "mean": score(u_mean)}
+
+  def diagnostics(self, model, batch):
+    """Sec. 4.4 cosine similarities, per patient."""
+    comp = model.components(batch)
+    return {
+        "cos(u_P,u_G)": _cos(comp["u_p"], comp["u_g"]),
+        "cos(c_P<-G,c_G<-P)": _cos(comp["c_pg"], comp["c_gp"]),
+        "cos(g_P,u_P+c_G<-P)": _cos(comp["g_p"], comp["u_p"] + comp["c_gp"]),
+        "cos(g_G,u_G+c_P<-G)": _cos(comp["g_g"], comp["u_g"] + comp["c_pg"]),
+        "cos(g_P,g_G)": _cos(comp["g_p"], comp["g_g"]),
+    }

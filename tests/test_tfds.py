@@ -54,8 +54,9 @@ def assert_cohorts_identical(got: Cohort, want: Cohort) -> None:
     else:
       assert (g.values.dtype, g.values.shape) == (w.values.dtype, w.values.shape), name
       assert g.values.tobytes() == w.values.tobytes(), name
-  assert list(got.true_risk) == list(want.true_risk)
-  for k, v in want.true_risk.items():
+  assert (got.true_risk is None) == (want.true_risk is None)
+  assert list(got.true_risk or {}) == list(want.true_risk or {})
+  for k, v in (want.true_risk or {}).items():
     assert got.true_risk[k].dtype == v.dtype and got.true_risk[k].tobytes() == v.tobytes()
 
 
@@ -106,3 +107,34 @@ def test_build_and_read_without_tensorflow(tmp_path):
                         str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == ",".join(cohort.case_ids)
+
+
+def _write_file_cohort(root):
+  """A 3-case CSV (case A with two slides) and its .npy features."""
+  rng = np.random.default_rng(1)
+  feats = root / "features"
+  feats.mkdir()
+  for slide, n in (("a1", 3), ("a2", 2), ("b1", 4), ("c1", 1)):
+    np.save(feats / f"{slide}.npy", rng.normal(size=(n, 8)).astype(np.float32))
+  csv = root / "clinical.csv"
+  csv.write_text("case_id,slide_id,survival_months,censorship,x_rnaseq,y_cnv\n"
+                 "A,a1,5.5,0,1.0,0\nA,a2,5.5,0,1.0,0\nB,b1,9,1,2.5,1\nC,c1,2,0,0.5,-1\n")
+  return csv, feats
+
+
+def test_prepare_cli(tmp_path):
+  from survjax.data.formats import load_file_cohort
+  csv, feats = _write_file_cohort(tmp_path)
+  cmd = [sys.executable, "-m", "survjax.data.prepare", f"--clinical_csv={csv}",
+         f"--features_dir={feats}", f"--data_dir={tmp_path / 'data'}", "--name=files"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert_cohorts_identical(load_tfds_cohort(tmp_path / "data", "files"),
+                           load_file_cohort(csv, name="files", features_dir=feats))
+  # Bad input: one line on stderr naming the file, exit status 2, nothing rewritten.
+  np.save(feats / "b1.npy", np.full((2, 8), np.nan, np.float32))
+  out = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  last = out.stderr.strip().splitlines()[-1]
+  assert "b1.npy" in last and "case B" in last and "NaN" in last, out.stderr
+  assert len(load_tfds_cohort(tmp_path / "data", "files")) == 3

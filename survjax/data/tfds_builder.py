@@ -126,7 +126,7 @@ class SurvjaxCohort(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, cohort: Cohort, config: str | None = None, **kwargs):
     name = config or cohort.name
-    _check_name(name)
+    check_dataset_name(name)
     self._cohort = cohort
     self._meta = cohort_metadata(cohort)
     config = tfds.core.BuilderConfig(name=name, version=VERSION, tags=[],
@@ -152,7 +152,8 @@ class SurvjaxCohort(tfds.core.GeneratorBasedBuilder):
       yield i, patient_example(self._cohort, i)
 
 
-def _check_name(name: str) -> None:
+def check_dataset_name(name: str) -> None:
+  """Raises `InputError` unless ``name`` is a valid tfds config name."""
   if not _NAME_RE.match(name or ""):
     raise InputError(f"dataset name {name!r}, expected letters, digits and _ . + - only",
                      path="name")
@@ -181,7 +182,7 @@ def build_tfds_cohort(cohort: Cohort, data_dir, *, name: str | None = None,
     InputError: invalid cohort or name, or an existing build without ``overwrite``.
   """
   name = name or cohort.name
-  _check_name(name)
+  check_dataset_name(name)
   cohort.validate(source=f"cohort {cohort.name}")
   final = dataset_dir(data_dir, name)
   if final.exists() and not overwrite:
@@ -226,7 +227,7 @@ def load_tfds_cohort(data_dir, name: str) -> Cohort:
   Raises:
     InputError: no such build, or a build that is not a survjax cohort.
   """
-  _check_name(name)
+  check_dataset_name(name)
   path = dataset_dir(data_dir, name)
   if not (path / "dataset_info.json").is_file():
     raise InputError(f"no tfds build of cohort {name!r}, expected {path}/dataset_info.json "

@@ -252,3 +252,30 @@ def test_signature_family_without_columns(files):
       lambda: read_signatures_csv(sig, ("MYC_mut", "TP53_cnv"), clinical_csv=files["csv"]),
       sig, match="Cytokines_and_Growth_Factors")
   assert str(files["csv"]) in msg
+
+
+# --------------------------------------------------------------------------- sksurv breast
+
+
+def test_breast_cancer_cohort():
+  from sksurv.datasets import load_breast_cancer
+
+  from survjax.data.breast import load_breast_cancer_cohort
+  x, y = load_breast_cancer()
+  cohort = load_breast_cancer_cohort()
+  assert len(cohort) == 198 and cohort.event.sum() == y["e.tdm"].sum()
+  np.testing.assert_array_equal(cohort.time, y["t.tdm"])
+  genes, clin = cohort.modalities["genes"], cohort.modalities["clinical"]
+  assert genes.values.shape == (198, 76) and genes.group_sizes == (19, 19, 19, 19)
+  assert sorted(i for _, idx in genes.groups for i in idx) == list(range(76))
+  assert sorted(i for _, idx in clin.groups for i in idx) == list(range(clin.dim))
+  assert set(genes.columns) | {g for g, _ in clin.groups} == set(x.columns)
+  assert [g for g, _ in clin.groups] == [c for c in x.columns if c in
+                                         ("age", "er", "grade", "size", "tumor")]
+  np.testing.assert_allclose(genes.values.mean(0), 0, atol=1e-5)  # label-free z-score
+  np.testing.assert_allclose(genes.values.std(0), 1, atol=1e-4)
+  for name, idx in clin.groups:
+    if len(idx) > 1:  # one-hot categorical
+      np.testing.assert_array_equal(clin.values[:, idx].sum(1), 1, err_msg=name)
+  raw = load_breast_cancer_cohort(standardize=False).modalities["genes"].values
+  np.testing.assert_allclose(raw, x[list(genes.columns)].to_numpy(np.float32))

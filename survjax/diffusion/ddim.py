@@ -32,6 +32,7 @@ from flax import nnx
 from survjax.diffusion.schedules import Schedule, ddim_timesteps
 
 EpsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+AUTO_CPU_CHUNK_ROWS = 1280
 
 
 def _step_table(schedule: Schedule, num_steps: int, eta: float):
@@ -63,14 +64,20 @@ def ddim_sample(
     eta: float = 0.0,
     num_samples: int = 5,
     dim: int | None = None,
-    noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    noise: jax.Array | None = None,
+    chunk_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
   """DDIM sampling of ``num_samples`` latents per patient, as one `jax.lax.scan`.
 
   Samples and patients share one batch axis of size ``M = B * S`` (patient-major: row
   ``b * S + s``), the condition repeated ``S`` times; the step schedule enters the scan as
   arrays, so the loop traces ``eps_fn`` once. See the module docstring for the update
   and the noise contract. Jit it (or use `make_sampler`); ``num_steps``, ``eta``,
-  ``num_samples`` and ``dim`` are static.
+  ``num_samples``, ``dim`` and ``chunk_rows`` are static.
+
+  With ``chunk_rows``, each step evaluates ``eps_fn`` over chunks of at most that many
+  rows (`jax.lax.map`, the last chunk zero-padded): the same result, but a working set
+  that stays in cache on CPU (at 1024 patients about 1.7x the throughput of one
+  5120-row batch on a 2-core EPYC). The noise does not depend on the chunking.
 
   Args:
     eps_fn: ``(z [M, D], t int32[M], cond [M, ...]) -> eps [M, D]``.
@@ -82,6 +89,7 @@ def ddim_sample(
     num_samples: ``S``, samples per patient (MUST: 5).
     dim: latent width ``D``; defaults to ``cond.shape[-1]``.
     noise: optional initial noise ``z_T`` ``[B, S, D]`` (replaces the draw from ``key``).
+    chunk_rows: evaluate the denoiser over chunks of this many rows (None: all at once).
 
   Returns:
     ``(mean [B, D], samples [B, S, D])``: the average over the samples, and the samples.
@@ -97,11 +105,31 @@ def ddim_sample(
     noise = jax.random.normal(k_init, shape, jnp.float32)
   elif noise.shape != shape:
     raise ValueError(f"noise must have shape {shape}, got {noise.shape}")
+  m = b * s
   cond_rep = jax.tree.map(lambda x: jnp.repeat(x, s, axis=0), cond)
+  if chunk_rows is not None and m > chunk_rows:
+    n_chunks = -(-m // chunk_rows)
+    pad = n_chunks * chunk_rows - m
+
+    def to_chunks(x):
+      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      return x.reshape(n_chunks, chunk_rows, *x.shape[1:])
+
+    cond_chunks = jax.tree.map(to_chunks, cond_rep)
+
+    def denoise(z, t):
+      eps = jax.lax.map(
+          lambda a: eps_fn(a[0], jnp.full((chunk_rows,), t, jnp.int32), a[1]),
+          (to_chunks(z), cond_chunks))
+      return eps.reshape(n_chunks * chunk_rows, dim)[:m]
+  else:
+
+    def denoise(z, t):
+      return eps_fn(z, jnp.full((m,), t, jnp.int32), cond_rep)
 
   def step(z, xs):
     t, r, c, sigma, i = xs
-    eps = eps_fn(z, jnp.full((b * s,), t, jnp.int32), cond_rep)
+    eps = denoise(z, t)
     z = r * z + c * eps
     if eta > 0:
       n = jax.random.normal(jax.random.fold_in(k_steps, i), shape, z.dtype)
@@ -119,7 +147,8 @@ def make_sampler(
     schedule: Schedule,
     num_steps: int = 50,
     eta: float = 0.0,
-    num_samples: int = 5) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    num_samples: int = 5,
+    chunk_rows: int | None | str = "auto") -> Callable[..., tuple[jax.Array, jax.Array]]:
   """A jitted DDIM sampler over a split NNX denoiser.
 
   The returned function ``(state, cond, key, noise=None) -> (mean [B, D], samples
@@ -134,16 +163,20 @@ def make_sampler(
     num_steps: DDIM steps.
     eta: DDIM stochasticity.
     num_samples: samples per patient.
+    chunk_rows: see `ddim_sample`; ``"auto"`` is 1280 rows (256 patients x 5 samples) on
+      CPU, where larger batches fall out of cache, and None (one batch) elsewhere.
 
   Returns:
     The jitted sampler.
   """
+  if chunk_rows == "auto":
+    chunk_rows = AUTO_CPU_CHUNK_ROWS if jax.default_backend() == "cpu" else None
 
   def sample(state, cond, key, noise=None):
     model = nnx.merge(graphdef, state)
     return ddim_sample(
         model, cond, key, schedule, num_steps=num_steps, eta=eta,
-        num_samples=num_samples, noise=noise)
+        num_samples=num_samples, noise=noise, chunk_rows=chunk_rows)
 
   return jax.jit(sample, donate_argnames=("noise",))
 

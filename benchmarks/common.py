@@ -57,6 +57,7 @@ def summarize(times_s: Sequence[float]) -> dict[str, float]:
   """p50/p90/min/mean in milliseconds of a list of wall times in seconds."""
   t = np.asarray(times_s, np.float64) * 1e3
   return {
+      "times_ms": [round(float(x), 3) for x in t],
       "p50_ms": float(np.percentile(t, 50)),
       "p90_ms": float(np.percentile(t, 90)),
       "min_ms": float(t.min()),

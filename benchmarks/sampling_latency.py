@@ -7,12 +7,17 @@ What is measured (MUST suppl. 7.2: 4-layer transformer on 256-d latents, 50 DDIM
 5 samples per patient, averaged):
 
 * ``jax.batch1``: one patient, the whole sampler as one jitted function (one
-  ``lax.scan`` over the steps, 5 samples batched): compile time apart, then p50/p90.
+  ``lax.scan`` over the steps, 5 samples batched): compile time apart, then p50/p90 over
+  repeats taken in two sessions, before the sweep and after the torch run (the machine
+  is shared; pooling both keeps the JAX/torch ratio honest under drifting load).
 * ``jax.batch1_python_loop``: for contrast, a Python loop over the 50 steps around a
   jitted denoiser step (what the one-scan design avoids).
 * ``jax.sweep``: patients per second over batch sizes 1 .. 4096 (``--quick`` stops at 16;
   sizes whose estimated time exceeds the ``--max-seconds`` budget are skipped and listed),
-  and the achieved GFLOP/s against the measured float32 matmul rate of the machine.
+  and the achieved GFLOP/s against the measured float32 matmul rate of the machine
+  (1024^3 matmuls, measured at the start and at the end; the higher is the reference).
+  Batches above 1280 rows (256 patients) are evaluated in chunks (`make_sampler`'s
+  ``chunk_rows="auto"`` on CPU).
 * ``torch``: the same denoiser and sampler in eager PyTorch
   (`benchmarks/torch_reference.py`): 5 samples batched, and one sample at a time (the
   paper's description), with the same weights; ``check_max_abs_diff`` compares its
@@ -44,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from survjax.diffusion.ddim import _step_table, make_sampler
+from survjax.diffusion.ddim import AUTO_CPU_CHUNK_ROWS, _step_table, make_sampler
 from survjax.diffusion.denoiser import ConditionalDenoiser
 from survjax.diffusion.schedules import linear_schedule
 
@@ -187,9 +192,9 @@ def main(argv=None):
   info = common.device_info()
   print(f"device: {info['device_kind']} ({info['platform']}), {info['cpu_model']}, "
         f"{threads} threads, load {info['load_average_1min']}", flush=True)
-  matmul = common.matmul_gflops(1024, repeats=10 if quick else 20)
+  matmul_start = common.matmul_gflops(1024, repeats=10 if quick else 20)
   matmul_small = common.matmul_gflops(256, repeats=50, m=15)
-  print(f"float32 matmul: {matmul:.0f} GFLOP/s (1024^3), {matmul_small:.0f} GFLOP/s "
+  print(f"float32 matmul: {matmul_start:.0f} GFLOP/s (1024^3), {matmul_small:.0f} GFLOP/s "
         "([15,256]x[256,256], the batch-1 shape)", flush=True)
 
   c = CONFIG
@@ -200,7 +205,8 @@ def main(argv=None):
   graphdef, state = nnx.split(model)
   schedule = linear_schedule(c["T"])
   sampler = make_sampler(graphdef, schedule=schedule, num_steps=c["num_steps"],
-                         eta=c["eta"], num_samples=c["num_samples"])
+                         eta=c["eta"], num_samples=c["num_samples"], chunk_rows="auto")
+  c = {**c, "chunk_rows": AUTO_CPU_CHUNK_ROWS if jax.default_backend() == "cpu" else None}
   flops = denoiser_flops(c["dim"], c["num_layers"], c["mlp_ratio"], c["num_cond_tokens"])
   per_patient_flops = flops["per_call_per_latent"] * c["num_steps"] * c["num_samples"]
 
@@ -227,10 +233,10 @@ def main(argv=None):
   # -- batch 1 latency
   cond1 = cond_for(1)
   compiled, compile_s = common.compile_timed(sampler, state, cond1, jax.random.key(0))
-  batch1 = common.time_calls(
-      compiled, repeats=repeats, warmup=2,
-      make_args=lambda i: (state, cond1, jax.random.key(i)))
-  batch1["compile_s"] = compile_s
+  batch1_args = lambda i: (state, cond1, jax.random.key(i))  # noqa: E731
+  batch1_first = common.time_calls(compiled, repeats=repeats, warmup=2,
+                                   make_args=batch1_args)
+  batch1 = dict(batch1_first, compile_s=compile_s)
   batch1["gflops_per_s"] = per_patient_flops / (batch1["p50_ms"] * 1e-3) / 1e9
   print(f"JAX batch 1 (one scan): p50 {batch1['p50_ms']:.1f} ms, p90 "
         f"{batch1['p90_ms']:.1f} ms, compile {compile_s:.2f} s, "
@@ -270,13 +276,14 @@ def main(argv=None):
         batch=b, compile_s=cs, patients_per_s=b / (stats["p50_ms"] * 1e-3),
         ms_per_patient=stats["p50_ms"] / b,
         gflops_per_s=per_patient_flops * b / (stats["p50_ms"] * 1e-3) / 1e9)
-    stats["pct_of_matmul_rate"] = 100 * stats["gflops_per_s"] / matmul
+    stats["pct_of_matmul_rate"] = 100 * stats["gflops_per_s"] / matmul_start
     per_patient_s = stats["p50_ms"] * 1e-3 / b
     sweep.append(stats)
     print(f"  batch {b:5d}: p50 {stats['p50_ms']:9.1f} ms, {stats['patients_per_s']:8.1f} "
           f"patients/s, {stats['gflops_per_s']:6.0f} GFLOP/s "
-          f"({stats['pct_of_matmul_rate']:.0f}% of matmul), compile {cs:.2f} s", flush=True)
-  peak = max(sweep, key=lambda s: s["gflops_per_s"]) if sweep else None
+          f"({stats['pct_of_matmul_rate']:.0f}% of the start matmul rate), compile "
+          f"{cs:.2f} s", flush=True)
+
 
   # -- torch
   torch_res, torch_reason, ratios = None, None, None
@@ -287,7 +294,21 @@ def main(argv=None):
     z_init = jax.random.normal(jax.random.key(7), (1, c["num_samples"], c["dim"]))
     params["check/cond"] = np.asarray(cond1)
     params["check/z_init"] = np.asarray(z_init)
+    load_before = os.getloadavg()[0]
     torch_res, torch_reason = _run_torch(params, args, threads)
+    if torch_res is not None:
+      torch_res["load_average_1min_before_after"] = [load_before, os.getloadavg()[0]]
+    # Second session of the batch-1 timing, pooled with the first (drifting load).
+    batch1_second = common.time_calls(compiled, repeats=repeats, warmup=1,
+                                      make_args=batch1_args)
+    batch1 = dict(common.summarize(
+        np.asarray(batch1_first["times_ms"] + batch1_second["times_ms"]) * 1e-3),
+        compile_s=compile_s,
+        session_p50_ms=[batch1_first["p50_ms"], batch1_second["p50_ms"]])
+    batch1["gflops_per_s"] = per_patient_flops / (batch1["p50_ms"] * 1e-3) / 1e9
+    print(f"JAX batch 1 (one scan), both sessions: p50 {batch1['p50_ms']:.1f} ms "
+          f"(sessions {batch1_first['p50_ms']:.1f}, {batch1_second['p50_ms']:.1f})",
+          flush=True)
     if torch_res is not None:
       _, jax_samples = sampler(state, cond1, jax.random.key(0), jnp.array(z_init))
       check = np.asarray(torch_res.pop("check_samples"), np.float32)
@@ -319,13 +340,25 @@ def main(argv=None):
   if torch_reason:
     print(f"torch: not run ({torch_reason})", flush=True)
 
+  matmul_end = common.matmul_gflops(1024, repeats=10 if quick else 20)
+  matmul = max(matmul_start, matmul_end)
+  for st in sweep:
+    st["pct_of_matmul_rate"] = 100 * st["gflops_per_s"] / matmul
+  peak = max(sweep, key=lambda s: s["gflops_per_s"]) if sweep else None
+  if peak is not None:
+    print(f"float32 matmul at the end: {matmul_end:.0f} GFLOP/s; peak sampler throughput "
+          f"{peak['gflops_per_s']:.0f} GFLOP/s at batch {peak['batch']} = "
+          f"{peak['pct_of_matmul_rate']:.0f}% of {matmul:.0f}", flush=True)
+
   result = {
       "benchmark": "sampling_latency",
       "mode": "quick" if quick else "full",
       "device": info,
       "config": c,
       "flops": flop_info,
-      "matmul_gflops_per_s": {"1024x1024x1024": matmul, "15x256x256": matmul_small},
+      "matmul_gflops_per_s": {"1024x1024x1024_start": matmul_start,
+                              "1024x1024x1024_end": matmul_end, "reference": matmul,
+                              "15x256x256": matmul_small},
       "jax": {"batch1": batch1, "batch1_python_loop": batch1_loop, "sweep": sweep,
               "sweep_skipped": skipped, "sweep_budget_s": budget,
               "note": "compile_s near 0 means a cache hit (that shape was compiled before); "
@@ -337,6 +370,9 @@ def main(argv=None):
       "torch": torch_res,
       "ratios": ratios,
       "total_s": time.perf_counter() - t_run,
+      "load_average_1min_end": os.getloadavg()[0],
+      "note": "2-core machine shared with other jobs: compare ratios measured in one run; "
+              "torch eager (OpenMP) degrades sharply when another process takes a core",
   }
   if torch_res is None:
     result["torch_unavailable_reason"] = torch_reason

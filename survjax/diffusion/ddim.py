@@ -83,7 +83,8 @@ def ddim_sample(
     eps_fn: ``(z [M, D], t int32[M], cond [M, ...]) -> eps [M, D]``.
     cond: condition, a pytree of arrays with leading axis ``B`` (e.g. ``[B, K, D]``).
     key: PRNG key (initial noise, and step noise when ``eta > 0``).
-    schedule: the noise schedule the denoiser was trained with.
+    schedule: the noise schedule the denoiser was trained with; concrete (closed over,
+      not a traced jit argument): the step coefficients are computed from it in float64.
     num_steps: DDIM steps (MUST: 50), evenly spaced (`ddim_timesteps`).
     eta: 0 for deterministic DDIM, 1 for DDPM-like ancestral noise.
     num_samples: ``S``, samples per patient (MUST: 5).

@@ -45,7 +45,7 @@ WSI_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
 FEATURE_EXTENSIONS = (".h5", ".pt", ".npy")
 _TEXT_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship", "event",
                  "oncotree_code")
-_NA_STRINGS = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None")
+_NA_STRINGS = ("", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "<NA>")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -172,7 +172,7 @@ class ClinicalTable:
     slide_ids: per case, the non-empty slide ids in row order.
     gene_columns: names of the ``_rnaseq``/``_cnv``/``_mut`` columns, CSV order.
     genes: float32 ``[n, len(gene_columns)]``; NaN where a cell is empty.
-    rows: the CSV rows (all columns as read) plus ``_line``, the 1-based line number.
+    rows: the CSV rows (all columns as read), indexed by line number in the file.
     case_rows: per case, its positions in ``rows``.
   """
 
@@ -213,7 +213,7 @@ def read_clinical_csv(path) -> ClinicalTable:
   rows["slide_id"] = rows["slide_id"].str.strip()
   for r, cid in enumerate(rows["case_id"]):
     if not cid:
-      raise InputError(f"line {rows['_line'].iat[r]}: empty case_id, expected a patient id",
+      raise InputError(f"line {rows.index[r]}: empty case_id, expected a patient id",
                        path=path)
   time = _parse_times(rows, path)
   event = _parse_events(rows, path)
@@ -245,7 +245,7 @@ def _group_rows(case_col: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def _read_csv_frame(path: str) -> pd.DataFrame:
-  """All rows; id/outcome columns as stripped-free text, others parsed by pandas."""
+  """All rows; id/outcome columns as text ("" when empty), others parsed by pandas."""
   if not os.path.isfile(path):
     raise InputError("file not found, expected a clinical CSV", path=path)
   try:
@@ -254,16 +254,18 @@ def _read_csv_frame(path: str) -> pd.DataFrame:
     raise InputError("empty file, expected a header and one row per slide", path=path)
   except Exception as e:
     raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", path=path) from e
-  text = [c for c in header if c in _TEXT_COLUMNS]
+  text = {c: str for c in header if str(c).strip() in _TEXT_COLUMNS}
   try:
-    rows = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
-                       na_values={c: list(_NA_STRINGS) for c in header if c not in text})
+    rows = pd.read_csv(path, dtype=text)  # Default NA strings ("", NA, nan, ...) -> NaN.
   except Exception as e:
     raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", path=path) from e
   if len(rows) == 0:
     raise InputError("empty file, expected one row per slide after the header", path=path)
   rows.columns = [str(c).strip() for c in rows.columns]
-  rows["_line"] = np.arange(len(rows)) + 2
+  for c in rows.columns:
+    if c in _TEXT_COLUMNS:
+      rows[c] = rows[c].fillna("").astype(str)
+  rows.index = pd.RangeIndex(2, len(rows) + 2, name="line")  # line numbers in the file
   return rows
 
 
@@ -282,7 +284,7 @@ def _parse_times(rows: pd.DataFrame, path: str) -> np.ndarray:
       t = None
     if t is None or not np.isfinite(t) or t <= 0:
       what = "missing" if not raw.strip() else repr(raw)
-      raise InputError(f"line {rows['_line'].iat[r]}: survival_months is {what}, expected a "
+      raise InputError(f"line {rows.index[r]}: survival_months is {what}, expected a "
                        "number > 0", path=path, case_id=rows["case_id"].iat[r])
     out[r] = t
   return out
@@ -296,7 +298,7 @@ def _parse_binary(rows: pd.DataFrame, col: str, path: str) -> np.ndarray:
     except ValueError:
       v = None
     if v not in (0.0, 1.0):
-      raise InputError(f"line {rows['_line'].iat[r]}: {col} is {raw!r}, expected 0 or 1",
+      raise InputError(f"line {rows.index[r]}: {col} is {raw!r}, expected 0 or 1",
                        path=path, case_id=rows["case_id"].iat[r])
     out[r] = v == 1.0
   return out
@@ -308,7 +310,7 @@ def _parse_events(rows: pd.DataFrame, path: str) -> np.ndarray:
     from_cens = ~_parse_binary(rows, "censorship", path)
     if event is not None and (event != from_cens).any():
       r = int(np.argmax(event != from_cens))
-      raise InputError(f"line {rows['_line'].iat[r]}: event and censorship disagree, expected "
+      raise InputError(f"line {rows.index[r]}: event and censorship disagree, expected "
                        "event = 1 - censorship", path=path, case_id=rows["case_id"].iat[r])
     event = from_cens
   return event
@@ -319,23 +321,23 @@ def _parse_numeric_block(rows: pd.DataFrame, columns: Sequence[str], path: str,
   """float32 ``[rows, len(columns)]``, NaN for empty cells; errors on other text."""
   if not columns:
     return np.zeros((len(rows), 0), np.float32)
-  block = rows[list(columns)]
-  for col in columns:
-    series = block[col]
-    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(
-        series.dtype):
+  values = np.empty((len(rows), len(columns)), np.float64)
+  for j, col in enumerate(columns):
+    series = rows[col]
+    if pd.api.types.is_numeric_dtype(series.dtype):
+      values[:, j] = series.to_numpy(dtype=np.float64, na_value=np.nan)
       continue
     num = pd.to_numeric(series, errors="coerce")
     bad = num.isna() & series.notna()
     if bad.any():
       r = int(np.argmax(bad.to_numpy()))
-      raise InputError(f"line {rows['_line'].iat[r]}: {what} column {col!r} is "
+      raise InputError(f"line {rows.index[r]}: {what} column {col!r} is "
                        f"{series.iat[r]!r}, expected a number", path=path,
                        case_id=rows["case_id"].iat[r])
-  values = block.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    values[:, j] = num.to_numpy(dtype=np.float64, na_value=np.nan)
   if np.isinf(values).any():
     r, c = np.argwhere(np.isinf(values))[0]
-    raise InputError(f"line {rows['_line'].iat[r]}: {what} column {columns[c]!r} is inf, "
+    raise InputError(f"line {rows.index[r]}: {what} column {columns[c]!r} is inf, "
                      "expected a finite number", path=path, case_id=rows["case_id"].iat[r])
   return values.astype(np.float32)
 
@@ -345,7 +347,7 @@ def _check_duplicate_slides(rows: pd.DataFrame, path: str) -> None:
   dup = slides.duplicated(keep="first") & (slides != "")
   if dup.any():
     r = int(np.argmax(dup.to_numpy()))
-    raise InputError(f"line {rows['_line'].iat[r]}: slide_id {slides.iat[r]!r} listed twice, "
+    raise InputError(f"line {rows.index[r]}: slide_id {slides.iat[r]!r} listed twice, "
                      "expected one row per slide", path=path, case_id=rows["case_id"].iat[r])
 
 
@@ -360,8 +362,8 @@ def _check_case_agrees(cid, idx, values, what, path, rows, names=None) -> None:
       if names is not None:
         c = int(np.argmax(~((values[r] == ref) | (np.isnan(values[r]) & np.isnan(ref)))))
         col = f"{what} column {names[c]!r}"
-      raise InputError(f"line {rows['_line'].iat[r]}: {col} differs from line "
-                       f"{rows['_line'].iat[idx[0]]} of the same case, expected every slide "
+      raise InputError(f"line {rows.index[r]}: {col} differs from line "
+                       f"{rows.index[idx[0]]} of the same case, expected every slide "
                        "row of a case to agree", path=path, case_id=cid)
 
 
@@ -628,6 +630,8 @@ def _radiology(table: ClinicalTable, radiology_dir: Path, exts) -> Modality:
 
 
 def _tabular(table: ClinicalTable, mod_name: str, spec) -> Modality:
+  if hasattr(spec, "to_dict"):  # an ml_collections ConfigDict from a config file
+    spec = spec.to_dict()
   if isinstance(spec, str) or not isinstance(spec, (Mapping, Sequence)) or not spec:
     raise InputError(f"tabular[{mod_name!r}] is {spec!r}, expected a list of columns or a "
                      "dict of token name -> columns", path=table.path)
@@ -664,7 +668,7 @@ def _encode_column(table: ClinicalTable, col: str) -> tuple[np.ndarray, list[str
     vals = num.to_numpy(dtype=np.float64)
     if np.isinf(vals).any():
       r = int(np.argmax(np.isinf(vals)))
-      raise InputError(f"line {table.rows['_line'].iat[r]}: column {col!r} is inf, expected "
+      raise InputError(f"line {table.rows.index[r]}: column {col!r} is inf, expected "
                        "a finite number", path=table.path,
                        case_id=table.rows["case_id"].iat[r])
     return vals[:, None], [col]

@@ -129,6 +129,20 @@ def test_allow_missing_pathology(files):
   assert path.bags[1].shape == (0, 4)
 
 
+def test_allow_missing_genomics(files):
+  csv = _write_csv(files["tmp"] / "c2.csv", ROWS + ["D,d1,4,0,IDC,40,I,,,,,"])
+  _assert_input_error(lambda: load_file_cohort(csv, name="t"), csv, "D",
+                      match="allow_missing=('genomics',)")
+  gen = load_file_cohort(csv, name="t", allow_missing=("genomics",)).modalities["genomics"]
+  np.testing.assert_array_equal(gen.available, [True, True, True, False])
+  assert not gen.values[3].any()
+  partial = _write_csv(files["tmp"] / "c3.csv", ROWS + ["D,d1,4,0,IDC,40,I,1,,1,1,1"])
+  _assert_input_error(lambda: load_file_cohort(partial, name="t", allow_missing=("genomics",)),
+                      partial, "D", match="'TP53_cnv' is empty")
+  _assert_input_error(lambda: load_file_cohort(csv, name="t", allow_missing=("genomcs",)),
+                      csv, match="'genomcs'")
+
+
 def test_pt_features(tmp_path):
   torch = pytest.importorskip("torch")
   x = np.arange(12, dtype=np.float32).reshape(3, 4)

@@ -470,7 +470,8 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
     expected_dim: required pathology feature dimension (default: the first file's).
     allow_missing: modality names whose absence for a case marks it unavailable instead
       of raising: ``"pathology"`` (no slide id, or no file for any of its slides) and
-      ``"genomics"``.
+      ``"genomics"``; radiology and tabular modalities may always be missing (naming
+      them is accepted and changes nothing).
     progress: show a tqdm progress bar over cases on stderr while reading features.
 
   Returns:
@@ -481,7 +482,7 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
   """
   table = read_clinical_csv(clinical_csv)
   path = table.path
-  allow = _check_allow_missing(allow_missing, path)
+  allow = _check_allow_missing(allow_missing, tabular, path)
   modalities = {}
   if features_dir is not None:
     modalities["pathology"] = _pathology(table, Path(features_dir), tuple(feature_ext),
@@ -502,12 +503,13 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
   return cohort
 
 
-def _check_allow_missing(allow_missing, path) -> frozenset:
+def _check_allow_missing(allow_missing, tabular, path) -> frozenset:
+  """Known names only; radiology and tabular modalities may always be missing."""
   allow = frozenset(allow_missing)
-  unknown = sorted(allow - {"pathology", "genomics"})
+  known = {"pathology", "genomics", "radiology", *(tabular or {})}
+  unknown = sorted(allow - known)
   if unknown:
-    raise InputError(f"allow_missing names {unknown[0]!r}, expected 'pathology' or "
-                     "'genomics' (radiology and tabular modalities may always be missing)",
+    raise InputError(f"allow_missing names {unknown[0]!r}, expected some of {sorted(known)}",
                      path=path)
   return allow
 
@@ -550,7 +552,7 @@ def _pathology(table: ClinicalTable, features_dir: Path, exts, expected_dim, all
       dim = parts[-1].shape[1]
     bags.append(np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0])
     available[i] = True
-  if dim is None:
+  if not available.any():
     raise InputError(f"no feature file for any case, expected <slide_id>{exts[0]} files",
                      path=features_dir)
   bags = [np.zeros((0, dim), np.float16) if b is None else b for b in bags]
@@ -622,7 +624,7 @@ def _radiology(table: ClinicalTable, radiology_dir: Path, exts) -> Modality:
       continue
     bags.append(read_features(f, expected_dim=dim, case_id=cid))
     dim, available[i] = bags[-1].shape[1], True
-  if dim is None:
+  if not available.any():
     raise InputError(f"no radiology file for any case, expected <case_id>{exts[0]} files",
                      path=radiology_dir)
   bags = [np.zeros((0, dim), np.float16) if b is None else b for b in bags]

@@ -1,0 +1,400 @@
+"""Masked attention layers: multi-head (cross-)attention, a pre-LN transformer layer, and
+Nystrom attention (the layer of TransMIL).
+
+All layers take variable-length sets as padded arrays with a boolean mask ``[B, N]``
+(True = real token). Padding never changes an output at a real position, and a set with
+no real token gives finite outputs (zeros). Dropout is applied only when a PRNG ``key``
+is passed at call time; the modules hold parameters only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from survjax.nn.core import LN_EPS, dropout, masked_softmax, split_key, torch_uniform_init
+
+__all__ = [
+    "MultiHeadAttention",
+    "TransformerLayer",
+    "NystromAttention",
+    "newton_pinv",
+    "valid_rank",
+    "compact_index",
+]
+
+
+# ---- index helpers for padded sets -------------------------------------------------------
+
+
+def valid_rank(mask: jax.Array) -> jax.Array:
+  """Rank of each real token among the real tokens of its row: ``cumsum(mask) - 1``.
+
+  Args:
+    mask: boolean ``[B, N]``.
+
+  Returns:
+    int32 ``[B, N]``; ``r`` for the ``r``-th real token (0-based), meaningless at padding.
+  """
+  return jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+
+
+def compact_index(mask: jax.Array) -> jax.Array:
+  """Positions of the real tokens, in order: ``idx[b, r]`` = position of the ``r``-th one.
+
+  Entries ``r >= L_b`` (``L_b`` real tokens) are 0. ``take_along_axis(x, idx)`` moves the
+  real tokens to the front, so a layer that works on the sequence order (a convolution)
+  sees the same sequence wherever the padding sat.
+
+  Args:
+    mask: boolean ``[B, N]``.
+
+  Returns:
+    int32 ``[B, N]``.
+  """
+  n = mask.shape[-1]
+  target = jnp.where(mask, valid_rank(mask), n)
+  pos = jnp.arange(n, dtype=jnp.int32)
+  return jax.vmap(lambda t: jnp.zeros((n,), jnp.int32).at[t].set(pos, mode="drop"))(target)
+
+
+# ---- multi-head attention ------------------------------------------------------------
+
+
+class MultiHeadAttention(nnx.Module):
+  """Masked multi-head (cross-)attention, MUST eq. (7) per head:
+
+      CA(Q, K, V) = softmax(Q W_Q (K W_K)^T / sqrt(d_k)) V W_V
+
+  with ``h`` heads of width ``d_k = dim / h``, concatenated and mixed by an output
+  projection ``W_O`` (as `torch.nn.MultiheadAttention`). Keys with ``kv_mask = False``
+  get zero weight; a query row whose keys are all masked returns zeros.
+  Self-attention is ``mha(x, x, mask)``.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
+               attn_dropout: float = 0.0):
+    """Builds the layer.
+
+    Args:
+      dim: token width ``D`` (queries and keys/values alike).
+      num_heads: ``h``; must divide ``dim``.
+      rngs: parameter initialisation keys.
+      qkv_bias: biases in ``W_Q, W_K, W_V``.
+      attn_dropout: dropout rate on the attention weights (only with a call ``key``).
+    """
+    if dim % num_heads:
+      raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+    self.num_heads = num_heads
+    self.attn_dropout = attn_dropout
+    self.q_proj = nnx.Linear(dim, dim, use_bias=qkv_bias, rngs=rngs)
+    self.k_proj = nnx.Linear(dim, dim, use_bias=qkv_bias, rngs=rngs)
+    self.v_proj = nnx.Linear(dim, dim, use_bias=qkv_bias, rngs=rngs)
+    self.out_proj = nnx.Linear(dim, dim, rngs=rngs)
+
+  def __call__(self, q_tokens: jax.Array, kv_tokens: jax.Array,
+               kv_mask: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+    """Attends from ``q_tokens`` to ``kv_tokens``.
+
+    Args:
+      q_tokens: ``[B, Nq, D]``.
+      kv_tokens: ``[B, Nk, D]``.
+      kv_mask: boolean ``[B, Nk]`` (True = real key) or None.
+      key: PRNG key for attention dropout, or None.
+
+    Returns:
+      ``[B, Nq, D]``; zero rows where no key is real.
+    """
+    b, nq, d = q_tokens.shape
+    nk = kv_tokens.shape[1]
+    h = self.num_heads
+    q = self.q_proj(q_tokens).reshape(b, nq, h, d // h)
+    k = self.k_proj(kv_tokens).reshape(b, nk, h, d // h)
+    v = self.v_proj(kv_tokens).reshape(b, nk, h, d // h)
+    if kv_mask is not None:
+      v = jnp.where(kv_mask[:, :, None, None], v, 0.0)
+    scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
+    attn = masked_softmax(scores, None if kv_mask is None else kv_mask[:, None, None, :])
+    attn = dropout(attn, self.attn_dropout, key)
+    out = self.out_proj(jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(b, nq, d))
+    if kv_mask is not None:
+      out = jnp.where(jnp.any(kv_mask, axis=-1)[:, None, None], out, 0.0)
+    return out
+
+
+class TransformerLayer(nnx.Module):
+  """Pre-LN transformer layer with masked self-attention:
+
+      x <- x + Drop(MHA(LN(x), LN(x), mask))
+      x <- x + Drop(W_2 Drop(GELU(W_1 LN(x))))
+
+  Padded positions of the output are zero; real positions do not depend on padding.
+  """
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+               *, rngs: nnx.Rngs):
+    """Builds the layer.
+
+    Args:
+      dim: token width.
+      num_heads: attention heads.
+      mlp_ratio: MLP hidden width as a multiple of ``dim``.
+      dropout: dropout rate after attention and in the MLP (only with a call ``key``).
+      rngs: parameter initialisation keys.
+    """
+    hidden = int(round(mlp_ratio * dim))
+    self.dropout = dropout
+    self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+    self.attn = MultiHeadAttention(dim, num_heads, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               key: jax.Array | None = None) -> jax.Array:
+    """Applies the layer.
+
+    Args:
+      x: tokens ``[B, N, D]``.
+      mask: boolean ``[B, N]`` or None.
+      key: PRNG key for dropout, or None.
+
+    Returns:
+      ``[B, N, D]``.
+    """
+    k_attn, k_hidden, k_out = split_key(key, 3)
+    h = self.norm1(x)
+    x = x + dropout(self.attn(h, h, mask), self.dropout, k_attn)
+    h = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False)
+    h = dropout(h, self.dropout, k_hidden)
+    x = x + dropout(self.fc2(h), self.dropout, k_out)
+    if mask is not None:
+      x = jnp.where(mask[..., None], x, 0.0)
+    return x
+
+
+# ---- Nystrom attention -------------------------------------------------------------------
+
+
+def newton_pinv(a: jax.Array, iterations: int = 6) -> jax.Array:
+  """Moore-Penrose pseudo-inverse by the iterative scheme of the Nystromformer paper.
+
+      Z_0 = A^T / (||A||_1 ||A||_inf)
+      Z_{k+1} = 1/4 Z_k (13 I - A Z_k (15 I - A Z_k (7 I - A Z_k)))
+
+  (Xiong et al. 2021, eq. 16; ``||A||_1`` = max column sum, ``||A||_inf`` = max row sum of
+  ``|A|``). The reference code takes the two maxima over the whole batch; we take them
+  per matrix, which keeps the same convergence guarantee (``Z_0 = alpha A^T`` with
+  ``alpha <= 1 / sigma_max^2``) and makes each sample independent of the others in its
+  batch.
+
+  Args:
+    a: ``[..., m, m]``.
+    iterations: number of iterations (6 in the paper and TransMIL).
+
+  Returns:
+    ``[..., m, m]``, approximately ``pinv(a)``.
+  """
+  absa = jnp.abs(a)
+  norm = jnp.max(jnp.sum(absa, -2), -1) * jnp.max(jnp.sum(absa, -1), -1)
+  z = jnp.swapaxes(a, -1, -2) / norm[..., None, None]
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+
+  def body(_, z):
+    az = a @ z
+    return 0.25 * z @ (13.0 * eye - az @ (15.0 * eye - az @ (7.0 * eye - az)))
+
+  return jax.lax.fori_loop(0, iterations, body, z)
+
+
+def _seq_conv_forward(v: jax.Array, w: jax.Array) -> jax.Array:
+  k, n, p = w.shape[0], v.shape[1], w.shape[0] // 2
+  vp = jnp.pad(v, ((0, 0), (p, p), (0, 0), (0, 0)))
+  out = jnp.zeros_like(v)
+  for t in range(k):
+    out = out + vp[:, t:t + n] * w[t][None, None, :, None]
+  return out
+
+
+@jax.custom_vjp
+def _depthwise_seq_conv(v: jax.Array, w: jax.Array) -> jax.Array:
+  """Per-head 1-D convolution along the sequence, zero padded ('same'), no bias.
+
+      out[n, h, c] = sum_t w[t, h] v[n + t - K // 2, h, c]
+
+  (PyTorch's ``Conv2d(h, h, (K, 1), padding=(K // 2, 0), groups=h)`` on ``[B, h, N, c]``),
+  written as a sum of ``K`` shifted slices: XLA's grouped convolution is slow on CPU. The
+  VJP is the same sum with the flipped kernel for ``v`` and, for ``w``, the ``K`` lagged
+  products reduced chunk by chunk (`_seq_conv_weight_grad`); left to autodiff, the
+  weight gradient makes ``K`` full passes over the bag and costs ~40x the forward.
+
+  Args:
+    v: ``[B, N, h, c]``.
+    w: ``[K, h]``, ``K`` odd.
+
+  Returns:
+    ``[B, N, h, c]``.
+  """
+  return _seq_conv_forward(v, w)
+
+
+def _seq_conv_weight_grad(g: jax.Array, v: jax.Array, k: int, chunk: int = 256) -> jax.Array:
+  """``dL/dw[t, h] = sum_{b, n, c} g[b, n, h, c] v[b, n + t - K // 2, h, c]``, in chunks."""
+  b, n, h, c = v.shape
+  p = k // 2
+  num_chunks = -(-n // chunk)
+  extra = num_chunks * chunk - n
+  gp = jnp.pad(g, ((0, 0), (0, extra), (0, 0), (0, 0)))
+  vp = jnp.pad(v, ((0, 0), (p, p + extra), (0, 0), (0, 0)))
+
+  def body(i, acc):
+    gc = jax.lax.dynamic_slice_in_dim(gp, i * chunk, chunk, axis=1)
+    window = jax.lax.dynamic_slice_in_dim(vp, i * chunk, chunk + 2 * p, axis=1)
+    return acc + jnp.stack([jnp.sum(gc * window[:, t:t + chunk], axis=(0, 1, 3))
+                            for t in range(k)])
+
+  return jax.lax.fori_loop(0, num_chunks, body, jnp.zeros((k, h), v.dtype))
+
+
+def _seq_conv_fwd(v, w):
+  return _seq_conv_forward(v, w), (v, w)
+
+
+def _seq_conv_bwd(res, g):
+  v, w = res
+  return _seq_conv_forward(g, w[::-1]), _seq_conv_weight_grad(g, v, w.shape[0])
+
+
+_depthwise_seq_conv.defvjp(_seq_conv_fwd, _seq_conv_bwd)
+
+
+class NystromAttention(nnx.Module):
+  """Masked Nystrom self-attention (Xiong et al. 2021), the layer TransMIL uses.
+
+  With queries/keys/values ``Q, K, V`` (per head, ``Q`` scaled by ``d_h^{-1/2}``) and
+  ``m`` landmarks ``Q~, K~`` (segment means of the real tokens):
+
+      out = softmax(Q K~^T) pinv(softmax(Q~ K~^T)) softmax(Q~ K^T) V + conv_K(V)
+
+  where ``pinv`` is the iterative `newton_pinv` and ``conv_K`` is a per-head depthwise
+  1-D convolution of the values along the sequence (kernel 33, no bias), followed by the
+  output projection. This follows lucidrains' ``nystrom-attention`` (``dim_head = dim /
+  heads``, ``to_qkv`` without bias, landmark means, masked fills, residual conv) with
+  three deliberate differences:
+
+  * Landmarks over the real tokens only. The reference pads the sequence at the front to
+    a multiple of ``m`` and takes fixed segments, so padding moves the segment borders.
+    Here real token ``i`` of ``L`` goes to landmark ``floor(i m / L)``. When ``L < m``
+    some landmarks are empty: their rows/columns of ``softmax(Q~ K~^T)`` are replaced by
+    those of the identity (so ``pinv`` acts on the non-empty block unchanged) and they
+    get zero weight in the other two softmaxes. ``Q~ = mean(x) W_Q`` is computed from the
+    segment means of the layer input (exact: ``to_qkv`` has no bias) with one
+    ``segment_sum``.
+  * Cheap product order. ``pinv(A~)`` is ``m x m`` and ``softmax(Q~ K^T) V`` is
+    ``m x d_h``, so we evaluate ``softmax(Q K~^T) @ (pinv(A~) @ (softmax(Q~ K^T) @ V))``:
+    ``O(N m d_h)``, where the reference's ``(softmax(Q K~^T) @ pinv) @ (...)`` costs an
+    extra ``O(N m^2)`` (for TransMIL, ``m = 256 > d_h = 64``). No ``N x N`` product is
+    ever formed.
+  * The convolution runs over the real tokens in order (padding squeezed out), so its
+    neighbourhoods do not depend on where the padding sat.
+
+  The pseudo-inverse is normalised per matrix (see `newton_pinv`). Masked positions of
+  the output are zero; a set with no real token gives zeros.
+  """
+
+  def __init__(self, dim: int, num_heads: int, num_landmarks: int, pinv_iterations: int = 6,
+               residual_conv_kernel: int = 33, *, rngs: nnx.Rngs, dim_head: int | None = None,
+               residual: bool = True, dropout: float = 0.0):
+    """Builds the layer.
+
+    Args:
+      dim: token width ``D``.
+      num_heads: heads ``h``.
+      num_landmarks: landmarks ``m``.
+      pinv_iterations: iterations of `newton_pinv`.
+      residual_conv_kernel: odd kernel size of the value convolution.
+      rngs: parameter initialisation keys.
+      dim_head: per-head width (default ``dim // num_heads``, as TransMIL).
+      residual: add the value convolution.
+      dropout: dropout on the output projection (TransMIL: 0.1; only with a call ``key``).
+    """
+    if residual_conv_kernel % 2 != 1:
+      raise ValueError(f"residual_conv_kernel must be odd, got {residual_conv_kernel}")
+    if dim_head is None:
+      if dim % num_heads:
+        raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+      dim_head = dim // num_heads
+    self.num_heads = num_heads
+    self.dim_head = dim_head
+    self.num_landmarks = num_landmarks
+    self.pinv_iterations = pinv_iterations
+    self.dropout = dropout
+    inner = num_heads * dim_head
+    self.to_qkv = nnx.Linear(dim, 3 * inner, use_bias=False, rngs=rngs)
+    self.to_out = nnx.Linear(inner, dim, rngs=rngs)
+    if residual:
+      self.res_conv = nnx.Param(torch_uniform_init(residual_conv_kernel)(
+          rngs.params(), (residual_conv_kernel, num_heads)))
+    else:
+      self.res_conv = None
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               key: jax.Array | None = None) -> jax.Array:
+    """Applies the layer.
+
+    Args:
+      x: tokens ``[B, N, D]``.
+      mask: boolean ``[B, N]`` (True = real token) or None.
+      key: PRNG key for dropout, or None.
+
+    Returns:
+      ``[B, N, D]``, zero at masked positions.
+    """
+    b, n, _ = x.shape
+    h, dh, m = self.num_heads, self.dim_head, self.num_landmarks
+    inner = h * dh
+    if mask is None:
+      mask = jnp.ones((b, n), bool)
+    x = jnp.where(mask[..., None], x, 0.0)
+    count = jnp.sum(mask, axis=-1, dtype=jnp.int32)                      # L per row
+    rank = valid_rank(mask)
+
+    # Landmarks: segment means of the real inputs, token i of L -> floor(i m / L).
+    seg = jnp.where(mask, rank * m // jnp.maximum(count, 1)[:, None], m)
+    seg_sum = jax.vmap(lambda xb, sb: jax.ops.segment_sum(xb, sb, m + 1))(x, seg)[:, :m]
+    seg_cnt = jax.vmap(lambda sb: jax.ops.segment_sum(jnp.ones_like(sb), sb, m + 1))(seg)[:, :m]
+    land_ok = seg_cnt > 0                                                 # [B, m]
+    x_land = seg_sum / jnp.maximum(seg_cnt, 1)[..., None].astype(x.dtype)
+    kernel = self.to_qkv.kernel[...]
+    qk_land = (x_land @ kernel[:, :2 * inner]).reshape(b, m, 2, h, dh)
+
+    scale = dh ** -0.5
+    qkv = self.to_qkv(x).reshape(b, n, 3, h, dh)
+    q, k, v = qkv[:, :, 0] * scale, qkv[:, :, 1], qkv[:, :, 2]
+    q_land, k_land = qk_land[:, :, 0] * scale, qk_land[:, :, 1]
+
+    col_ok = land_ok[:, None, None, :]
+    row_ok = land_ok[:, None, :, None]
+    attn1 = masked_softmax(jnp.einsum("bnhc,bmhc->bhnm", q, k_land), col_ok)       # [B,h,N,m]
+    attn2 = masked_softmax(jnp.einsum("bihc,bjhc->bhij", q_land, k_land), col_ok)  # [B,h,m,m]
+    attn2 = jnp.where(row_ok, attn2, 0.0) + jnp.where(row_ok, 0.0, jnp.eye(m, dtype=x.dtype))
+    attn3 = masked_softmax(jnp.einsum("bihc,bnhc->bhin", q_land, k),
+                           mask[:, None, None, :])                               # [B,h,m,N]
+    attn3 = jnp.where(row_ok, attn3, 0.0)
+    ctx = jnp.einsum("bhin,bnhc->bhic", attn3, v)                                   # [B,h,m,dh]
+    ctx = newton_pinv(attn2, self.pinv_iterations) @ ctx
+    out = jnp.einsum("bhnm,bhmc->bnhc", attn1, ctx)                                 # [B,N,h,dh]
+
+    if self.res_conv is not None:
+      w = self.res_conv[...]
+      idx = compact_index(mask)
+      v_c = jnp.take_along_axis(v, idx[:, :, None, None], axis=1)
+      v_c = jnp.where((jnp.arange(n) < count[:, None])[:, :, None, None], v_c, 0.0)
+      res = _depthwise_seq_conv(v_c, w)
+      out = out + jnp.take_along_axis(res, jnp.maximum(rank, 0)[:, :, None, None], axis=1)
+
+    out = dropout(self.to_out(out.reshape(b, n, inner)), self.dropout, key)
+    return jnp.where(mask[..., None], out, 0.0)

@@ -1,0 +1,358 @@
+"""TransMIL (Shao et al., NeurIPS 2021): a correlated-MIL transformer for WSI bags.
+
+Faithful to the official code (``TransMIL.py``): ``fc = ReLU(Linear(in_dim, dim))``, the
+bag of ``L`` tokens laid out on an ``H x H`` square with ``H = ceil(sqrt(L))`` by appending
+its first ``H^2 - L`` tokens again (wrap-around), class token(s) prepended, then
+
+    TransLayer(Nystrom) -> PPEG -> TransLayer(Nystrom) -> LayerNorm
+
+and the class-token output is the bag representation. ``TransLayer(x) = x +
+NystromAttention(LN(x))`` with ``heads = 8``, ``dim_head = dim / 8``, ``dim / 2``
+landmarks, 6 pseudo-inverse iterations, the value convolution, dropout 0.1.
+``PPEG(x) = x + dwconv7(x) + dwconv5(x) + dwconv3(x)`` on the square grid (depthwise, with
+bias); the class tokens bypass it.
+
+What differs from the reference, on purpose:
+
+* Padded bags. Bags come padded to a bucket size ``N`` with a mask. ``H`` is computed
+  per sample from the number of real tokens ``L`` (a traced value), and the square
+  layout is an index gather into a static capacity ``S = ceil(sqrt(N))^2`` (``S = N``
+  for perfect-square buckets): slot ``j < L`` holds real token ``j``, slot
+  ``L <= j < H^2`` real token ``j - L`` (the wrap-around), slots ``j >= H^2`` are masked.
+  Real tokens are taken in order wherever the padding sits, so neither the amount nor
+  the placement of padding changes any output.
+* PPEG speed. XLA's depthwise convolution is very slow on CPU, so the three kernels are
+  summed into one 7x7 kernel (the 5x5 and 3x3 zero-padded, biases summed) and applied as
+  a sum of 49 shifted copies of the flat token sequence (shift ``dy H + dx`` with the
+  per-sample ``H``), masked at the grid's row and column borders (`grid_conv7`, with a
+  hand-written VJP: autodiff would turn the dynamic shifts into scatters that take
+  seconds per 10k-token bag on CPU).
+* Nystrom attention with masks, landmarks over real tokens and a cheaper product
+  order (see `survjax.nn.attention.NystromAttention`).
+* Several learnable class tokens (``num_class_tokens``; MUST needs more than one), each
+  initialised ``N(0, 1)`` as the official single token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from survjax.nn.attention import NystromAttention, compact_index, valid_rank
+from survjax.nn.core import LN_EPS, split_key, torch_uniform_init
+
+__all__ = ["PPEG", "TransLayer", "TransMIL", "ceil_sqrt", "grid_conv7", "square_layout"]
+
+
+def ceil_sqrt(n: jax.Array) -> jax.Array:
+  """Exact ``ceil(sqrt(n))`` for non-negative int arrays (float sqrt, integer fix-up)."""
+  n = jnp.asarray(n, jnp.int32)
+  r = jnp.floor(jnp.sqrt(n.astype(jnp.float32))).astype(jnp.int32)
+  r = jnp.where(r * r > n, r - 1, r)
+  r = jnp.where((r + 1) * (r + 1) <= n, r + 1, r)  # now r = floor(sqrt(n))
+  return jnp.where(r * r < n, r + 1, r)
+
+
+def square_layout(mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """TransMIL's wrap-around square layout of a padded bag, as gather indices.
+
+  With ``L`` real tokens per row, ``H = ceil(sqrt(L))`` and a static capacity
+  ``S = ceil(sqrt(N))^2``, slot ``j`` of the grid sequence holds
+
+      real token j        if j < L,
+      real token j - L    if L <= j < H^2   (the reference's h[:, :H^2 - L] appended),
+      nothing (masked)    if j >= H^2,
+
+  where "real token r" is the ``r``-th True entry of ``mask``. (We index the wrap-around
+  as ``j mod L``, the same thing since ``H^2 <= 2L``.)
+
+  Args:
+    mask: boolean ``[B, N]``.
+
+  Returns:
+    ``(src, valid, side)``: int32 ``[B, S]`` positions into the bag, boolean ``[B, S]``
+    slot validity (``j < H^2``), int32 ``[B]`` grid side ``H``.
+  """
+  n = mask.shape[-1]
+  cap = math.isqrt(max(n - 1, 0)) + 1 if n > 0 else 0
+  cap = cap * cap
+  count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+  side = ceil_sqrt(count)
+  idx = compact_index(mask)
+  if cap > n:
+    idx = jnp.pad(idx, ((0, 0), (0, cap - n)))
+  j = jnp.arange(cap, dtype=jnp.int32)[None, :]
+  src_rank = j % jnp.maximum(count, 1)[:, None]
+  src = jnp.take_along_axis(idx, src_rank, axis=1)
+  valid = j < (side * side)[:, None]
+  return src, valid, side
+
+
+def _chunk_geometry(j0: jax.Array, chunk: int, side: jax.Array):
+  """Row, column and validity of slots ``j0 .. j0 + chunk - 1`` of a ``side x side`` grid."""
+  j = j0 + jnp.arange(chunk, dtype=jnp.int32)
+  hs = jnp.maximum(side, 1)
+  return j // hs, j % hs, j < side * side
+
+
+def _grid_padding(s: int, chunk: int) -> tuple[int, int, int]:
+  """(number of chunks, slots added at the end, zero rows on each side of the shifts)."""
+  hmax = math.isqrt(max(s - 1, 0)) + 1
+  num_chunks = -(-s // chunk)
+  return num_chunks, num_chunks * chunk - s, 3 * hmax + 3
+
+
+def _conv7_one(x: jax.Array, w: jax.Array, side: jax.Array, chunk: int = 512) -> jax.Array:
+  """`grid_conv7` of one grid ``x [S, D]``, chunk by chunk.
+
+  For each chunk of slots and each kernel row ``dy`` (a `fori_loop`), one dynamic slice
+  of the zero-padded input at offset ``dy H - 3`` covers the 7 column shifts, which are
+  then static slices: this keeps the work in cache, vectorises, and compiles small.
+  """
+  s, d = x.shape
+  num_chunks, extra, pad = _grid_padding(s, chunk)
+  xp = jnp.pad(x, ((pad, pad + extra), (0, 0)))
+
+  def chunk_body(i, out):
+    j0 = i * chunk
+    r, c, valid = _chunk_geometry(j0, chunk, side)
+
+    def row_body(a, y):
+      dy = a - 3
+      window = jax.lax.dynamic_slice_in_dim(xp, pad + j0 + dy * side - 3, chunk + 6, axis=0)
+      w_row = jax.lax.dynamic_index_in_dim(w, a, axis=0, keepdims=False)
+      row_ok = valid & (r + dy >= 0) & (r + dy < side)
+      for dx in range(-3, 4):
+        ok = row_ok & (c + dx >= 0) & (c + dx < side)
+        y = y + jnp.where(ok[:, None], window[3 + dx:3 + dx + chunk], 0.0) * w_row[dx + 3]
+      return y
+
+    y = jax.lax.fori_loop(0, 7, row_body, jnp.zeros((chunk, d), x.dtype))
+    return jax.lax.dynamic_update_slice_in_dim(out, y, j0, axis=0)
+
+  out = jax.lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((s + extra, d), x.dtype))
+  return out[:s]
+
+
+def _conv7_weight_grad_one(g: jax.Array, x: jax.Array, side: jax.Array,
+                           chunk: int = 256) -> jax.Array:
+  """``dL/dw[dy, dx, d] = sum_j ok_j(dy, dx) g[j, d] x[j + dy H + dx, d]`` for one grid.
+
+  Accumulated chunk by chunk like `_conv7_one`, so the 49 products of a chunk are reduced
+  while it is in cache (49 full passes over a 10k-token bag cost about 5x more).
+  """
+  s, d = x.shape
+  num_chunks, extra, pad = _grid_padding(s, chunk)
+  gp = jnp.pad(g, ((0, extra), (0, 0)))
+  xp = jnp.pad(x, ((pad, pad + extra), (0, 0)))
+
+  def chunk_body(i, acc):
+    j0 = i * chunk
+    r, c, valid = _chunk_geometry(j0, chunk, side)
+    gc = jax.lax.dynamic_slice_in_dim(gp, j0, chunk, axis=0)
+
+    def row_body(a, acc):
+      dy = a - 3
+      window = jax.lax.dynamic_slice_in_dim(xp, pad + j0 + dy * side - 3, chunk + 6, axis=0)
+      row_ok = valid & (r + dy >= 0) & (r + dy < side)
+      terms = []
+      for dx in range(-3, 4):
+        ok = row_ok & (c + dx >= 0) & (c + dx < side)
+        terms.append(jnp.sum(jnp.where(ok[:, None], gc * window[3 + dx:3 + dx + chunk], 0.0),
+                             axis=0))
+      row = jax.lax.dynamic_index_in_dim(acc, a, axis=0) + jnp.stack(terms)[None]
+      return jax.lax.dynamic_update_slice_in_dim(acc, row, a, axis=0)
+
+    return jax.lax.fori_loop(0, 7, row_body, acc)
+
+  return jax.lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((7, 7, d), x.dtype))
+
+
+@jax.custom_vjp
+def grid_conv7(x: jax.Array, w: jax.Array, side: jax.Array) -> jax.Array:
+  """Depthwise 7x7 'same' cross-correlation on flat ``H x H`` grids (per-sample ``H``).
+
+      y[j, d] = sum_{dy, dx = -3..3} ok_j(dy, dx) w[dy + 3, dx + 3, d] x[j + dy H + dx, d]
+
+  for grid slots ``j = r H + c < H^2`` (zero elsewhere), with ``ok_j(dy, dx)`` true when
+  ``(r + dy, c + dx)`` lies inside the grid: a sum of 49 shifted copies of the flat
+  sequence (shift ``dy H + dx``), computed chunk by chunk (`_conv7_one`). The VJP is the
+  same operation with the flipped kernel (for ``x``) and 49 masked reductions (for
+  ``w``); the automatic one would transpose the dynamic slices into scatters, which take
+  seconds on CPU for a 10k-token bag.
+
+  Args:
+    x: ``[B, S, D]`` flat grids.
+    w: ``[7, 7, D]`` kernel.
+    side: int32 ``[B]``, ``H`` per sample, ``H^2 <= S``.
+
+  Returns:
+    ``[B, S, D]``.
+  """
+  return jax.vmap(_conv7_one, (0, None, 0))(x, w, side)
+
+
+def _grid_conv7_fwd(x, w, side):
+  return grid_conv7(x, w, side), (x, w, side)
+
+
+def _grid_conv7_bwd(res, g):
+  x, w, side = res
+  gx = jax.vmap(_conv7_one, (0, None, 0))(g, w[::-1, ::-1], side)
+  gw = jnp.sum(jax.vmap(_conv7_weight_grad_one)(g, x, side), axis=0)
+  return gx, gw, None
+
+
+grid_conv7.defvjp(_grid_conv7_fwd, _grid_conv7_bwd)
+
+
+class PPEG(nnx.Module):
+  """Pyramid position encoding generator of TransMIL on a flat ``H x H`` token grid.
+
+      PPEG(x) = x + (W_7 * x + b_7) + (W_5 * x + b_5) + (W_3 * x + b_3)
+              = x + W * x + b,   W = W_7 + pad(W_5) + pad(W_3),  b = b_7 + b_5 + b_3
+
+  with ``*`` the depthwise ('same', zero padded) 2-D cross-correlation on the grid,
+  ``(W * x)[r, c, d] = sum_{dy, dx} W[dy + 3, dx + 3, d] x[r + dy, c + dx, d]``. The grid is
+  stored row-major in a flat sequence, so the term ``(dy, dx)`` is the sequence shifted by
+  ``dy H + dx``, kept only where ``0 <= r + dy < H`` and ``0 <= c + dx < H``: 49 shifted
+  copies times per-channel weights (fast on CPU, unlike XLA's grouped convolution).
+  Parameters and their PyTorch default initialisation follow the reference's three
+  ``Conv2d(dim, dim, k, 1, k // 2, groups=dim)``.
+  """
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    """Builds the three depthwise kernels (7, 5, 3) with biases.
+
+    Args:
+      dim: channels ``D``.
+      rngs: parameter initialisation keys.
+    """
+    self.dim = dim
+    for name, k in (("proj", 7), ("proj1", 5), ("proj2", 3)):
+      init = torch_uniform_init(k * k)
+      setattr(self, f"{name}_kernel", nnx.Param(init(rngs.params(), (k, k, dim))))
+      setattr(self, f"{name}_bias", nnx.Param(init(rngs.params(), (dim,))))
+
+  def combined(self) -> tuple[jax.Array, jax.Array]:
+    """The single 7x7 depthwise kernel ``[7, 7, D]`` and bias ``[D]`` of the three convs."""
+    w = (self.proj_kernel[...]
+         + jnp.pad(self.proj1_kernel[...], ((1, 1), (1, 1), (0, 0)))
+         + jnp.pad(self.proj2_kernel[...], ((2, 2), (2, 2), (0, 0))))
+    b = self.proj_bias[...] + self.proj1_bias[...] + self.proj2_bias[...]
+    return w, b
+
+  def __call__(self, x: jax.Array, side: jax.Array | None = None) -> jax.Array:
+    """Applies PPEG to grid tokens (class tokens excluded).
+
+    Args:
+      x: ``[B, S, D]``, slot ``j = r H + c`` holding grid cell ``(r, c)``; slots
+        ``j >= H^2`` are ignored.
+      side: int ``[B]`` grid side ``H`` per sample (``H^2 <= S``); None means the static
+        ``H = sqrt(S)`` (``S`` must then be a perfect square).
+
+    Returns:
+      ``[B, S, D]``, zero in slots ``j >= H^2``.
+    """
+    b, s, _ = x.shape
+    if side is None:
+      h = math.isqrt(s)
+      if h * h != s:
+        raise ValueError(f"PPEG without `side` needs a perfect-square length, got {s}")
+      side = jnp.full((b,), h, jnp.int32)
+    side = jnp.asarray(side, jnp.int32)
+    w, bias = self.combined()
+    valid = jnp.arange(s)[None, :] < (side * side)[:, None]
+    y = x + grid_conv7(x, w, side) + bias
+    return jnp.where(valid[..., None], y, 0.0)
+
+
+class TransLayer(nnx.Module):
+  """TransMIL's ``TransLayer``: ``x + NystromAttention(LN(x))`` (masked)."""
+
+  def __init__(self, dim: int, num_heads: int, num_landmarks: int, *, rngs: nnx.Rngs,
+               pinv_iterations: int = 6, dropout: float = 0.1):
+    self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+    self.attn = NystromAttention(dim, num_heads, num_landmarks, pinv_iterations,
+                                 rngs=rngs, dropout=dropout)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               key: jax.Array | None = None) -> jax.Array:
+    return x + self.attn(self.norm(x), mask, key=key)
+
+
+class TransMIL(nnx.Module):
+  """TransMIL bag encoder (see the module docstring); returns class-token outputs.
+
+  ``__call__(x [B, N, in_dim], mask [B, N] | None, *, key=None, return_tokens=False)``
+  gives ``[B, num_class_tokens, dim]`` (after the final LayerNorm), and with
+  ``return_tokens`` also the token outputs ``[B, N, dim]`` at the bag's own positions
+  (zero at padding). An empty bag gives finite outputs (the class tokens attend only to
+  themselves; tokens are zero).
+  """
+
+  def __init__(self, in_dim: int, dim: int = 512, num_heads: int = 8,
+               num_landmarks: int | None = None, *, num_class_tokens: int = 1,
+               dropout: float = 0.1, pinv_iterations: int = 6, rngs: nnx.Rngs):
+    """Builds the encoder.
+
+    Args:
+      in_dim: patch feature width (1024 in the paper).
+      dim: model width (512 in the paper).
+      num_heads: attention heads (8).
+      num_landmarks: Nystrom landmarks (default ``dim // 2``).
+      num_class_tokens: learnable class tokens prepended to the bag.
+      dropout: dropout on the Nystrom output projections (0.1; only with a call ``key``).
+      pinv_iterations: Nystrom pseudo-inverse iterations (6).
+      rngs: parameter initialisation keys.
+    """
+    if num_landmarks is None:
+      num_landmarks = dim // 2
+    self.num_class_tokens = num_class_tokens
+    self.fc = nnx.Linear(in_dim, dim, rngs=rngs)
+    self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, num_class_tokens, dim)))
+    self.layer1 = TransLayer(dim, num_heads, num_landmarks, rngs=rngs,
+                             pinv_iterations=pinv_iterations, dropout=dropout)
+    self.pos_layer = PPEG(dim, rngs=rngs)
+    self.layer2 = TransLayer(dim, num_heads, num_landmarks, rngs=rngs,
+                             pinv_iterations=pinv_iterations, dropout=dropout)
+    self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               key: jax.Array | None = None, return_tokens: bool = False):
+    """Encodes a padded bag.
+
+    Args:
+      x: patch features ``[B, N, in_dim]``.
+      mask: boolean ``[B, N]`` (True = real patch) or None (all real).
+      key: PRNG key for dropout, or None.
+      return_tokens: also return the token outputs.
+
+    Returns:
+      ``cls [B, num_class_tokens, dim]``, or ``(cls, tokens [B, N, dim])``.
+    """
+    b, n, _ = x.shape
+    k = self.num_class_tokens
+    if mask is None:
+      mask = jnp.ones((b, n), bool)
+    h = jax.nn.relu(self.fc(x))
+    src, valid, side = square_layout(mask)
+    grid = jnp.take_along_axis(h, src[..., None], axis=1)
+    grid = jnp.where(valid[..., None], grid, 0.0)
+    cls = jnp.broadcast_to(self.cls_token[...], (b, k, h.shape[-1]))
+    seq = jnp.concatenate([cls, grid], axis=1)
+    seq_mask = jnp.concatenate([jnp.ones((b, k), bool), valid], axis=1)
+    k1, k2 = split_key(key, 2)
+    seq = self.layer1(seq, seq_mask, key=k1)
+    seq = jnp.concatenate([seq[:, :k], self.pos_layer(seq[:, k:], side)], axis=1)
+    seq = self.layer2(seq, seq_mask, key=k2)
+    seq = self.norm(seq)
+    cls_out = seq[:, :k]
+    if not return_tokens:
+      return cls_out
+    rank = jnp.maximum(valid_rank(mask), 0)
+    tokens = jnp.take_along_axis(seq[:, k:], rank[..., None], axis=1)
+    return cls_out, jnp.where(mask[..., None], tokens, 0.0)

@@ -356,7 +356,8 @@ class NystromAttention(nnx.Module):
     b, n, _ = x.shape
     h, dh, m = self.num_heads, self.dim_head, self.num_landmarks
     inner = h * dh
-    if mask is None:
+    all_real = mask is None
+    if all_real:
       mask = jnp.ones((b, n), bool)
     x = jnp.where(mask[..., None], x, 0.0)
     count = jnp.sum(mask, axis=-1, dtype=jnp.int32)                      # L per row
@@ -390,11 +391,14 @@ class NystromAttention(nnx.Module):
 
     if self.res_conv is not None:
       w = self.res_conv[...]
-      idx = compact_index(mask)
-      v_c = jnp.take_along_axis(v, idx[:, :, None, None], axis=1)
-      v_c = jnp.where((jnp.arange(n) < count[:, None])[:, :, None, None], v_c, 0.0)
-      res = _depthwise_seq_conv(v_c, w)
-      out = out + jnp.take_along_axis(res, jnp.maximum(rank, 0)[:, :, None, None], axis=1)
+      if all_real:
+        out = out + _depthwise_seq_conv(v, w)
+      else:  # convolve the real tokens in order, padding squeezed out
+        idx = compact_index(mask)
+        v_c = jnp.take_along_axis(v, idx[:, :, None, None], axis=1)
+        v_c = jnp.where((jnp.arange(n) < count[:, None])[:, :, None, None], v_c, 0.0)
+        res = _depthwise_seq_conv(v_c, w)
+        out = out + jnp.take_along_axis(res, jnp.maximum(rank, 0)[:, :, None, None], axis=1)
 
     out = dropout(self.to_out(out.reshape(b, n, inner)), self.dropout, key)
     return jnp.where(mask[..., None], out, 0.0)

@@ -34,7 +34,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict(dict(n_patients=400, seed=0))
   c.data.files = ml_collections.ConfigDict(dict(
       clinical_csv="", features_dir="", signatures_csv="", radiology_dir="",
-      feature_dim=0, allow_missing=()))
+      feature_dim=0, allow_missing=(), tabular=ml_collections.ConfigDict()))
   c.data.tfds = ml_collections.ConfigDict(dict(data_dir="", name=""))
 
   c.cv = ml_collections.ConfigDict(dict(num_folds=5, seed=0, splits_dir="splits", folds=()))

@@ -273,7 +273,7 @@ class Trainer:
     parts = []
     for batch in iterate_batches(cohort, patients, spec, bins=bins, sort_by_length=True):
       out = self._feature_fns[s_idx](graphdef, state, sharding.shard_batch(batch, self.mesh))
-      parts.append(jax.tree.map(lambda a: np.asarray(a)[batch["valid"]], out))
+      parts.append(jax.tree.map(lambda a: sharding.to_host(a)[batch["valid"]], out))
     feats = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
     return sharding.replicate(feats, self.mesh)
 

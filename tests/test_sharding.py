@@ -1,0 +1,109 @@
+"""Data parallelism on 8 fake CPU devices, and a real two-process (multi-host) run."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from survjax.data.batching import BatchSpec, make_batch
+from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
+from survjax.evaluate.cv import Predictor
+from survjax.method import cohort_info
+from survjax.train import sharding
+from survjax.train.trainer import Trainer
+from toy_method import ToyMethod
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def cohort():
+  return make_synthetic_cohort(SyntheticSpec(n_patients=50, bag_min=10, bag_max=60, patch_dim=8))
+
+
+def test_eight_devices_are_there():
+  assert jax.device_count() == 8
+
+
+def _train(cohort, n_devices, batch_size):
+  method = ToyMethod(epochs=(2, 1))
+  trainer = Trainer(method, mesh=sharding.make_mesh(n_devices), batch_size=batch_size,
+                    max_instances=32, seed=1, progress=False)
+  model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(0))
+  trainer.fit(model, cohort, np.arange(40))
+  return trainer, model
+
+
+@pytest.mark.parametrize("batch_size", [16, 13])
+def test_training_on_8_devices_matches_one_device(cohort, batch_size):
+  # 13 does not divide by 8: the batch is rounded up to 16 and padded with masked patients,
+  # so both runs see identical batches.
+  t1, m1 = _train(cohort, 1, 16)
+  t8, m8 = _train(cohort, 8, batch_size)
+  assert t8.spec.batch_size == 16
+  leaves1 = jax.tree.leaves(nnx.to_pure_dict(nnx.state(m1)))
+  leaves8 = jax.tree.leaves(nnx.to_pure_dict(nnx.state(m8)))
+  for a, b in zip(leaves1, leaves8):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+  # Parameters are replicated and batches split over the 8 devices.
+  leaf = jax.tree.leaves(nnx.state(m8))[0]
+  assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+
+
+def test_sharded_batch_is_split_over_devices(cohort):
+  mesh = sharding.make_mesh(8)
+  batch = sharding.shard_batch(make_batch(cohort, np.arange(16), BatchSpec(16)), mesh)
+  x = batch["modalities"]["pathology"]["x"]
+  assert {s.data.shape[0] for s in x.addressable_shards} == {2}
+
+
+def test_evaluation_on_8_devices_gives_the_same_risks(cohort):
+  method = ToyMethod()
+  model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(0))
+  idx = np.arange(50)
+  hidden = [frozenset()] * 50
+  out = {}
+  for n in (1, 8):
+    mesh = sharding.make_mesh(n)
+    nnx.update(model, sharding.replicate(nnx.state(model), mesh))
+    out[n] = Predictor(method, mesh).predict(model, cohort, idx, hidden, BatchSpec(16),
+                                             jax.random.key(0))["risk"]
+  np.testing.assert_allclose(out[1], out[8], rtol=1e-5, atol=1e-6)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_single_process_result(tmp_path):
+  worker = str(HERE / "multihost_worker.py")
+  single = subprocess.run([sys.executable, worker, str(tmp_path / "one"), "0", "1", "0"],
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-2000:]
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, worker, str(tmp_path / "two"), str(i), "2", port],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-2000:]
+    assert "of 2 done on 2 devices" in o
+  a = json.loads((tmp_path / "one" / "run" / "results.json").read_text())
+  b = json.loads((tmp_path / "two" / "run" / "results.json").read_text())
+  for name, s in a["scenarios"].items():
+    np.testing.assert_allclose(s["per_fold"], b["scenarios"][name]["per_fold"], atol=2e-3)
+  for k in range(2):
+    ra = np.genfromtxt(tmp_path / "one" / "run" / f"fold_{k}" / "risks.csv", delimiter=",",
+                       skip_header=1)[:, 3:]
+    rb = np.genfromtxt(tmp_path / "two" / "run" / f"fold_{k}" / "risks.csv", delimiter=",",
+                       skip_header=1)[:, 3:]
+    np.testing.assert_allclose(ra, rb, rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,58 @@ def make_folds(time, event, num_folds: int, seed: int) -> list[tuple[np.ndarray,
   counts = np.bincount(strata, minlength=8)
   strata = np.where(counts[strata] < num_folds, event.astype(int), strata)
   skf = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-  return [(np.sort(tr), np.sort(va)) for tr, va in skf.split(np.zeros(len(time)), strata)]
+  with warnings.catch_warnings():
+    # "The least populated class in y has only m members": with fewer events than folds
+    # some fold gets none, which `check_folds_have_events` reports as an input error.
+    warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+    return [(np.sort(tr), np.sort(va)) for tr, va in skf.split(np.zeros(len(time)), strata)]
+
+
+def check_folds_have_events(folds, event, *, where, time=None,
+                            num_folds: int | None = None) -> None:
+  """Every fold needs an event among its training and its held-out patients.
+
+  A C-index of held-out patients without an event (or without a comparable pair) is
+  undefined, and a fold trained without an event learns nothing, so such a fold is an
+  input error, raised before any split file or result is written.
+
+  Args:
+    folds: ``[(train_idx, val_idx), ...]``.
+    event: bool ``[n]``.
+    where: ``k -> path`` of fold ``k``'s split file (named in the error).
+    time: optional float ``[n]``; if given, each test fold must also hold a comparable
+      pair (Harrell's C-index is defined).
+    num_folds: the configured number of folds (for the hint).
+
+  Raises:
+    InputError: naming the fold, its split file and the counts.
+  """
+  event = np.asarray(event, bool)
+  time = None if time is None else np.asarray(time, np.float64)
+  for k, (tr, va) in enumerate(folds):
+    for part, idx in (("test (val)", va), ("training", tr)):
+      if not event[idx].any():
+        total = int(event.sum())
+        hint = ("the cohort has no events at all, expected some uncensored patients"
+                if total == 0 else
+                f"the cohort has {total} events for {num_folds or len(folds)} folds, "
+                "expected at least one per fold (set cv.num_folds lower)")
+        raise InputError(f"fold {k} has no events among its {len(idx)} {part} patients "
+                         f"(all censored); {hint}", path=where(k))
+    if time is not None and not _has_comparable_pair(time[va], event[va]):
+      raise InputError(f"fold {k}: its {len(va)} test (val) patients have no comparable pair "
+                       "(no one outlives an observed event), so its C-index is undefined; "
+                       "expected more patients per fold (fewer folds, cv.num_folds)",
+                       path=where(k))
+
+
+def _has_comparable_pair(time, event) -> bool:
+  """Harrell's definition: an event at t_i and someone else with t_j > t_i (or a
+  censoring at t_j = t_i)."""
+  if not event.any():
+    return False
+  t0 = time[event].min()
+  return bool((time > t0).any() or ((time == t0) & ~event).any())
 
 
 def write_splits_csv(path, train_ids, val_ids) -> None:
@@ -67,7 +119,8 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
 
   Raises:
     InputError: a split file names an unknown case, a case appears in both train and val
-      of one fold, or the folds do not cover the cohort.
+      of one fold, the folds do not cover the cohort, or a fold has no events among its
+      training or its held-out patients (checked before any split file is written).
   """
   case_ids = np.asarray(case_ids).astype(str)
   position = {c: i for i, c in enumerate(case_ids)}
@@ -91,8 +144,23 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
     if not covered.all():
       raise InputError("split files do not cover the cohort (delete them to remake)",
                        path=folder, case_id=case_ids[np.argmin(covered)])
+    check_folds_have_events(folds, event, where=lambda k: files[k], time=time,
+                            num_folds=num_folds)
     return folds
-  folds = make_folds(time, event, num_folds, seed)
+  # New folds: errors name the split file that would have been written (it is not).
+  where = ((lambda k: f"{files[k]} (not written)") if files else
+           (lambda k: f"cv fold {k} (cv.splits_dir unset)"))
+  if len(case_ids) < 2 * num_folds:
+    raise InputError(f"{len(case_ids)} patients for {num_folds} folds, expected at least "
+                     f"{2 * num_folds} (cv.num_folds)", path=where(0))
+  try:
+    folds = make_folds(time, event, num_folds, seed)
+  except ValueError as e:  # sklearn: too few patients per stratum for the folds
+    raise InputError(f"cannot split {len(case_ids)} patients into {num_folds} folds "
+                     f"({e}), expected more patients or fewer folds (cv.num_folds)",
+                     path=where(0)) from None
+  # Before writing.
+  check_folds_have_events(folds, event, where=where, time=time, num_folds=num_folds)
   if folder is not None:
     for f, (tr, va) in zip(files, folds):
       write_splits_csv(f, list(case_ids[tr]), list(case_ids[va]))

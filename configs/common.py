@@ -12,7 +12,10 @@ Not an experiment itself. Fields:
                     folds (subset to run; empty = all)
   train             batch_size, max_instances (per-bag cap during training)
   eval              scenarios ("auto" = full + missing_<each modality>), batch_size,
-                    max_instances (None = whole bags), latency (batch-1 timing)
+                    max_instances (None = whole bags), latency (batch-1 timing),
+                    reference_models (scikit-survival rows on the same folds from the
+                    tabular modalities: "coxph", "rsf"; empty = none),
+                    reference_coxph_alpha (ridge penalty of the CoxPH reference)
   mesh.num_devices  data-parallel devices (-1 = all)
 """
 
@@ -41,5 +44,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(batch_size=32, max_instances=256, accumulate=1))
   c.eval = ml_collections.ConfigDict(dict(scenarios=("auto",), batch_size=64,
                                           max_instances=0, latency=True))
+  c.eval.reference_models = ()
+  c.eval.reference_coxph_alpha = 1.0
   c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
   return c

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from survjax.data.cohort import Cohort, Modality  # noqa: F401
 from survjax.errors import InputError
+
+# numexpr (imported by pandas) logs "NumExpr defaulting to N threads." at INFO on import;
+# under absl that is a line on stderr before any error of ours, which must stay the only
+# line a bad input prints.
+logging.getLogger("numexpr.utils").setLevel(logging.WARNING)
 
 
 def load_cohort(data) -> Cohort:

@@ -7,6 +7,11 @@ fold whose ``result.json`` exists is not recomputed, so a killed run restarted w
 same command resumes at the fold (and, inside it, the epoch) where it stopped. Finally
 ``results.json``, ``report.md`` and the Kaplan-Meier figures are written from the fold
 results. Every file is written atomically.
+
+With ``config.eval.reference_models`` (e.g. ``("coxph", "rsf")``), scikit-survival
+models are fitted on each fold's tabular data too (`survjax.evaluate.reference`); their
+C-index per fold is kept in the fold's ``result.json`` under ``"reference"`` and ends up
+in ``results["reference_rows"]`` and the report.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import contextlib
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from survjax.data.timebins import assign_time_bins, fit_time_bins
 from survjax.errors import InputError
 from survjax.evaluate import scenarios as scen
 from survjax.evaluate.metrics import concordance_index, uno_c
+from survjax.evaluate.reference import check_reference_models, reference_fold
 from survjax.io import atomic_write_json, atomic_write_text
 from survjax.method import Method, cohort_info
 from survjax.train import sharding
@@ -115,22 +124,34 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv") -> dict
   Args:
     mode: "cv" trains and evaluates every fold; "train" only trains (checkpoints);
       "eval" evaluates folds whose training finished (re-evaluating every fold).
+
+  Bad input (scenario names, reference models, a method modality the cohort lacks, folds
+  without events) raises `InputError` before anything is written. SIGTERM during the run
+  raises `Terminated` (a `SystemExit`, status 143) so that nothing is left half-written.
   """
+  with _terminate_as_exception():
+    return _run_cv(method, cohort, config, Path(workdir), mode)
+
+
+def _run_cv(method: Method, cohort, config, workdir: Path, mode: str) -> dict:
   from survjax.evaluate.report import write_outputs
 
-  workdir = Path(workdir)
+  # Everything a user can get wrong is checked before the first file is written.
+  scenario_names = scen.expand(config.eval.scenarios, method.modalities)
+  ref_models = check_reference_models(config.eval.get("reference_models", ()), cohort)
+  missing = [m for m in method.modalities if m not in cohort.modalities]
+  if missing:
+    raise InputError(f"method {method.name} needs modality {missing[0]!r}, cohort "
+                     f"{cohort.name!r} has {list(cohort.modalities)}", path="config.data")
   mesh = sharding.make_mesh(config.mesh.num_devices)
   folds = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event,
                              num_folds=config.cv.num_folds, seed=config.cv.seed,
                              splits_dir=config.cv.splits_dir or None, dataset=cohort.name)
   run_folds = list(config.cv.folds) if config.cv.folds else list(range(len(folds)))
-  for k in run_folds:
-    tr, va = folds[k]
-    for part, idx in (("training", tr), ("test", va)):
-      if not cohort.event[idx].any():
-        raise InputError(f"fold {k} has no events in its {part} patients, expected at least one "
-                         "(fewer folds or a different cv.seed)", path=config.cv.splits_dir or "splits")
-  scenario_names = scen.expand(config.eval.scenarios, method.modalities)
+  bad = [k for k in run_folds if not 0 <= k < len(folds)]
+  if bad:
+    raise InputError(f"fold {bad[0]} does not exist, expected folds 0 to {len(folds) - 1}",
+                     path="config.cv.folds")
   trainer = Trainer(method, mesh=mesh, batch_size=config.train.batch_size,
                     max_instances=config.train.max_instances or None, seed=config.seed,
                     progress=config.progress, buckets=config.data.buckets or None)
@@ -146,8 +167,14 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv") -> dict
     fold_dir = workdir / f"fold_{k}"
     result_path = fold_dir / "result.json"
     if mode == "cv" and result_path.exists():
-      fold_results.append(json.loads(result_path.read_text()))
+      fold = json.loads(result_path.read_text())
       log.info("fold %d: already evaluated, reusing %s", k, result_path)
+      todo = [m for m in ref_models if m not in fold.get("reference", {})]
+      if todo:  # asked for after the fold was evaluated
+        fold.setdefault("reference", {}).update(_reference(cohort, tr, va, todo, config, k))
+        if is_main:
+          atomic_write_json(result_path, fold)
+      fold_results.append(fold)
       continue
     t0 = time.perf_counter()
     bins = None
@@ -195,6 +222,8 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv") -> dict
         fold["scenarios"][row] = entry
         risks_table[row] = risk
     fold["diagnostics"] = predictor.diagnostics(model, cohort, va, eval_spec)
+    if ref_models:
+      fold["reference"] = _reference(cohort, tr, va, ref_models, config, k)
     if config.eval.latency and k == run_folds[-1]:
       present_sets = {name: scen.hidden_for(name, method.modalities, 1, 0)[0]
                       for name in scenario_names if "pct_mixed" not in name}
@@ -209,12 +238,53 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv") -> dict
   if mode == "train":
     return {}
   results = write_outputs(workdir, method, cohort, config, folds, fold_results,
-                          write=is_main)
+                          write=is_main, reference_models=ref_models)
   results["timing"]["predict_traces"] = predictor.traces
   results["timing"]["train_traces"] = dict(trainer.traces)
   if is_main:
     atomic_write_json(workdir / "results.json", results)
   return results
+
+
+def _reference(cohort, tr, va, models, config, k) -> dict:
+  t0 = time.perf_counter()
+  out = reference_fold(cohort, tr, va, models, seed=config.seed, fold=k,
+                       coxph_alpha=config.eval.get("reference_coxph_alpha", 1.0))
+  log.info("fold %d: reference %s (%.1f s)", k, ", ".join(
+      f"{m}={v['c_index']:.3f}" for m, v in out.items()), time.perf_counter() - t0)
+  return out
+
+
+class Terminated(SystemExit):
+  """SIGTERM, raised in the main thread so that clean-up runs (exit status 143)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+  """Turns SIGTERM into `Terminated` while the run lasts (main thread only).
+
+  A terminated run then unwinds like an exception: the temporary file of an atomic
+  write in progress is removed and nothing half-written stays behind; checkpoints and
+  fold results already written are kept, so the same command resumes. Outside the main
+  thread (or where signals cannot be set) the default behaviour stays.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    del frame
+    raise Terminated(128 + signum)
+
+  try:
+    previous = signal.signal(signal.SIGTERM, handler)
+  except ValueError:
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _write_risks(path, cohort, idx, table):

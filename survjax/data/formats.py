@@ -53,7 +53,7 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def read_features(path, *, expected_dim: int | None = None,
-                  case_id: str | None = None) -> np.ndarray:
+                  case_id: str | None = None, dim_source: str | None = None) -> np.ndarray:
   """Reads one bag of feature vectors as float16 ``[N, D]``.
 
   Supported files: ``.h5``/``.hdf5`` with a ``features`` dataset ``[N, D]`` or
@@ -63,6 +63,8 @@ def read_features(path, *, expected_dim: int | None = None,
   Args:
     path: the feature file.
     expected_dim: if given, the required feature dimension D.
+    dim_source: where ``expected_dim`` comes from (another file, a config field), named
+      in the error.
     case_id: the patient, named in error messages.
 
   Returns:
@@ -85,7 +87,7 @@ def read_features(path, *, expected_dim: int | None = None,
   else:
     raise InputError(f"unknown feature file type {suffix!r}, expected .h5, .pt or .npy",
                      path=path, case_id=case_id)
-  return _check_bag(arr, path, case_id, expected_dim)
+  return _check_bag(arr, path, case_id, expected_dim, dim_source)
 
 
 def _read_h5(path: Path, case_id) -> np.ndarray:
@@ -130,7 +132,8 @@ def _read_pt(path: Path, case_id) -> np.ndarray:
   return obj.detach().cpu().to(torch.float32).numpy()
 
 
-def _check_bag(arr: np.ndarray, path: Path, case_id, expected_dim) -> np.ndarray:
+def _check_bag(arr: np.ndarray, path: Path, case_id, expected_dim,
+               dim_source=None) -> np.ndarray:
   """Squeezes CLAM's ``[1, N, D]``, checks shape and values, returns float16."""
   if arr.ndim == 3 and arr.shape[0] == 1:
     arr = arr[0]
@@ -144,7 +147,8 @@ def _check_bag(arr: np.ndarray, path: Path, case_id, expected_dim) -> np.ndarray
     raise InputError(f"empty bag of shape {arr.shape}, expected [N>0, D>0]", path=path,
                      case_id=case_id)
   if expected_dim is not None and arr.shape[1] != expected_dim:
-    raise InputError(f"feature dimension {arr.shape[1]}, expected {expected_dim}",
+    source = f" ({dim_source})" if dim_source else ""
+    raise InputError(f"feature dimension {arr.shape[1]}, expected {expected_dim}{source}",
                      path=path, case_id=case_id)
   if not np.isfinite(arr).all():
     raise InputError("features contain NaN or inf, expected finite values", path=path,
@@ -540,6 +544,7 @@ def _pathology(table: ClinicalTable, features_dir: Path, exts, expected_dim, all
     cases = tqdm(cases, desc="reading slide features", unit="case", file=sys.stderr)
   bags, available = [], np.zeros(len(table.case_ids), dtype=bool)
   dim = expected_dim
+  source = None if expected_dim is None else "the configured feature_dim"
   for i in cases:
     cid, slides = table.case_ids[i], table.slide_ids[i]
     files = _case_slide_files(table, cid, slides, features_dir, exts, allow)
@@ -548,8 +553,9 @@ def _pathology(table: ClinicalTable, features_dir: Path, exts, expected_dim, all
       continue
     parts = []
     for f in files:
-      parts.append(read_features(f, expected_dim=dim, case_id=cid))
-      dim = parts[-1].shape[1]
+      parts.append(read_features(f, expected_dim=dim, case_id=cid, dim_source=source))
+      if source is None:
+        dim, source = parts[-1].shape[1], f"the dimension of {f}"
     bags.append(np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0])
     available[i] = True
   if not available.any():
@@ -617,13 +623,16 @@ def _radiology(table: ClinicalTable, radiology_dir: Path, exts) -> Modality:
     raise InputError("radiology directory not found, expected a directory of "
                      "<case_id>.h5/.pt/.npy files", path=radiology_dir)
   bags, available, dim = [], np.zeros(len(table.case_ids), dtype=bool), None
+  source = None
   for i, cid in enumerate(table.case_ids):
     f = _find_file([radiology_dir / (cid + e) for e in exts])
     if f is None:
       bags.append(None)
       continue
-    bags.append(read_features(f, expected_dim=dim, case_id=cid))
-    dim, available[i] = bags[-1].shape[1], True
+    bags.append(read_features(f, expected_dim=dim, case_id=cid, dim_source=source))
+    if source is None:
+      dim, source = bags[-1].shape[1], f"the dimension of {f}"
+    available[i] = True
   if not available.any():
     raise InputError(f"no radiology file for any case, expected <case_id>{exts[0]} files",
                      path=radiology_dir)

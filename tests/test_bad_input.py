@@ -1,0 +1,258 @@
+"""Bad input through the CLI: exit status 2, one line on stderr, nothing written.
+
+Each case writes a valid cohort in the on-disk formats (`file_cohort.write_file_cohort`:
+clinical CSV in MCAT layout, signatures CSV, per-slide .h5/.npy features), breaks one
+thing, and runs ``python -m survjax.main`` once in a subprocess. The error must come at
+load time (or at the fold check, before any JAX compilation): status 2, exactly one line
+on stderr naming the file, the patient (where there is one) and what was expected, and
+no workdir, results, report or split files left behind. The library-level checks behind
+these are in tests/test_formats.py.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from file_cohort import files_args, write_file_cohort
+
+REPO = Path(__file__).resolve().parents[1]
+N = 12  # patients: case 0 and 5 have two slides each; ~2/3 events
+
+
+def _rows(c):
+  with open(c["csv"], newline="") as f:
+    rows = list(csv.reader(f))
+  return rows[0], rows[1:]
+
+
+def _write_rows(c, header, rows):
+  with open(c["csv"], "w", newline="") as f:
+    csv.writer(f, lineterminator="\n").writerows([header, *rows])
+
+
+def _edit(c, col, value, row=3):
+  """Sets ``col`` of CSV data row ``row`` (0-based) to ``value``; returns that row's case."""
+  header, rows = _rows(c)
+  rows[row][header.index(col)] = value
+  _write_rows(c, header, rows)
+  return rows[row][header.index("case_id")]
+
+
+def _slide(c, i, suffix=None):
+  """The feature file of case ``i``'s first slide (optionally one with ``suffix``)."""
+  if suffix is None:
+    return c["files"][c["slides"][c["case_ids"][i]][0]]
+  for cid in c["case_ids"][i:]:
+    for s in c["slides"][cid]:
+      if c["files"][s].suffix == suffix:
+        return c["files"][s]
+  raise AssertionError(suffix)
+
+
+def _case_of(c, path):
+  return next(cid for cid, ss in c["slides"].items() if any(c["files"][s] == path for s in ss))
+
+
+def _save_like(path, arr):
+  """Overwrites a feature file (.npy or .h5) with ``arr``."""
+  if path.suffix == ".npy":
+    np.save(path, arr)
+  else:
+    import h5py
+    with h5py.File(path, "w") as f:
+      f["features"] = arr
+
+
+# Each breaker gets the cohort dict and returns (file named, case named or None, text).
+def missing_feature_file(c):
+  p = _slide(c, 3)
+  p.unlink()
+  return str(p.parent / p.stem), c["case_ids"][3], "not found"
+
+
+def corrupt_h5(c):
+  p = _slide(c, 2, ".h5")
+  p.write_bytes(b"\x89HDF\r\n garbage, not an HDF5 file")
+  return str(p), _case_of(c, p), "cannot read HDF5"
+
+
+def truncated_npy(c):
+  p = _slide(c, 2, ".npy")
+  p.write_bytes(p.read_bytes()[:100])
+  return str(p), _case_of(c, p), "cannot read .npy"
+
+
+def dimension_differs(c):
+  p = _slide(c, 6)
+  _save_like(p, np.zeros((5, c["dim"] + 3), np.float32))
+  first = c["files"][c["slides"][c["case_ids"][0]][0]]
+  return str(p), c["case_ids"][6], (f"feature dimension {c['dim'] + 3}, expected {c['dim']} "
+                                    f"(the dimension of {first})")
+
+
+def nan_features(c):
+  p = _slide(c, 4)
+  x = np.ones((5, c["dim"]), np.float32)
+  x[2, 1] = np.nan
+  _save_like(p, x)
+  return str(p), c["case_ids"][4], "NaN or inf"
+
+
+def inf_features(c):
+  p = _slide(c, 7)
+  x = np.ones((5, c["dim"]), np.float32)
+  x[0, 0] = -np.inf
+  _save_like(p, x)
+  return str(p), c["case_ids"][7], "NaN or inf"
+
+
+def empty_bag(c):
+  p = _slide(c, 8)
+  _save_like(p, np.zeros((0, c["dim"]), np.float32))
+  return str(p), c["case_ids"][8], "empty bag"
+
+
+def negative_time(c):
+  return str(c["csv"]), _edit(c, "survival_months", "-3.5"), "expected a number > 0"
+
+
+def zero_time(c):
+  return str(c["csv"]), _edit(c, "survival_months", "0"), "expected a number > 0"
+
+
+def missing_time(c):
+  return str(c["csv"]), _edit(c, "survival_months", ""), "survival_months is missing"
+
+
+def event_not_binary(c):
+  return str(c["csv"]), _edit(c, "censorship", "2"), "expected 0 or 1"
+
+
+def case_without_slide(c):
+  return str(c["csv"]), _edit(c, "slide_id", "", row=4), "no slide_id"
+
+
+def duplicate_slide_id(c):
+  header, rows = _rows(c)
+  rows[5][2] = rows[4][2]  # case 4 (data row 5) lists case 3's slide
+  _write_rows(c, header, rows)
+  return str(c["csv"]), rows[5][1], "listed twice"
+
+
+def case_rows_disagree_on_time(c):
+  header, rows = _rows(c)
+  assert rows[0][1] == rows[1][1]  # case 0 has two slides
+  rows[1][header.index("survival_months")] = "99.5"
+  _write_rows(c, header, rows)
+  return str(c["csv"]), rows[0][1], "survival_months differs"
+
+
+def case_rows_disagree_on_event(c):
+  header, rows = _rows(c)
+  col = header.index("censorship")
+  rows[1][col] = str(1 - int(rows[0][col]))
+  _write_rows(c, header, rows)
+  return str(c["csv"]), rows[0][1], "event/censorship differs"
+
+
+def all_censored(c):
+  header, rows = _rows(c)
+  for r in rows:
+    r[header.index("censorship")] = "1"
+  _write_rows(c, header, rows)
+  return "splits_0.csv (not written)", None, "no events at all"
+
+
+def fewer_events_than_folds(c):
+  header, rows = _rows(c)
+  col = header.index("censorship")
+  first_two = list(dict.fromkeys(r[1] for r in rows))[:2]
+  for r in rows:  # the first two cases die, everyone else is censored
+    r[col] = "0" if r[1] in first_two else "1"
+  _write_rows(c, header, rows)
+  return "(not written)", None, "2 events for 3 folds"
+
+
+BREAKERS = [missing_feature_file, corrupt_h5, truncated_npy, dimension_differs, nan_features,
+            inf_features, empty_bag, negative_time, zero_time, missing_time,
+            event_not_binary, case_without_slide, duplicate_slide_id,
+            case_rows_disagree_on_time, case_rows_disagree_on_event, all_censored,
+            fewer_events_than_folds]
+
+
+def _run(args, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, "-m", "survjax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _cli_args(c, tmp_path, *extra):
+  return [f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
+          f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
+          *files_args(c), *extra]
+
+
+def _assert_nothing_written(tmp_path):
+  assert not (tmp_path / "run").exists()
+  assert not (tmp_path / "splits").exists()
+  leftovers = [p for p in tmp_path.rglob("*") if p.name in ("results.json", "report.md")
+               or p.name.endswith(".tmp")]
+  assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, breaker):
+  c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
+  path, case, what = breaker(c)
+  out = _run(_cli_args(c, tmp_path), tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert len(lines) == 1, out.stderr
+  line = lines[0]
+  assert line.startswith("survjax: bad input: "), line
+  assert path in line, line
+  if case is not None:
+    assert f"case {case}" in line, line
+  assert what in line and "expected" in line, line
+  _assert_nothing_written(tmp_path)
+
+
+def test_unknown_case_in_split_file(tmp_path):
+  """Split files given by the user that name a case the cohort lacks; they stay as they are."""
+  c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
+  folder = tmp_path / "given" / "cohort"
+  folder.mkdir(parents=True)
+  for k in range(3):
+    ids = list(c["case_ids"])
+    val, train = ids[k::3], [x for i, x in enumerate(ids) if i % 3 != k]
+    if k == 1:
+      val[0] = "TCGA-XX-0000"
+    rows = [["", "train", "val"]] + [[str(i), train[i] if i < len(train) else "",
+                                      val[i] if i < len(val) else ""]
+                                     for i in range(len(train))]
+    with open(folder / f"splits_{k}.csv", "w", newline="") as f:
+      csv.writer(f, lineterminator="\n").writerows(rows)
+  before = {p.name: p.read_bytes() for p in folder.iterdir()}
+  out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
+              f"--config.cv.splits_dir={tmp_path / 'given'}", "--config.data.name=cohort",
+              "--config.progress=False", *files_args(c)], tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  assert str(folder / "splits_1.csv") in lines[0] and "case TCGA-XX-0000" in lines[0]
+  assert "expected a case of the cohort" in lines[0]
+  assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key(tmp_path):
+  c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
+  out = _run(_cli_args(c, tmp_path, "--config.data.files.feature_dimm=4"), tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  assert "feature_dimm" in lines[0]
+  _assert_nothing_written(tmp_path)

@@ -87,24 +87,50 @@ def _comparable(path):
   return r
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_identical_results(tmp_path):
-  ref = _cli(_smoke_args(tmp_path / "ref", tmp_path / "splits"), cwd=REPO)
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+  """The smoke run done in one go: the reference for the interrupted runs."""
+  root = tmp_path_factory.mktemp("ref")
+  ref = _cli(_smoke_args(root / "ref", root / "splits"), cwd=REPO)
   out, err = ref.communicate(timeout=600)
   assert ref.returncode == 0, err
+  return root
+
+
+def _assert_nothing_half_written(run):
+  """After a kill: no results/report, no temporary files; what is there is complete."""
+  assert not (run / "results.json").exists() and not (run / "report.md").exists()
+  tmp = [p for p in run.rglob("*.tmp")]
+  assert not tmp, tmp
+  for result in run.glob("fold_*/result.json"):
+    fold = json.loads(result.read_text())
+    risks = (result.parent / "risks.csv").read_text().splitlines()
+    assert len(risks) == fold["n_test"] + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_identical_results(tmp_path, uninterrupted_run, sig):
+  splits = uninterrupted_run / "splits"
   run = tmp_path / "run"
-  p = _cli(_smoke_args(run, tmp_path / "splits"), cwd=REPO)
+  p = _cli(_smoke_args(run, splits), cwd=REPO)
   deadline = time.time() + 300
-  # Kill (SIGKILL, no clean-up) once fold 1 has a checkpoint: fold 0 done, fold 1 midway.
+  # Kill once fold 1 has a checkpoint: fold 0 done, fold 1 midway. SIGKILL allows no
+  # clean-up at all; SIGTERM unwinds as an exception (status 143).
   while time.time() < deadline and not list((run / "fold_1" / "checkpoints").glob("[0-9]*")):
     time.sleep(0.05)
-  p.send_signal(signal.SIGKILL)
-  p.communicate()
+  p.send_signal(sig)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM), err
+  if sig == signal.SIGTERM:
+    _assert_nothing_half_written(run)
   assert not (run / "results.json").exists()
-  again = _cli(_smoke_args(run, tmp_path / "splits"), cwd=REPO)
+  assert (run / "fold_0" / "result.json").exists()
+  again = _cli(_smoke_args(run, splits), cwd=REPO)
   out, err = again.communicate(timeout=600)
   assert again.returncode == 0, err
-  assert _comparable(run / "results.json") == _comparable(tmp_path / "ref" / "results.json")
+  ref = uninterrupted_run / "ref"
+  assert _comparable(run / "results.json") == _comparable(ref / "results.json")
   for k in range(3):
     assert (run / f"fold_{k}" / "risks.csv").read_text() == \
-        (tmp_path / "ref" / f"fold_{k}" / "risks.csv").read_text()
+        (ref / f"fold_{k}" / "risks.csv").read_text()

@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end in --quick mode and write the agreed JSON fields.
+
+Each runs as a subprocess, as a user would run it (fresh JAX: scaling.py sets its own
+fake CPU device count). No timing is asserted: the machine is shared.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(module, tmp_path, *extra, timeout=300):
+  out = tmp_path / f"{module}.json"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick",
+                         "--out", str(out), *extra],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed = json.loads(proc.stdout)  # stdout carries the JSON only
+  written = json.loads(out.read_text())
+  assert printed == written
+  return written
+
+
+def _check_device(result):
+  for key in ("device_kind", "platform", "num_devices", "cpu_model", "cpu_threads",
+              "jax_version"):
+    assert key in result["device"]
+
+
+def test_cindex_quick_agrees_with_sksurv(tmp_path):
+  r = _run("cindex", tmp_path)
+  assert r["benchmark"] == "cindex" and r["mode"] == "quick"
+  _check_device(r)
+  assert r["all_agree"] is True
+  assert r["result_fields"] == ["cindex", "concordant", "discordant", "tied_risk",
+                                "tied_time"]
+  assert len(r["sizes"]) >= 2
+  for row in r["sizes"]:
+    assert row["agree"] is True
+    assert row["survjax"]["result"] == row["sksurv"]["result"]
+    assert row["survjax"]["p50_ms"] > 0 and row["sksurv"]["p50_ms"] > 0
+    assert row["speedup"] > 0
+    assert 0 < row["censoring_rate"] < 1
+    assert row["unique_times"] < row["n"] and row["unique_risks"] < row["n"]  # ties
+  assert set(r["speedups"]) == {str(row["n"]) for row in r["sizes"]}
+
+
+@pytest.mark.slow
+def test_scaling_quick_strong_and_weak(tmp_path):
+  r = _run("scaling", tmp_path)
+  assert r["benchmark"] == "scaling" and r["mode"] == "quick"
+  _check_device(r)
+  assert r["device"]["num_devices"] == 8  # the script's own fake CPU devices
+  assert r["model"]["name"] == "abmil" and "step" in r["model"]
+  assert "overhead" in r["note"]
+  for kind in ("strong", "weak"):
+    rows = r[kind]
+    assert [row["num_devices"] for row in rows] == [1, 2, 4, 8]
+    for row in rows:
+      assert row["p50_ms"] > 0 and row["p90_ms"] >= row["p50_ms"] * 0.999
+      assert row["compile_s"] > 0 and row["patients_per_s"] > 0 and row["efficiency"] > 0
+      assert row["global_batch"] == row["per_device_batch"] * row["num_devices"]
+  assert {row["global_batch"] for row in r["strong"]} == {r["strong_global_batch"]}
+  assert {row["per_device_batch"] for row in r["weak"]} == {r["weak_per_device_batch"]}

@@ -65,7 +65,10 @@ def check_reference_models(names, cohort) -> tuple[str, ...]:
     InputError: an unknown model name, or reference models asked for on a cohort with no
       tabular (tokens or vector) modality.
   """
-  names = tuple(names or ())
+  if isinstance(names, str):
+    names = (names,)
+  # "coxph,rsf" from the command line arrives as one string: accept it.
+  names = tuple(n.strip() for name in (names or ()) for n in str(name).split(",") if n.strip())
   for n in names:
     if n not in MODELS:
       raise InputError(f"unknown reference model {n!r}, expected some of {sorted(MODELS)}",

@@ -114,6 +114,7 @@ def main(argv=None):
       "benchmark": "cindex",
       "mode": "quick" if args.quick else "full",
       "device": info,
+      "git": common.git_state(),
       "versions": {"sksurv": sksurv_version, "numpy": np.__version__},
       "data": "times ceil(exponential) months (ties, events and censorings at equal "
               "times), ~40% censored, risks rounded to 2 decimals (ties); seed + n",

@@ -192,6 +192,23 @@ def run_json_subprocess(cmd: Sequence[str], timeout: float,
   return json.loads(lines[-1]), None
 
 
+def git_state() -> dict[str, Any]:
+  """Commit of this checkout and its modified tracked files (results may depend on them)."""
+  import subprocess
+  root = Path(__file__).resolve().parent.parent
+
+  def git(*a):
+    return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
+                          timeout=20).stdout
+  try:
+    head = git("rev-parse", "HEAD").strip()
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no")
+             .splitlines() if line.strip()]
+  except (OSError, subprocess.SubprocessError):
+    return {}
+  return {"commit": head, "modified_tracked_files": dirty}
+
+
 # ---- host memory ---------------------------------------------------------------------------
 
 MEMORY_METHOD = (

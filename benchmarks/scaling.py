@@ -150,6 +150,7 @@ def main(argv=None):
       "benchmark": "scaling",
       "mode": "quick" if q else "full",
       "device": info,
+      "git": common.git_state(),
       "model": {
           "name": model_name,
           "step": (f"{stage.name} stage of configs/{model_name}.py"

@@ -29,8 +29,10 @@ Two parts, one JSON (default ``benchmarks/results/train_throughput_<platform>.js
   ``checks.transmil.config_note``).
 
 Timed calls: JAX compiles first (timed apart), then one warm-up call, then up to
-``repeats`` timed calls within a per-size time budget (at least 2); torch the same with
-its first call as warm-up.
+``repeats`` timed calls within a per-size time budget (at least 2; bags past 100k
+patches: one); torch the same with its first call as warm-up. Each part has a time
+budget (``--must-budget``, ``--mil-budget``): a size whose time, extrapolated linearly
+from the sizes done, would overrun it is skipped and listed under ``skipped``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ QUICK_MUST_SIZES = (256,)
 QUICK_MIL_SIZES = (1024,)
 MIL_MODELS = ("transmil", "abmil")
 GB4_MB = 4096.0
+BIG_BAG = 100000
 # TransMIL check: 10000 patches = 100^2 -> 10001 tokens = 73 * 137, so 137 landmarks need
 # no front padding in lucidrains' Nystrom attention (1025 = 25 * 41 for the quick check).
 CHECK_TRANSMIL = {"n": 10000, "num_landmarks": 137}
@@ -239,20 +242,22 @@ def mil_forward(args, torch_py: str | None, torch_reason: str | None) -> dict:
   series = {m: {"jax": [], "torch": [], "skipped": []} for m in args.mil_models}
   t_start = time.perf_counter()
   for n in args.mil_sizes:
+    # Bags past 100k: one warm-up and one timed forward (each takes tens of seconds here).
+    reps = 1 if n >= BIG_BAG else args.mil_repeats
     for name in args.mil_models:
       s = series[name]
       elapsed = time.perf_counter() - t_start
       prev = [r for r in s["jax"] + s["torch"]]
       if prev:  # linear extrapolation from the largest size done, both frameworks
         per_patch = max(r["forward"]["p50_ms"] * 1e-3 / r["n"] for r in prev)
-        est = 2 * (per_patch * n * (args.mil_repeats + 1) + 10.0)
+        est = 2 * (per_patch * n * (reps + 1) + 10.0)
         if elapsed + est > args.mil_budget:
           s["skipped"].append({"n": n, "reason": f"estimated {est:.0f} s would exceed the "
                                f"{args.mil_budget:.0f} s budget ({elapsed:.0f} s used)"})
           common.log(f"  {name} n={n}: skipped ({s['skipped'][-1]['reason']})")
           continue
       spec = {"model": name, "n": n, "in_dim": args.in_dim, "dim": args.dim,
-              "repeats": args.mil_repeats, "max_seconds": args.mil_size_seconds}
+              "repeats": reps, "max_seconds": args.mil_size_seconds}
       res, reason = _run_jax_worker(spec, timeout=1200)
       if res is None:
         s["jax"].append({"n": n, "failed": reason})
@@ -261,7 +266,7 @@ def mil_forward(args, torch_py: str | None, torch_reason: str | None) -> dict:
         _per_1k(res)
         s["jax"].append(res)
       if torch_py:
-        tres, treason = _run_torch_worker(torch_py, name, n, args, repeats=args.mil_repeats,
+        tres, treason = _run_torch_worker(torch_py, name, n, args, repeats=reps,
                                           max_seconds=args.mil_size_seconds)
         if tres is None:
           s["torch"].append({"n": n, "failed": treason})
@@ -448,8 +453,8 @@ def main(argv=None):
   p.add_argument("--mil-models", default=",".join(MIL_MODELS))
   p.add_argument("--in-dim", type=int, default=1024, help="MIL patch features")
   p.add_argument("--dim", type=int, default=512, help="MIL model width")
-  p.add_argument("--must-budget", type=float, default=None, help="seconds (240, quick 60)")
-  p.add_argument("--mil-budget", type=float, default=None, help="seconds (420, quick 60)")
+  p.add_argument("--must-budget", type=float, default=None, help="seconds (300, quick 60)")
+  p.add_argument("--mil-budget", type=float, default=None, help="seconds (480, quick 60)")
   p.add_argument("--torch-python", default=None, help="default $SURVJAX_TORCH_PYTHON")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--torch-omp-wait-policy", default="PASSIVE",
@@ -469,8 +474,8 @@ def main(argv=None):
   args.must_sizes = _sizes(args.must_sizes, QUICK_MUST_SIZES if q else MUST_SIZES)
   args.mil_sizes = _sizes(args.mil_sizes, QUICK_MIL_SIZES if q else MIL_SIZES)
   args.mil_models = tuple(m for m in args.mil_models.split(",") if m)
-  args.must_budget = args.must_budget or (60.0 if q else 240.0)
-  args.mil_budget = args.mil_budget or (60.0 if q else 420.0)
+  args.must_budget = args.must_budget or (60.0 if q else 300.0)
+  args.mil_budget = args.mil_budget or (60.0 if q else 480.0)
   args.must_repeats = 2 if q else 5
   args.must_size_seconds = 10.0 if q else 40.0
   args.mil_repeats = 2 if q else 5
@@ -514,6 +519,7 @@ def main(argv=None):
       "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.train_throughput",
                            *(argv if argv is not None else sys.argv[1:])]),
       "device": info,
+      "git": common.git_state(),
       "matmul_gflops_per_s": {"1024x1024x1024_start": matmul_start,
                               "1024x1024x1024_end": matmul_end},
       "must": must,

@@ -24,7 +24,7 @@ Models (scenario ``full``: every patient keeps whatever it has):
   ``alpha`` (default 1.0, i.e. ``alpha / 2 * ||beta||^2`` added to the negative partial
   log-likelihood of the fold; it keeps the fit unique with one-hot or collinear columns
   and finite on separable folds), Breslow ties; risk = the linear predictor. Its Newton
-  step loops over patients in Python with ``p x p`` work each: about a second per fold
+  step loops over patients in Python with ``p x p`` work each: about 4 s per fold
   for p ~ 300 columns on 60 patients, minutes for thousands of gene columns.
 * ``rsf``: `sksurv.ensemble.RandomSurvivalForest` with 100 trees, ``min_samples_split=10``,
   ``min_samples_leaf=5``, ``max_features="sqrt"``, ``n_jobs=1``, ``random_state =

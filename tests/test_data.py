@@ -100,7 +100,7 @@ def test_batches_have_static_shapes_masks_and_hidden_modalities(cohort):
   batches = list(iterate_batches(cohort, idx, spec, shuffle_rng=rng, sample_rng=rng))
   assert len(batches) == 3
   for b in batches:
-    assert b["modalities"]["pathology"]["x"].shape == (16, 256, 128)  # 100 -> bucket 256
+    assert b["modalities"]["pathology"]["x"].shape == (16, 100, 128)  # capped: max_instances
     assert b["modalities"]["genomics"]["x"].shape == (16, 264)
   last = batches[-1]
   assert last["valid"].sum() == 8 and (last["index"][8:] == -1).all()

@@ -54,8 +54,13 @@ class BatchSpec:
   max_instances: int | None = None
 
   def bucket_for(self, length: int) -> int:
+    """The padded length for a longest bag of ``length``: the smallest bucket that holds
+    it, capped at ``max_instances`` (so a subsampled training batch has exactly one
+    shape, ``max_instances``, rather than the next power of 4)."""
     for b in self.buckets:
       if length <= b:
+        if self.max_instances is not None and length <= self.max_instances:
+          return min(b, self.max_instances)
         return b
     raise ValueError(f"bag of {length} instances exceeds the largest bucket {self.buckets[-1]}; "
                      "add a bucket or set max_instances")

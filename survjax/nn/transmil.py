@@ -100,6 +100,7 @@ def _chunk_geometry(j0: jax.Array, chunk: int, side: jax.Array):
 
 def _grid_padding(s: int, chunk: int) -> tuple[int, int, int]:
   """(number of chunks, slots added at the end, zero rows on each side of the shifts)."""
+  assert chunk <= max(s, 1), (chunk, s)
   hmax = math.isqrt(max(s - 1, 0)) + 1
   num_chunks = -(-s // chunk)
   return num_chunks, num_chunks * chunk - s, 3 * hmax + 3
@@ -113,6 +114,7 @@ def _conv7_one(x: jax.Array, w: jax.Array, side: jax.Array, chunk: int = 512) ->
   then static slices: this keeps the work in cache, vectorises, and compiles small.
   """
   s, d = x.shape
+  chunk = max(1, min(chunk, s))  # small grids: one chunk, no padding to a full one
   num_chunks, extra, pad = _grid_padding(s, chunk)
   xp = jnp.pad(x, ((pad, pad + extra), (0, 0)))
 
@@ -145,6 +147,7 @@ def _conv7_weight_grad_one(g: jax.Array, x: jax.Array, side: jax.Array,
   while it is in cache (49 full passes over a 10k-token bag cost about 5x more).
   """
   s, d = x.shape
+  chunk = max(1, min(chunk, s))
   num_chunks, extra, pad = _grid_padding(s, chunk)
   gp = jnp.pad(g, ((0, extra), (0, 0)))
   xp = jnp.pad(x, ((pad, pad + extra), (0, 0)))

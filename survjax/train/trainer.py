@@ -205,6 +205,9 @@ class Trainer:
         if stage.prepare is not None:
           # Deterministic in the cached features, so a resumed run sets the same values.
           stage.prepare(model, feats)
+          # prepare() may leave host-placed arrays: re-place them like the rest of the
+          # state, or the next jitted call would see new input shardings and recompile.
+          nnx.update(model, sharding.replicate(nnx.state(model), self.mesh))
           graphdef, trainable, rest = _split(model, stage)
       bar = tqdm(total=stage.epochs, initial=first_epoch, desc=f"fold {fold} {stage.name}",
                  disable=not self.progress, leave=False, unit="ep")

@@ -15,8 +15,9 @@ row of that layer is needed, and for one attention layer that row is exact when 
 alone, so it costs O(N) rather than O(N^2) on a bag.
 
 Decomposition (Sec. 3.3). ``P = B B^T`` with ``B`` in R^{D x r}, r = 64 (eq. 8). The paper
-calls P idempotent, which holds only for orthonormal columns, so ``B`` is the Q factor of
-a QR decomposition of a free parameter ``W``: ``P @ P = P`` exactly (up to float).
+calls P idempotent, which holds only for orthonormal columns, so ``B`` is parametrised as
+a product of r Householder reflections applied to ``[I_r; 0]`` (`MUSTModel.basis`):
+``P @ P = P`` exactly (up to float) for every value of the parameter.
 
     c^_{P<-G} = P c_{P<-G},  c^_{G<-P} = P c_{G<-P},  u^_m = (I - P) u_m      (eq. 9)
     h = phi([u^_P; c^; u^_G])                                                   (eq. 11)
@@ -74,7 +75,14 @@ P_NAME, G_NAME = "pathology", "genomics"
 
 
 def _cos(a, b, eps=1e-8):
-  return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + eps)
+  """Cosine similarity with a gradient that stays finite at zero vectors.
+
+  Padded batch rows give zero vectors (an empty bag has no cross-attention queries);
+  ``jnp.linalg.norm`` has a NaN gradient there, which a zero loss weight does not cancel
+  (``0 * nan = nan``), so the norms are clamped inside the square root.
+  """
+  sq = jnp.sum(a * a, -1) * jnp.sum(b * b, -1)
+  return jnp.sum(a * b, -1) / jnp.sqrt(jnp.maximum(sq, eps * eps))
 
 
 def _masked_mean(x, mask):
@@ -138,12 +146,29 @@ class MUSTModel(nnx.Module):
   # ---- pieces of the forward pass ------------------------------------------------------
 
   def basis(self):
-    """Orthonormal B (D x r): the Q factor of the free parameter."""
-    q, r = jnp.linalg.qr(self.subspace.value)
-    return q * jnp.sign(jnp.diagonal(r))[None, :]  # unique Q: positive diag(R)
+    """Orthonormal B (D x r) as a product of r Householder reflections.
 
-  def project_shared(self, x):
-    b = self.basis()
+        B = H(v_1) H(v_2) ... H(v_r) [I_r; 0],   H(v) = I - 2 v v^T / (v^T v)
+
+    with the free parameter ``V = [v_1 .. v_r]`` (D x r). A product of reflections is
+    orthogonal, so ``B^T B = I`` and ``P = B B^T`` is idempotent by construction (to float
+    rounding), for any V; every orthonormal frame is reachable. The product is one
+    `lax.scan` of rank-1 updates: ~10x cheaper to differentiate on CPU than LAPACK's
+    QR (geqrf) or a Cholesky-QR, which dominated the training step.
+    """
+    v = self.subspace.value
+    d, r = v.shape
+
+    def reflect(b, vi):
+      vi = vi * jax.lax.rsqrt(jnp.sum(vi * vi))
+      return b - 2.0 * jnp.outer(vi, vi @ b), None
+
+    b, _ = jax.lax.scan(reflect, jnp.eye(d, r, dtype=v.dtype), v.T[::-1])
+    return b
+
+  def project_shared(self, x, basis=None):
+    """``P x = B B^T x`` (eq. 8); pass ``basis`` to reuse one B across several calls."""
+    b = self.basis() if basis is None else basis
     return (x @ b) @ b.T
 
   def encode_pathology(self, batch, key=None):
@@ -174,7 +199,11 @@ class MUSTModel(nnx.Module):
                         mask_g)
     u_p = self.specific_p(h_p, mask_p)
     u_g = self.specific_g(h_g, mask_g)
-    proj = self.project_shared
+    basis = self.basis()
+
+    def proj(x):
+      return self.project_shared(x, basis)
+
     return dict(g_p=g_p, g_g=g_g, c_pg=proj(c_pg), c_gp=proj(c_gp),
                 u_p=u_p - proj(u_p), u_g=u_g - proj(u_g))
 
@@ -220,10 +249,13 @@ class MUST:
     return MUSTModel(info[P_NAME]["dim"], info[G_NAME]["group_sizes"], self.cfg, rngs=rngs)
 
   def _schedule(self):
+    """The noise schedule as concrete arrays, even when called under `jax.jit` (the DDIM
+    step table is computed in float64 numpy from it)."""
     ldm = self.cfg.ldm
-    if ldm.schedule == "cosine":
-      return schedules.cosine_schedule(ldm.timesteps)
-    return schedules.linear_schedule(ldm.timesteps, ldm.beta_start, ldm.beta_end)
+    with jax.ensure_compile_time_eval():
+      if ldm.schedule == "cosine":
+        return schedules.cosine_schedule(ldm.timesteps)
+      return schedules.linear_schedule(ldm.timesteps, ldm.beta_start, ldm.beta_end)
 
   # ---- losses --------------------------------------------------------------------------
 

@@ -30,9 +30,10 @@ from configs.common import base_config
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = base_config("must")
   m = c.model = ml_collections.ConfigDict()
+  m.modalities = ("pathology", "genomics")   # the P and G slots: 'bag' or 'tokens' kinds
   m.dim = 256
   m.num_heads = 8
-  m.num_landmarks = 128
+  m.num_landmarks = 32
   m.rank = 64
   m.num_bins = 4
   m.head_hidden = 256
@@ -47,13 +48,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.stage2 = ml_collections.ConfigDict(dict(epochs=30, lr=2e-4, weight_decay=1e-5))
   m.ldm = ml_collections.ConfigDict(dict(
       num_layers=4, num_heads=8, schedule="linear", timesteps=1000, beta_start=1e-4,
-      beta_end=0.02, lr=1e-4, weight_decay=0.0, batch_size=32, steps=2000,
-      steps_per_epoch=250, ddim_steps=50, eta=0.0, num_samples=5,
+      beta_end=0.02, lr=1e-4, weight_decay=0.0, batch_size=32, steps=1000,
+      steps_per_epoch=500, ddim_steps=50, eta=0.0, num_samples=5,
       condition="c_cls",          # "c_cls": [c; CLS_u] (paper) | "c": [c] only (ablation)
       condition_source="c_hat",   # "c_hat" (paper) | "c_tilde" (surrogate, supp. 8.2)
   ))
   c.train.batch_size = 32
-  c.train.max_instances = 256
+  c.train.max_instances = 64
 
   for v in filter(None, variant.split(",")):
     if v == "smoke":
@@ -64,8 +65,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       m.ldm.steps = 200
       m.ldm.steps_per_epoch = 100
       m.ldm.ddim_steps = 10
-      m.num_landmarks = 64
-      c.train.max_instances = 128
     elif v == "no_warmup":
       m.stage1.epochs = 0
     elif v == "cond_c":

@@ -71,7 +71,6 @@ from survjax.nn.attention import MultiHeadAttention, TransformerLayer
 from survjax.nn.genomic import GroupTokenizer
 from survjax.nn.transmil import TransMIL
 
-P_NAME, G_NAME = "pathology", "genomics"
 
 
 def _cos(a, b, eps=1e-8):
@@ -107,7 +106,7 @@ class ClassQuery(nnx.Module):
 
   def __call__(self, tokens, mask):
     b = tokens.shape[0]
-    cls = jnp.broadcast_to(self.cls.value, (b, 1, tokens.shape[-1]))
+    cls = jnp.broadcast_to(self.cls[...], (b, 1, tokens.shape[-1]))
     kv = jnp.concatenate([cls, tokens], axis=1)
     kv_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
     x = cls + self.attn(self.norm(cls), self.norm(kv), kv_mask)
@@ -115,17 +114,60 @@ class ClassQuery(nnx.Module):
     return x[:, 0]
 
 
-class MUSTModel(nnx.Module):
-  """Parameters of MUST; the forward pieces are methods, the losses live in `MUST`."""
+class BagEncoder(nnx.Module):
+  """MUST's pathology encoder: TransMIL on a padded bag -> ``(g, tokens, mask)``."""
 
-  def __init__(self, path_dim: int, group_sizes: tuple[int, ...], cfg, *, rngs: nnx.Rngs):
+  def __init__(self, in_dim: int, cfg, *, rngs: nnx.Rngs):
+    self.transmil = TransMIL(in_dim, dim=cfg.dim, num_heads=cfg.num_heads,
+                             num_landmarks=cfg.num_landmarks, rngs=rngs)
+
+  def __call__(self, mod, key=None):
+    cls, tokens = self.transmil(mod["x"].astype(jnp.float32), mod["mask"], key=key,
+                                return_tokens=True)
+    return cls[:, 0], tokens, mod["mask"]
+
+
+class TokenEncoder(nnx.Module):
+  """MUST's genomic encoder: one SNN per column group (gene family) -> tokens, a class
+  token and one multi-head self-attention layer -> ``(g, tokens, mask)``."""
+
+  def __init__(self, group_sizes: tuple[int, ...], cfg, *, rngs: nnx.Rngs):
     d = cfg.dim
-    self.path_encoder = TransMIL(path_dim, dim=d, num_heads=cfg.num_heads,
-                                 num_landmarks=cfg.num_landmarks, rngs=rngs)
-    self.gene_tokens = GroupTokenizer(tuple(group_sizes), d, rngs=rngs)
-    self.gene_cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d)) * 0.02)
-    self.gene_encoder = TransformerLayer(d, cfg.num_heads, 2, cfg.dropout, rngs=rngs)
-    self.gene_norm = nnx.LayerNorm(d, rngs=rngs)
+    self.tokenizer = GroupTokenizer(tuple(group_sizes), d, rngs=rngs)
+    self.cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d)) * 0.02)
+    self.layer = TransformerLayer(d, cfg.num_heads, 2, cfg.dropout, rngs=rngs)
+    self.norm = nnx.LayerNorm(d, rngs=rngs)
+
+  def __call__(self, mod, key=None):
+    tok = self.tokenizer(mod["x"].astype(jnp.float32), key=key)
+    b, n, d = tok.shape
+    cls = jnp.broadcast_to(self.cls[...], (b, 1, d))
+    seq = self.layer(jnp.concatenate([cls, tok], 1), jnp.ones((b, n + 1), bool), key=key)
+    seq = self.norm(seq)
+    return seq[:, 0], seq[:, 1:], jnp.ones((b, n), bool)
+
+
+def _encoder(info: dict, cfg, rngs):
+  if info["kind"] == "bag":
+    return BagEncoder(info["dim"], cfg, rngs=rngs)
+  if info["kind"] == "tokens":
+    return TokenEncoder(info["group_sizes"], cfg, rngs=rngs)
+  raise ValueError(f"MUST encodes 'bag' and 'tokens' modalities, got kind {info['kind']!r}")
+
+
+class MUSTModel(nnx.Module):
+  """Parameters of MUST; the forward pieces are methods, the losses live in `MUST`.
+
+  The two modalities are called P and G after the paper (pathology, genomics); any two
+  modalities of kind ``bag`` (TransMIL) or ``tokens`` (group SNNs + self-attention) can
+  take these slots (``model.modalities`` in the config, e.g. genes and clinical tokens).
+  """
+
+  def __init__(self, info: dict, names: tuple[str, str], cfg, *, rngs: nnx.Rngs):
+    d = cfg.dim
+    self.names = tuple(names)
+    self.encoder_p = _encoder(info[names[0]], cfg, rngs)
+    self.encoder_g = _encoder(info[names[1]], cfg, rngs)
     self.cross_p_from_g = MultiHeadAttention(d, cfg.num_heads, rngs=rngs)
     self.cross_g_from_p = MultiHeadAttention(d, cfg.num_heads, rngs=rngs)
     self.cross_norm_p = nnx.LayerNorm(d, rngs=rngs)
@@ -138,9 +180,9 @@ class MUSTModel(nnx.Module):
     self.denoisers = nnx.Dict({
         m: ConditionalDenoiser(dim=d, num_layers=cfg.ldm.num_layers, num_heads=cfg.ldm.num_heads,
                                num_cond_tokens=2, rngs=rngs)
-        for m in (P_NAME, G_NAME)})
-    self.latent_mean = nnx.Dict({m: LatentStats(jnp.zeros((d,))) for m in (P_NAME, G_NAME)})
-    self.latent_std = nnx.Dict({m: LatentStats(jnp.ones((d,))) for m in (P_NAME, G_NAME)})
+        for m in names})
+    self.latent_mean = nnx.Dict({m: LatentStats(jnp.zeros((d,))) for m in names})
+    self.latent_std = nnx.Dict({m: LatentStats(jnp.ones((d,))) for m in names})
     self.dropout = cfg.dropout
 
   # ---- pieces of the forward pass ------------------------------------------------------
@@ -156,7 +198,7 @@ class MUSTModel(nnx.Module):
     `lax.scan` of rank-1 updates: ~10x cheaper to differentiate on CPU than LAPACK's
     QR (geqrf) or a Cholesky-QR, which dominated the training step.
     """
-    v = self.subspace.value
+    v = self.subspace[...]
     d, r = v.shape
 
     def reflect(b, vi):
@@ -172,19 +214,12 @@ class MUSTModel(nnx.Module):
     return (x @ b) @ b.T
 
   def encode_pathology(self, batch, key=None):
-    m = batch["modalities"][P_NAME]
-    cls, tokens = self.path_encoder(m["x"].astype(jnp.float32), m["mask"], key=key,
-                                    return_tokens=True)
-    return cls[:, 0], tokens, m["mask"]
+    """``(g_P, H_P, mask_P)`` of the first modality."""
+    return self.encoder_p(batch["modalities"][self.names[0]], key)
 
   def encode_genomics(self, batch, key=None):
-    x = batch["modalities"][G_NAME]["x"]
-    tok = self.gene_tokens(x, key=key)
-    b, n, d = tok.shape
-    cls = jnp.broadcast_to(self.gene_cls.value, (b, 1, d))
-    seq = self.gene_encoder(jnp.concatenate([cls, tok], 1), jnp.ones((b, n + 1), bool), key=key)
-    seq = self.gene_norm(seq)
-    return seq[:, 0], seq[:, 1:], jnp.ones((b, n), bool)
+    """``(g_G, H_G, mask_G)`` of the second modality."""
+    return self.encoder_g(batch["modalities"][self.names[1]], key)
 
   def components(self, batch, key=None):
     """All of g, c, u (raw and projected) for complete pairs."""
@@ -209,7 +244,7 @@ class MUSTModel(nnx.Module):
 
   def specific_only(self, batch, modality, key=None):
     """g_m and u^_m from one modality alone (the missing-modality path)."""
-    if modality == P_NAME:
+    if modality == self.names[0]:
       g, h, mask = self.encode_pathology(batch, key)
       u = self.specific_p(h, mask)
     else:
@@ -226,7 +261,7 @@ class MUSTModel(nnx.Module):
 
   def condition(self, modality, c, use_cls: bool):
     """Diffusion condition tokens [c; CLS_um] (or [c; 0] for the no-CLS ablation)."""
-    cls = (self.specific_p if modality == P_NAME else self.specific_g).cls.value[0]
+    cls = (self.specific_p if modality == self.names[0] else self.specific_g).cls[...][0]
     cls = jnp.broadcast_to(cls, c.shape) if use_cls else jnp.zeros_like(c)
     return jnp.stack([c, jax.lax.stop_gradient(cls)], axis=1)
 
@@ -238,7 +273,11 @@ class MUST:
   cfg: object
   train_cfg: object
   name: str = "must"
-  modalities: tuple[str, ...] = (P_NAME, G_NAME)
+
+  @property
+  def modalities(self) -> tuple[str, str]:
+    """(P, G): the config's ``model.modalities`` (default pathology, genomics)."""
+    return tuple(self.cfg.get("modalities", ("pathology", "genomics")))
   time_model: str = "discrete"
 
   @property
@@ -246,7 +285,9 @@ class MUST:
     return self.cfg.num_bins
 
   def build(self, info, rngs):
-    return MUSTModel(info[P_NAME]["dim"], info[G_NAME]["group_sizes"], self.cfg, rngs=rngs)
+    if len(self.modalities) != 2:
+      raise ValueError(f"MUST takes exactly two modalities, got {self.modalities}")
+    return MUSTModel(info, self.modalities, self.cfg, rngs=rngs)
 
   def _schedule(self):
     """The noise schedule as concrete arrays, even when called under `jax.jit` (the DDIM
@@ -265,8 +306,9 @@ class MUST:
   def warmup_loss(self, model, batch, key):
     """Eq. 12 (our reading of the slots: see the module docstring)."""
     k_enc, k_p, k_g, k_h = jax.random.split(key, 4)
-    avail_p = batch["modalities"][P_NAME]["available"]
-    avail_g = batch["modalities"][G_NAME]["available"]
+    name_p, name_g = self.modalities
+    avail_p = batch["modalities"][name_p]["available"]
+    avail_g = batch["modalities"][name_g]["available"]
     w = batch["valid"].astype(jnp.float32)
     g_p, _, _ = model.encode_pathology(batch, k_enc)
     g_g, _, _ = model.encode_genomics(batch, jax.random.fold_in(k_enc, 1))
@@ -284,8 +326,9 @@ class MUST:
     k_enc, k_h = jax.random.split(key)
     c = self.cfg
     comp = model.components(batch, k_enc)
-    avail_p = batch["modalities"][P_NAME]["available"]
-    avail_g = batch["modalities"][G_NAME]["available"]
+    name_p, name_g = self.modalities
+    avail_p = batch["modalities"][name_p]["available"]
+    avail_g = batch["modalities"][name_g]["available"]
     w = batch["valid"].astype(jnp.float32)
     paired = w * avail_p * avail_g
     c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
@@ -321,17 +364,17 @@ class MUST:
     return {"z_p": comp["u_p"], "z_g": comp["u_g"], "cond_p": cond_p, "cond_g": cond_g}
 
   def _ldm_stage_fns(self, modality):
-    short = "p" if modality == P_NAME else "g"
+    short = "p" if modality == self.modalities[0] else "g"
     use_cls = self.cfg.ldm.condition == "c_cls"
 
     def prepare(model, feats):
       z = jnp.asarray(feats[f"z_{short}"])
-      model.latent_mean[modality].value = jnp.mean(z, 0)
-      model.latent_std[modality].value = jnp.std(z, 0) + 1e-3
+      model.latent_mean[modality][...] = jnp.mean(z, 0)
+      model.latent_std[modality][...] = jnp.std(z, 0) + 1e-3
 
     def loss(model, batch, key):
-      mean = model.latent_mean[modality].value
-      std = model.latent_std[modality].value
+      mean = model.latent_mean[modality][...]
+      std = model.latent_std[modality][...]
       z0 = (batch[f"z_{short}"] - mean) / std
       cond = model.condition(modality, batch[f"cond_{short}"], use_cls)
       val = denoising_loss(model.denoisers[modality], z0, cond, key, self._schedule())
@@ -358,7 +401,7 @@ class MUST:
                      epochs=c.stage2.epochs, trainable=everything_but_ldm,
                      patients=c.train_patients))
     ldm = c.ldm
-    for modality in (G_NAME, P_NAME):
+    for modality in self.modalities[::-1]:
       prepare, loss = self._ldm_stage_fns(modality)
       out.append(Stage(
           f"ldm_{modality}", loss, optax.adamw(ldm.lr, weight_decay=ldm.weight_decay),
@@ -378,7 +421,7 @@ class MUST:
     denoiser = model.denoisers[modality]
     mean, _ = ddim.ddim_sample(denoiser, cond, key, self._schedule(), num_steps=ldm.ddim_steps,
                                eta=ldm.eta, num_samples=ldm.num_samples)
-    return mean * model.latent_std[modality].value + model.latent_mean[modality].value
+    return mean * model.latent_std[modality][...] + model.latent_mean[modality][...]
 
   def predict(self, model, batch, present, key):
     risk = survival.discrete_time_risk
@@ -389,14 +432,15 @@ class MUST:
     if len(present) != 1:
       raise ValueError(f"MUST needs at least one modality, got {sorted(present)}")
     (have,) = present
-    missing = G_NAME if have == P_NAME else P_NAME
+    name_p, name_g = self.modalities
+    missing = name_g if have == name_p else name_p
     g, u_have = model.specific_only(batch, have)
     c_tilde = g - u_have                                                    # eq. 20
     u_gen = self.generate(model, missing, c_tilde, key)                      # eq. 21
-    u_mean = jnp.broadcast_to(model.latent_mean[missing].value, u_gen.shape)
+    u_mean = jnp.broadcast_to(model.latent_mean[missing][...], u_gen.shape)
 
     def score(u_missing):
-      if have == P_NAME:
+      if have == name_p:
         return risk(model.head(u_have, c_tilde, u_missing))                 # eq. 22
       return risk(model.head(u_missing, c_tilde, u_have))
 

@@ -107,8 +107,18 @@ class Trainer:
     self._steps = [self._make_step(i, s) for i, s in enumerate(self.stages)]
     self._chunks = [self._make_chunk(i, s) if s.features else None
                     for i, s in enumerate(self.stages)]
-    self._feature_fns = [jax.jit(self._features_fn(s), static_argnums=0)
-                         if s.features else None for s in self.stages]
+    # Stages that share a features function (MUST's two LDM stages) share its jit, so
+    # it compiles once per run.
+    shared = {}
+    self._feature_fns = []
+    for s in self.stages:
+      if s.features is None:
+        self._feature_fns.append(None)
+        continue
+      ident = (getattr(s.features, "__func__", s.features), id(getattr(s.features, "__self__", None)))
+      if ident not in shared:
+        shared[ident] = jax.jit(self._features_fn(s), static_argnums=0)
+      self._feature_fns.append(shared[ident])
 
   # ---- jitted pure functions (built once per run) -------------------------------------
 
@@ -158,7 +168,7 @@ class Trainer:
 
   def _features_fn(self, stage: Stage):
     def features(graphdef, state, batch):
-      self.traces[f"features:{stage.name}"] += 1
+      self.traces[f"features:{stage.name}"] += 1  # the first stage of those sharing it
       return stage.features(nnx.merge(graphdef, state), batch)
     return features
 

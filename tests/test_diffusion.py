@@ -119,6 +119,23 @@ def test_scan_sampler_matches_reference_loop(eta):
   np.testing.assert_allclose(samples2, samples, rtol=1e-6, atol=1e-6)
 
 
+def test_x0_clipping_bounds_each_step_and_is_inert_when_loose():
+  """clip_x0: a loose bound gives the plain DDIM update; a tight one keeps every predicted
+  clean latent, hence the final sample (abar_prev = 1 at the last step), inside it."""
+  model = _small_denoiser()
+  graphdef, state = nnx.split(model)
+  den = nnx.merge(graphdef, state)
+  sch = linear_schedule(T=100)
+  cond = jax.random.normal(jax.random.key(2), (2, 2, 16))
+  key = jax.random.key(3)
+  plain, _ = ddim_sample(den, cond, key, sch, num_steps=10, num_samples=3)
+  loose, _ = ddim_sample(den, cond, key, sch, num_steps=10, num_samples=3, clip_x0=1e6)
+  np.testing.assert_allclose(loose, plain, rtol=1e-4, atol=1e-4)
+  _, tight = ddim_sample(den, cond, key, sch, num_steps=10, num_samples=3, clip_x0=0.5)
+  assert np.abs(np.asarray(tight)).max() <= 0.5 + 1e-5
+  assert np.abs(np.asarray(plain)).max() > 0.5
+
+
 @pytest.mark.parametrize("chunk_rows", [4, 9, 100])
 def test_chunked_denoiser_calls_give_the_same_samples(chunk_rows):
   """Chunking the rows (9 = 3 patients x 3 samples; 4 needs padding) changes nothing."""

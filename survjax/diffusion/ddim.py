@@ -51,7 +51,8 @@ def _step_table(schedule: Schedule, num_steps: int, eta: float):
   c = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)) - r * np.sqrt(1.0 - ab_t)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   return (jnp.asarray(tau.copy(), jnp.int32), f32(r), f32(c), f32(sigma),
-          jnp.arange(num_steps, dtype=jnp.int32))
+          jnp.arange(num_steps, dtype=jnp.int32), f32(np.sqrt(ab_t)), f32(np.sqrt(1.0 - ab_t)),
+          f32(np.sqrt(ab_prev)), f32(np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0))))
 
 
 def ddim_sample(
@@ -65,7 +66,8 @@ def ddim_sample(
     num_samples: int = 5,
     dim: int | None = None,
     noise: jax.Array | None = None,
-    chunk_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
+    chunk_rows: int | None = None,
+    clip_x0: float | None = None) -> tuple[jax.Array, jax.Array]:
   """DDIM sampling of ``num_samples`` latents per patient, as one `jax.lax.scan`.
 
   Samples and patients share one batch axis of size ``M = B * S`` (patient-major: row
@@ -91,6 +93,12 @@ def ddim_sample(
     dim: latent width ``D``; defaults to ``cond.shape[-1]``.
     noise: optional initial noise ``z_T`` ``[B, S, D]`` (replaces the draw from ``key``).
     chunk_rows: evaluate the denoiser over chunks of this many rows (None: all at once).
+    clip_x0: if set, each step clips the predicted clean latent
+      ``x0 = (z - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` to ``[-clip_x0, clip_x0]`` and
+      re-derives ``eps`` from it before the update (the ``clip_denoised`` option of the
+      DDPM/DDIM reference code, which clips images to [-1, 1]); for standardised
+      latents a bound of a few standard deviations keeps an imprecise denoiser from
+      driving the trajectory out of the data's range. None: the plain update.
 
   Returns:
     ``(mean [B, D], samples [B, S, D])``: the average over the samples, and the samples.
@@ -129,9 +137,14 @@ def ddim_sample(
       return eps_fn(z, jnp.full((m,), t, jnp.int32), cond_rep)
 
   def step(z, xs):
-    t, r, c, sigma, i = xs
+    t, r, c, sigma, i, sqrt_ab, sqrt_1m_ab, sqrt_ab_prev, dir_coef = xs
     eps = denoise(z, t)
-    z = r * z + c * eps
+    if clip_x0 is None:
+      z = r * z + c * eps
+    else:
+      x0 = jnp.clip((z - sqrt_1m_ab * eps) / sqrt_ab, -clip_x0, clip_x0)
+      eps = (z - sqrt_ab * x0) / sqrt_1m_ab
+      z = sqrt_ab_prev * x0 + dir_coef * eps
     if eta > 0:
       n = jax.random.normal(jax.random.fold_in(k_steps, i), shape, z.dtype)
       z = z + sigma * n.reshape(b * s, dim)

@@ -35,6 +35,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m = c.model
   m.modalities = ("clinical", "genes")
   m.dim, m.num_heads, m.rank, m.head_hidden = 64, 4, 16, 64
+  m.stage1.epochs, m.stage2.epochs = 30, 30   # the paper's (cheap on token encoders)
   m.ldm.num_layers, m.ldm.num_heads = 2, 4
   m.ldm.steps, m.ldm.steps_per_epoch, m.ldm.batch_size = 1000, 500, 32
   c.train.batch_size = 16

@@ -183,6 +183,7 @@ class MUSTModel(nnx.Module):
         for m in names})
     self.latent_mean = nnx.Dict({m: LatentStats(jnp.zeros((d,))) for m in names})
     self.latent_std = nnx.Dict({m: LatentStats(jnp.ones((d,))) for m in names})
+    self.cond_std = nnx.Dict({m: LatentStats(jnp.ones((d,))) for m in names})
     self.dropout = cfg.dropout
 
   # ---- pieces of the forward pass ------------------------------------------------------
@@ -371,12 +372,21 @@ class MUST:
       z = jnp.asarray(feats[f"z_{short}"])
       model.latent_mean[modality][...] = jnp.mean(z, 0)
       model.latent_std[modality][...] = jnp.std(z, 0) + 1e-3
+      model.cond_std[modality][...] = jnp.std(jnp.asarray(feats[f"cond_{short}"]), 0) + 1e-3
 
     def loss(model, batch, key):
       mean = model.latent_mean[modality][...]
       std = model.latent_std[modality][...]
       z0 = (batch[f"z_{short}"] - mean) / std
-      cond = model.condition(modality, batch[f"cond_{short}"], use_cls)
+      c = batch[f"cond_{short}"]
+      if self.cfg.ldm.get("cond_noise", 0.0) > 0:
+        # Noise-conditioning augmentation (Ho et al. 2021, cascaded diffusion): with a few
+        # hundred training pairs the denoiser otherwise memorises condition -> latent and
+        # retrieves a training latent for an unseen condition.
+        key, k_c = jax.random.split(key)
+        c = c + self.cfg.ldm.cond_noise * model.cond_std[modality][...] * jax.random.normal(
+            k_c, c.shape)
+      cond = model.condition(modality, c, use_cls)
       val = denoising_loss(model.denoisers[modality], z0, cond, key, self._schedule())
       return val, {}
 
@@ -420,7 +430,8 @@ class MUST:
     cond = model.condition(modality, c_tilde, ldm.condition == "c_cls")
     denoiser = model.denoisers[modality]
     mean, _ = ddim.ddim_sample(denoiser, cond, key, self._schedule(), num_steps=ldm.ddim_steps,
-                               eta=ldm.eta, num_samples=ldm.num_samples)
+                               eta=ldm.eta, num_samples=ldm.num_samples,
+                               clip_x0=ldm.get("clip_x0") or None)
     return mean * model.latent_std[modality][...] + model.latent_mean[modality][...]
 
   def predict(self, model, batch, present, key):

@@ -13,14 +13,27 @@ its G slot. Both are encoded like MUST's genomics (one SNN per group, class toke
 self-attention); the decomposition, losses, stages and diffusion are MUST's.
 
 Differences from configs/must.py, for a cohort of 198 patients with 51 events: model width
-D = 64, rank r = 16, 4 heads, a 2-layer denoiser, batch 16. Stages and learning rates are
-the paper's (30 + 30 epochs).
+D = 64, rank r = 16, 4 heads, a 2-layer denoiser trained 1000 steps at the paper's lr
+1e-4 without x0 clipping, batch 16. Stages and learning rates are the paper's (30 + 30
+epochs).
 
 Reference rows: `survjax.evaluate.reference` fits sksurv's CoxPHSurvivalAnalysis (ridge
 alpha = 1) and RandomSurvivalForest (100 trees) on the same features (genes + clinical,
 standardised on each training fold) and the same folds.
 
-Expected result: see the end of this docstring (from a real run of the command above).
+Expected result (5 folds, a run of the command above on a shared 2-core CPU, 831 s of
+training): C-index mean +- std over folds
+
+  MUST full                          0.600 +- 0.061
+  missing_genes    LDM / zeros / mean    0.615 / 0.554 / 0.601
+  missing_clinical LDM / zeros / mean    0.500 / 0.539 / 0.500
+  CoxPH (sksurv, ridge alpha 1)      0.655 +- 0.080
+  RSF (sksurv, 100 trees)            0.704 +- 0.056
+
+On 198 patients the classical models beat MUST: a 64-d transformer with a decomposition
+and two diffusion models has far more parameters than 51 events can pin down; the
+reference rows are there to say so. Decomposition diagnostics: cos(c_P<-G, c_G<-P) 0.98,
+cos(u_P, u_G) -0.09, cos(g, u + c) 0.998 / 0.998 (P = clinical, G = genes).
 """
 
 import ml_collections
@@ -38,6 +51,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.stage1.epochs, m.stage2.epochs = 30, 30   # the paper's (cheap on token encoders)
   m.ldm.num_layers, m.ldm.num_heads = 2, 4
   m.ldm.steps, m.ldm.steps_per_epoch, m.ldm.batch_size = 1000, 500, 32
+  m.ldm.lr, m.ldm.clip_x0 = 1e-4, 0.0   # the paper's LDM lr; no clipping (the run below)
   c.train.batch_size = 16
   c.train.max_instances = 0
   c.eval.latency = True

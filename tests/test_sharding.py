@@ -47,10 +47,18 @@ def test_training_on_8_devices_matches_one_device(cohort, batch_size):
   t1, m1 = _train(cohort, 1, 16)
   t8, m8 = _train(cohort, 8, batch_size)
   assert t8.spec.batch_size == 16
-  leaves1 = jax.tree.leaves(nnx.to_pure_dict(nnx.state(m1)))
-  leaves8 = jax.tree.leaves(nnx.to_pure_dict(nnx.state(m8)))
-  for a, b in zip(leaves1, leaves8):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m1))))
+  flat8 = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m8))))
+  assert flat1.keys() == flat8.keys()
+  # The head's bias shifts every risk equally, which the Cox partial likelihood ignores:
+  # its true gradient is 0, so Adam turns float rounding (~1e-8, different for a sharded
+  # reduction) into full-size steps. It is the one parameter the loss does not identify.
+  unidentified = [k for k in flat1 if jax.tree_util.keystr(k) == "['head']['bias']"]
+  assert len(unidentified) == 1
+  for k in flat1:
+    if k not in unidentified:
+      np.testing.assert_allclose(np.asarray(flat1[k]), np.asarray(flat8[k]), rtol=2e-5,
+                                 atol=2e-6, err_msg=jax.tree_util.keystr(k))
   # Parameters are replicated and batches split over the 8 devices.
   leaf = jax.tree.leaves(nnx.state(m8))[0]
   assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8

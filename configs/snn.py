@@ -8,7 +8,10 @@ Variant :smoke: 120 patients, 3 folds, 3 epochs (seconds). Discrete-time NLL wit
 4 bins, AdamW lr 2e-4, weight decay 1e-5, 20 epochs, batch 32 (MCAT/SurvPath defaults,
 which the MUST paper uses for its baselines).
 
-Expected result: EXPECTED_RESULT
+Expected result (5 folds on the default synthetic cohort, a run of the command above,
+27 s of training on a shared 2-core CPU): C-index 0.716 +- 0.031. The oracle of the
+whole cohort is 0.795; given genomics alone it is 0.767 (the ``missing_pathology``
+oracle of configs/must.py), the ceiling for this model.
 """
 
 import ml_collections

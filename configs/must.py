@@ -41,7 +41,8 @@ Decomposition diagnostics (held-out patients, Sec. 4.4): cos(c_P<-G, c_G<-P) 0.9
 cos(u_P, u_G) -0.01, cos(g_P, u_P + c_G<-P) 0.93, cos(g_G, u_G + c_P<-G) 0.996,
 cos(g_P, g_G) 0.08 -- the paper's picture (shared parts aligned, specific parts
 orthogonal). Not the paper's picture: the full C-index is 0.10 below the oracle and below
-both unimodal baselines (SNN on genomics 0.716, TransMIL on pathology 0.712); the generated component beats zeros only
+the unimodal baselines (SNN on genomics 0.716, TransMIL 0.712 and ABMIL 0.730 on
+pathology); the generated component beats zeros only
 for missing genomics, by less than the fold spread. In this cohort the specific factors
 are independent of the other modality by construction, so E[u | c] is nearly constant
 and a 5-sample DDIM average can at best match the training mean (measured on fold 0:

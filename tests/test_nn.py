@@ -252,6 +252,70 @@ def test_nystrom_never_forms_an_n_by_n_product():
   assert not [s for s in all_shapes if list(s).count(n) >= 2]
 
 
+def _max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_nystrom_chunked_path_equals_unchunked_with_gradients():
+  """The chunked path (forced at N = 20) equals the unchunked one, gradients included
+  (in the parameters and x): padding at the end, interleaved, none, and an empty row;
+  chunks of 3 (not dividing N) and 5 tokens; the fused ``pre``/``skip``; no mask and no
+  value convolution."""
+  n, dim = 20, 16
+  x = _normal(1, (4, n, dim))
+  mask = np.ones((4, n), bool)
+  mask[0, 13:] = False
+  mask[1, ::3] = False
+  mask[3] = False
+  ln = nnx.LayerNorm(dim, rngs=nnx.Rngs(1))
+  layers = [NystromAttention(dim, 2, 4, residual_conv_kernel=5, rngs=nnx.Rngs(0),
+                             chunk_threshold=t, chunk_size=c) for t, c in ((None, 1), (0, 3),
+                                                                          (0, 5))]
+  no_conv = [NystromAttention(dim, 2, 4, residual=False, rngs=nnx.Rngs(0), chunk_threshold=t,
+                              chunk_size=3) for t in (None, 0)]
+
+  def loss(layer, x):  # the gradient comes with the forward (has_aux)
+    out = layer(x, mask, pre=ln, skip=x)
+    return jnp.sum(jnp.sin(out)), out
+
+  @jax.jit
+  def run(layers, no_conv, x):
+    grads = [jax.grad(loss, argnums=(0, 1), has_aux=True)(l, x) for l in layers[:2]]
+    return grads, [l(x, mask) for l in layers[::2]], [l(x) for l in no_conv]
+
+  (g_ref, g_chunked), outs, outs_no_conv = run(layers, no_conv, x)
+  assert layers[0].chunk_threshold > n and layers[1].chunk_threshold == 0
+  assert _max_abs_diff(g_ref[1], g_chunked[1]) < 1e-5
+  assert _max_abs_diff(g_ref[0], g_chunked[0]) < 1e-4
+  assert _max_abs_diff(*outs) < 1e-5 and _max_abs_diff(*outs_no_conv) < 1e-5
+  np.testing.assert_array_equal(outs[1][~mask], 0.0)
+
+
+def test_nystrom_chunked_path_never_forms_n_by_m_or_qkv():
+  """At N = 37 > chunk 8, no array has the sequence length next to the landmarks or the
+  q/k/v width: the only N-long arrays are the input, the output, masks and indices."""
+  n, dim, m = 37, 16, 5
+  layer = NystromAttention(dim, 2, m, dim_head=6, residual_conv_kernel=5, rngs=nnx.Rngs(0),
+                           chunk_threshold=0, chunk_size=8)
+  graphdef, state = nnx.split(layer)
+  jaxpr = jax.make_jaxpr(lambda s, x, mk: nnx.merge(graphdef, s)(x, mk))(
+      state, jnp.zeros((1, n, dim)), jnp.ones((1, n), bool))
+
+  def shapes(jx):
+    for eqn in jx.eqns:
+      for var in eqn.outvars:
+        yield getattr(var.aval, "shape", ())
+      for p in eqn.params.values():
+        for sub in p if isinstance(p, (tuple, list)) else (p,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            yield from shapes(sub)
+
+  long = [s for s in shapes(jaxpr.jaxpr) if n in s]
+  assert long and all(set(s) <= {1, n, dim} for s in long), sorted(set(long))
+
+
 # ---- TransMIL -----------------------------------------------------------------------------
 
 
@@ -406,6 +470,81 @@ def test_transmil_padding_and_padding_position_invariance():
   np.testing.assert_allclose(t2[0, :10], t1[0, :10], atol=1e-5)
   np.testing.assert_allclose(t2[1, pos], t1[0, :10], atol=1e-5)
   assert np.abs(c2[2] - c1[0]).max() > 1e-3
+
+
+def _chunked_transmil_case():
+  """A batch of padded, interleaved and empty bags, float16-exact, and the small TransMIL
+  unchunked and chunked (forced at small N, chunks of 5 tokens: dividing neither the
+  38 tokens nor the 36 grid slots), same parameters."""
+  x = _normal(1, (3, 30, 12)).astype(np.float16)
+  mask = np.ones((3, 30), bool)
+  mask[0, 20:] = False
+  mask[1, 1::4] = False
+  mask[2] = False
+  models = [TransMIL(12, dim=16, num_heads=2, num_landmarks=4, num_class_tokens=2,
+                     pinv_iterations=2, chunk_threshold=t, chunk_size=5, rngs=nnx.Rngs(0))
+            for t in (None, 0)]
+  assert models[0].chunk_threshold > 38 and models[1].chunk_threshold == 0
+  return x, mask, models
+
+
+def test_transmil_chunked_path_equals_unchunked():
+  """Chunked embedding, attention and in-place PPEG give the unchunked outputs: class
+  and token outputs, and class outputs alone (second layer on the class rows only) from
+  the float16 bag."""
+  x, mask, models = _chunked_transmil_case()
+
+  @jax.jit
+  def run(models):
+    return [m(x.astype(np.float32), mask, return_tokens=True) for m in models], models[1](x, mask)
+
+  (out_ref, out), cls16 = run(models)
+  assert _max_abs_diff(out_ref, out) < 1e-4 and _max_abs_diff(out_ref[0], cls16) < 1e-4
+  assert np.all(np.isfinite(np.asarray(out[0])))
+  np.testing.assert_array_equal(np.asarray(out[1])[~mask], 0.0)
+
+
+@pytest.mark.slow
+def test_transmil_chunked_path_gradients_equal_unchunked():
+  """Parameter gradients through the whole chunked TransMIL equal the unchunked ones
+  (compiling both gradients takes ~10-25 s on 2 shared cores, hence `slow`)."""
+  x, mask, models = _chunked_transmil_case()
+
+  def loss(model):
+    cls, tokens = model(x.astype(np.float32), mask, return_tokens=True)
+    return jnp.sum(jnp.sin(cls)) + jnp.sum(jnp.sin(tokens))
+
+  g_ref, g = jax.jit(lambda models: [jax.grad(loss)(m) for m in models])(models)
+  assert _max_abs_diff(nnx.state(g_ref), nnx.state(g)) < 1e-4
+
+
+def test_ppeg_in_place_on_the_sequence_equals_ppeg_with_gradients():
+  """`ppeg_sequence` (the grid after 2 class tokens; sides 5 and 4; one chunk, and chunks
+  of 7 slots, the last one overlapping) equals concat(cls, PPEG(grid)); so does its VJP."""
+  from survjax.nn import transmil as transmil_lib
+  dim = 6
+  ppeg = PPEG(dim, rngs=nnx.Rngs(0))
+  seq, g = _normal(1, (2, 27, dim)), _normal(2, (2, 27, dim))
+  sides = jnp.array([5, 4])
+
+  def ref(seq, w, b):
+    valid = (jnp.arange(25) < sides[:, None] ** 2)[..., None]
+    grid = seq[:, 2:] + transmil_lib.grid_conv7(seq[:, 2:], w, sides) + b
+    return jnp.concatenate([seq[:, :2], jnp.where(valid, grid, 0.0)], axis=1)
+
+  @jax.jit
+  def run(ppeg):
+    w, b = ppeg.combined()
+    out_ref, vjp_ref = jax.vjp(ref, seq, w, b)
+    out, vjp = jax.vjp(lambda s, w, b: transmil_lib.ppeg_sequence(s, w, b, sides, 2), seq, w, b)
+    chunked = jax.vmap(lambda s, h: transmil_lib._ppeg_seq_one(s, w, b, h, 2, 7))(seq, sides)
+    return out_ref, out, chunked, ppeg(seq, sides, offset=2), vjp_ref(g), vjp(g)
+
+  out_ref, out, chunked, out_module, g_ref, g_ours = run(ppeg)
+  np.testing.assert_allclose(out, out_ref, atol=1e-6)
+  np.testing.assert_array_equal(out_module, out)
+  np.testing.assert_allclose(chunked, out_ref, atol=1e-6)
+  assert _max_abs_diff(g_ref, g_ours) < 1e-5
 
 
 def test_transmil_functional_empty_bag_finite_and_dropout_key():

@@ -31,10 +31,17 @@ What differs from the reference, on purpose:
   order (see `survjax.nn.attention.NystromAttention`).
 * Several learnable class tokens (``num_class_tokens``; MUST needs more than one), each
   initialised ``N(0, 1)`` as the official single token.
+* Long bags in bounded memory. Past ``chunk_threshold`` tokens (65536 in the paper
+  setting) the embedding, both attention layers (`NystromAttention`'s chunked path, with
+  the pre-LayerNorm and the residual fused in) and PPEG (`ppeg_sequence`, in place) hold
+  no full-size array but the token sequence and one padded copy: a 200k-patch forward
+  (float32 bag of 0.8 GB) peaks at ~2.2 GB of host memory instead of ~9.5 GB. Without
+  ``return_tokens`` the second layer computes the class-token rows only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,7 +51,8 @@ from flax import nnx
 from survjax.nn.attention import NystromAttention, compact_index, valid_rank
 from survjax.nn.core import LN_EPS, split_key, torch_uniform_init
 
-__all__ = ["PPEG", "TransLayer", "TransMIL", "ceil_sqrt", "grid_conv7", "square_layout"]
+__all__ = ["PPEG", "TransLayer", "TransMIL", "ceil_sqrt", "grid_conv7", "ppeg_sequence",
+           "square_layout"]
 
 
 def ceil_sqrt(n: jax.Array) -> jax.Array:
@@ -106,34 +114,41 @@ def _grid_padding(s: int, chunk: int) -> tuple[int, int, int]:
   return num_chunks, num_chunks * chunk - s, 3 * hmax + 3
 
 
-def _conv7_one(x: jax.Array, w: jax.Array, side: jax.Array, chunk: int = 512) -> jax.Array:
-  """`grid_conv7` of one grid ``x [S, D]``, chunk by chunk.
+def _conv7_rows(xp: jax.Array, w: jax.Array, side: jax.Array, j0: jax.Array, chunk: int,
+                pad: int) -> tuple[jax.Array, jax.Array]:
+  """`grid_conv7` at slots ``j0 .. j0 + chunk - 1`` of one grid, read from ``xp`` (the grid
+  with ``pad >= 3 H + 3`` zero rows before it), and the slots' validity ``j < H^2``.
 
-  For each chunk of slots and each kernel row ``dy`` (a `fori_loop`), one dynamic slice
-  of the zero-padded input at offset ``dy H - 3`` covers the 7 column shifts, which are
-  then static slices: this keeps the work in cache, vectorises, and compiles small.
+  For each kernel row ``dy`` (a `fori_loop`), one dynamic slice of ``xp`` at offset
+  ``dy H - 3`` covers the 7 column shifts, which are then static slices: this keeps the
+  work in cache, vectorises, and compiles small.
   """
+  r, c, valid = _chunk_geometry(j0, chunk, side)
+
+  def row_body(a, y):
+    dy = a - 3
+    window = jax.lax.dynamic_slice_in_dim(xp, pad + j0 + dy * side - 3, chunk + 6, axis=0)
+    w_row = jax.lax.dynamic_index_in_dim(w, a, axis=0, keepdims=False)
+    row_ok = valid & (r + dy >= 0) & (r + dy < side)
+    for dx in range(-3, 4):
+      ok = row_ok & (c + dx >= 0) & (c + dx < side)
+      y = y + jnp.where(ok[:, None], window[3 + dx:3 + dx + chunk], 0.0) * w_row[dx + 3]
+    return y
+
+  y = jax.lax.fori_loop(0, 7, row_body, jnp.zeros((chunk, xp.shape[1]), xp.dtype))
+  return y, valid
+
+
+def _conv7_one(x: jax.Array, w: jax.Array, side: jax.Array, chunk: int = 512) -> jax.Array:
+  """`grid_conv7` of one grid ``x [S, D]``, chunk by chunk (`_conv7_rows`)."""
   s, d = x.shape
   chunk = max(1, min(chunk, s))  # small grids: one chunk, no padding to a full one
   num_chunks, extra, pad = _grid_padding(s, chunk)
   xp = jnp.pad(x, ((pad, pad + extra), (0, 0)))
 
   def chunk_body(i, out):
-    j0 = i * chunk
-    r, c, valid = _chunk_geometry(j0, chunk, side)
-
-    def row_body(a, y):
-      dy = a - 3
-      window = jax.lax.dynamic_slice_in_dim(xp, pad + j0 + dy * side - 3, chunk + 6, axis=0)
-      w_row = jax.lax.dynamic_index_in_dim(w, a, axis=0, keepdims=False)
-      row_ok = valid & (r + dy >= 0) & (r + dy < side)
-      for dx in range(-3, 4):
-        ok = row_ok & (c + dx >= 0) & (c + dx < side)
-        y = y + jnp.where(ok[:, None], window[3 + dx:3 + dx + chunk], 0.0) * w_row[dx + 3]
-      return y
-
-    y = jax.lax.fori_loop(0, 7, row_body, jnp.zeros((chunk, d), x.dtype))
-    return jax.lax.dynamic_update_slice_in_dim(out, y, j0, axis=0)
+    y, _ = _conv7_rows(xp, w, side, i * chunk, chunk, pad)
+    return jax.lax.dynamic_update_slice_in_dim(out, y, i * chunk, axis=0)
 
   out = jax.lax.fori_loop(0, num_chunks, chunk_body, jnp.zeros((s + extra, d), x.dtype))
   return out[:s]
@@ -212,6 +227,73 @@ def _grid_conv7_bwd(res, g):
 grid_conv7.defvjp(_grid_conv7_fwd, _grid_conv7_bwd)
 
 
+def _ppeg_seq_one(seq: jax.Array, w: jax.Array, b: jax.Array, side: jax.Array, offset: int,
+                  chunk: int = 512) -> jax.Array:
+  """`ppeg_sequence` of one sequence ``[offset + S, D]``.
+
+  The chunks' results go into ``seq``'s own rows (the loop reads only the padded copy
+  ``xp``, so XLA updates ``seq`` in place when nothing else needs it). The last chunk is
+  shifted back to end at ``S``; its overlap is computed twice, the same both times.
+  """
+  s = seq.shape[0] - offset
+  chunk = max(1, min(chunk, s))
+  num_chunks, _, pad = _grid_padding(s, chunk)
+  xp = jnp.pad(seq[offset:], ((pad, pad), (0, 0)))
+
+  def chunk_body(i, out):
+    j0 = jnp.minimum(i * chunk, s - chunk)
+    y, valid = _conv7_rows(xp, w, side, j0, chunk, pad)
+    x = jax.lax.dynamic_slice_in_dim(xp, pad + j0, chunk, axis=0)
+    y = jnp.where(valid[:, None], x + y + b, 0.0)
+    return jax.lax.dynamic_update_slice_in_dim(out, y, offset + j0, axis=0)
+
+  return jax.lax.fori_loop(0, num_chunks, chunk_body, seq)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def ppeg_sequence(seq: jax.Array, w: jax.Array, b: jax.Array, side: jax.Array,
+                  offset: int) -> jax.Array:
+  """PPEG's ``x + W * x + b`` (masked) on the grid part of a token sequence, in place.
+
+      out[:, :offset] = seq[:, :offset]
+      out[:, offset + j] = 1[j < H^2] (x[j] + grid_conv7(x, W, H)[j] + b),  x = seq[:, offset:]
+
+  The same as ``concat(seq[:, :offset], PPEG(seq[:, offset:]))`` without the separate
+  grid copy, convolution output and concatenation (each ``[B, S, D]``): only the
+  zero-padded grid that the shifts read is allocated besides the result. The VJP is
+  that of `grid_conv7` plus the identity and bias terms.
+
+  Args:
+    seq: ``[B, offset + S, D]``.
+    w: ``[7, 7, D]`` kernel (`PPEG.combined`).
+    b: ``[D]`` bias.
+    side: int32 ``[B]``, ``H`` per sample, ``H^2 <= S``.
+    offset: rows before the grid (class tokens), passed through.
+
+  Returns:
+    ``[B, offset + S, D]``.
+  """
+  return jax.vmap(_ppeg_seq_one, (0, None, None, 0, None))(seq, w, b, side, offset)
+
+
+def _ppeg_sequence_fwd(seq, w, b, side, offset):
+  return ppeg_sequence(seq, w, b, side, offset), (seq, w, side)
+
+
+def _ppeg_sequence_bwd(offset, res, g):
+  seq, w, side = res
+  s = seq.shape[1] - offset
+  valid = jnp.arange(s)[None, :] < (side * side)[:, None]
+  g_grid = jnp.where(valid[..., None], g[:, offset:], 0.0)
+  gx = g_grid + jax.vmap(_conv7_one, (0, None, 0))(g_grid, w[::-1, ::-1], side)
+  gw = jnp.sum(jax.vmap(_conv7_weight_grad_one)(g_grid, seq[:, offset:], side), axis=0)
+  return (jnp.concatenate([g[:, :offset], gx], axis=1), gw, jnp.sum(g_grid, axis=(0, 1)),
+          None)
+
+
+ppeg_sequence.defvjp(_ppeg_sequence_fwd, _ppeg_sequence_bwd)
+
+
 class PPEG(nnx.Module):
   """Pyramid position encoding generator of TransMIL on a flat ``H x H`` token grid.
 
@@ -248,19 +330,23 @@ class PPEG(nnx.Module):
     b = self.proj_bias[...] + self.proj1_bias[...] + self.proj2_bias[...]
     return w, b
 
-  def __call__(self, x: jax.Array, side: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, side: jax.Array | None = None, *,
+               offset: int = 0) -> jax.Array:
     """Applies PPEG to grid tokens (class tokens excluded).
 
     Args:
-      x: ``[B, S, D]``, slot ``j = r H + c`` holding grid cell ``(r, c)``; slots
-        ``j >= H^2`` are ignored.
+      x: ``[B, offset + S, D]``, row ``offset + j`` holding grid cell ``(r, c)`` for slot
+        ``j = r H + c``; slots ``j >= H^2`` are ignored.
       side: int ``[B]`` grid side ``H`` per sample (``H^2 <= S``); None means the static
         ``H = sqrt(S)`` (``S`` must then be a perfect square).
+      offset: leading rows (class tokens) returned unchanged. With ``offset > 0`` the
+        result is computed in place (`ppeg_sequence`), which saves three ``[B, S, D]``
+        arrays on long bags.
 
     Returns:
-      ``[B, S, D]``, zero in slots ``j >= H^2``.
+      ``[B, offset + S, D]``, zero in slots ``j >= H^2``.
     """
-    b, s, _ = x.shape
+    b, s = x.shape[0], x.shape[1] - offset
     if side is None:
       h = math.isqrt(s)
       if h * h != s:
@@ -268,23 +354,31 @@ class PPEG(nnx.Module):
       side = jnp.full((b,), h, jnp.int32)
     side = jnp.asarray(side, jnp.int32)
     w, bias = self.combined()
+    if offset:
+      return ppeg_sequence(x, w, bias, side, offset)
     valid = jnp.arange(s)[None, :] < (side * side)[:, None]
     y = x + grid_conv7(x, w, side) + bias
     return jnp.where(valid[..., None], y, 0.0)
 
 
 class TransLayer(nnx.Module):
-  """TransMIL's ``TransLayer``: ``x + NystromAttention(LN(x))`` (masked)."""
+  """TransMIL's ``TransLayer``: ``x + NystromAttention(LN(x))`` (masked).
+
+  ``chunk_threshold`` and ``chunk_size`` go to `NystromAttention` (its chunked path for
+  long sequences); ``out_rows`` at call time keeps the first ``out_rows`` rows only.
+  """
 
   def __init__(self, dim: int, num_heads: int, num_landmarks: int, *, rngs: nnx.Rngs,
-               pinv_iterations: int = 6, dropout: float = 0.1):
+               pinv_iterations: int = 6, dropout: float = 0.1,
+               chunk_threshold: int | None = None, chunk_size: int = 2048):
     self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
     self.attn = NystromAttention(dim, num_heads, num_landmarks, pinv_iterations,
-                                 rngs=rngs, dropout=dropout)
+                                 rngs=rngs, dropout=dropout, chunk_threshold=chunk_threshold,
+                                 chunk_size=chunk_size)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               key: jax.Array | None = None) -> jax.Array:
-    return x + self.attn(self.norm(x), mask, key=key)
+               key: jax.Array | None = None, *, out_rows: int | None = None) -> jax.Array:
+    return self.attn(x, mask, key=key, out_rows=out_rows, pre=self.norm, skip=x)
 
 
 class TransMIL(nnx.Module):
@@ -299,7 +393,8 @@ class TransMIL(nnx.Module):
 
   def __init__(self, in_dim: int, dim: int = 512, num_heads: int = 8,
                num_landmarks: int | None = None, *, num_class_tokens: int = 1,
-               dropout: float = 0.1, pinv_iterations: int = 6, rngs: nnx.Rngs):
+               dropout: float = 0.1, pinv_iterations: int = 6,
+               chunk_threshold: int | None = None, chunk_size: int = 2048, rngs: nnx.Rngs):
     """Builds the encoder.
 
     Args:
@@ -310,23 +405,39 @@ class TransMIL(nnx.Module):
       num_class_tokens: learnable class tokens prepended to the bag.
       dropout: dropout on the Nystrom output projections (0.1; only with a call ``key``).
       pinv_iterations: Nystrom pseudo-inverse iterations (6).
+      chunk_threshold: token sequences longer than this (static length) are embedded and
+        attended chunk by chunk, without the full-size intermediates (see `__call__`);
+        None for `NystromAttention`'s default (65536 tokens in the paper setting).
+      chunk_size: tokens per chunk there.
       rngs: parameter initialisation keys.
     """
     if num_landmarks is None:
       num_landmarks = dim // 2
     self.num_class_tokens = num_class_tokens
+    self.chunk_size = chunk_size
     self.fc = nnx.Linear(in_dim, dim, rngs=rngs)
     self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, num_class_tokens, dim)))
+    chunking = dict(chunk_threshold=chunk_threshold, chunk_size=chunk_size)
     self.layer1 = TransLayer(dim, num_heads, num_landmarks, rngs=rngs,
-                             pinv_iterations=pinv_iterations, dropout=dropout)
+                             pinv_iterations=pinv_iterations, dropout=dropout, **chunking)
     self.pos_layer = PPEG(dim, rngs=rngs)
     self.layer2 = TransLayer(dim, num_heads, num_landmarks, rngs=rngs,
-                             pinv_iterations=pinv_iterations, dropout=dropout)
+                             pinv_iterations=pinv_iterations, dropout=dropout, **chunking)
     self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+    self.chunk_threshold = self.layer1.attn.chunk_threshold
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                key: jax.Array | None = None, return_tokens: bool = False):
     """Encodes a padded bag.
+
+    Sequences of more than ``chunk_threshold`` tokens (class tokens plus the grid's
+    capacity ``S``) are embedded chunk by chunk: each chunk of grid slots gathers its rows
+    of ``x``, casts them (float16 bags stay float16 until then), and applies ``fc`` into
+    the token sequence, so neither ``fc(x)`` nor a float32 copy of ``x`` is held next to
+    the grid; the attention layers run chunked and PPEG in place. Without
+    ``return_tokens`` the second layer computes the class-token rows only (every token is
+    still attended to), and the final LayerNorm, a per-token map, is applied to the rows
+    returned only.
 
     Args:
       x: patch features ``[B, N, in_dim]``.
@@ -341,21 +452,51 @@ class TransMIL(nnx.Module):
     k = self.num_class_tokens
     if mask is None:
       mask = jnp.ones((b, n), bool)
-    h = jax.nn.relu(self.fc(x))
     src, valid, side = square_layout(mask)
-    grid = jnp.take_along_axis(h, src[..., None], axis=1)
-    grid = jnp.where(valid[..., None], grid, 0.0)
-    cls = jnp.broadcast_to(self.cls_token[...], (b, k, h.shape[-1]))
-    seq = jnp.concatenate([cls, grid], axis=1)
+    cls = jnp.broadcast_to(self.cls_token[...], (b, k, self.cls_token.shape[-1]))
+    chunked = k + src.shape[1] > self.chunk_threshold
+    if chunked:
+      seq = self._embed_chunked(x, src, valid, cls)
+    else:
+      h = jax.nn.relu(self.fc(x))
+      grid = jnp.take_along_axis(h, src[..., None], axis=1)
+      grid = jnp.where(valid[..., None], grid, 0.0)
+      seq = jnp.concatenate([cls, grid], axis=1)
     seq_mask = jnp.concatenate([jnp.ones((b, k), bool), valid], axis=1)
     k1, k2 = split_key(key, 2)
     seq = self.layer1(seq, seq_mask, key=k1)
-    seq = jnp.concatenate([seq[:, :k], self.pos_layer(seq[:, k:], side)], axis=1)
-    seq = self.layer2(seq, seq_mask, key=k2)
-    seq = self.norm(seq)
-    cls_out = seq[:, :k]
+    if chunked:
+      seq = self.pos_layer(seq, side, offset=k)
+    else:
+      seq = jnp.concatenate([seq[:, :k], self.pos_layer(seq[:, k:], side)], axis=1)
+    seq = self.layer2(seq, seq_mask, key=k2, out_rows=None if return_tokens else k)
+    cls_out = self.norm(seq[:, :k])
     if not return_tokens:
       return cls_out
     rank = jnp.maximum(valid_rank(mask), 0)
-    tokens = jnp.take_along_axis(seq[:, k:], rank[..., None], axis=1)
+    tokens = self.norm(jnp.take_along_axis(seq[:, k:], rank[..., None], axis=1))
     return cls_out, jnp.where(mask[..., None], tokens, 0.0)
+
+  def _embed_chunked(self, x: jax.Array, src: jax.Array, valid: jax.Array,
+                     cls: jax.Array) -> jax.Array:
+    """``concat(cls, where(valid, ReLU(fc(x))[src], 0))`` ``[B, k + S, dim]``, one
+    `jax.lax.scan` step per ``chunk_size`` grid slots (the last one shifted back to end
+    at ``S``; its overlap is written twice with the same values)."""
+    b, s = src.shape
+    k = cls.shape[1]
+    c = min(self.chunk_size, s)
+    dtype = jnp.result_type(jnp.float32, self.fc.kernel.dtype)
+
+    def body(seq, i):
+      start = jnp.minimum(i * c, s - c)
+      rows = jax.lax.dynamic_slice_in_dim(src, start, c, axis=1)
+      ok = jax.lax.dynamic_slice_in_dim(valid, start, c, axis=1)
+      xc = jnp.take_along_axis(x, rows[..., None], axis=1).astype(dtype)
+      hc = jnp.where(ok[..., None], jax.nn.relu(self.fc(xc)), 0.0)
+      return jax.lax.dynamic_update_slice_in_dim(seq, hc.astype(seq.dtype), k + start,
+                                                 axis=1), None
+
+    seq = jnp.zeros((b, k + s, cls.shape[-1]), jnp.result_type(dtype, cls.dtype))
+    seq = jax.lax.dynamic_update_slice_in_dim(seq, cls.astype(seq.dtype), 0, axis=1)
+    seq, _ = jax.lax.scan(jax.checkpoint(body), seq, jnp.arange(-(-s // c)))
+    return seq

@@ -52,6 +52,7 @@ def device_info() -> dict[str, Any]:
       "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
       "jax_version": jax.__version__,
       "python": platform.python_version(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 

@@ -10,12 +10,15 @@ What is measured (MUST suppl. 7.2: 4-layer transformer on 256-d latents, 50 DDIM
   ``lax.scan`` over the steps, 5 samples batched): compile time apart, then p50/p90 over
   repeats taken in two sessions, before the sweep and after the torch run (the machine
   is shared; pooling both keeps the JAX/torch ratio honest under drifting load).
+* ``jax.batch1_unroll_variants`` (``--unroll-variants``): batch 1 again with the scan
+  unrolled (several steps per loop iteration), which matters on a GPU.
 * ``jax.batch1_python_loop``: for contrast, a Python loop over the 50 steps around a
   jitted denoiser step (what the one-scan design avoids).
 * ``jax.sweep``: patients per second over batch sizes 1 .. 4096 (``--quick`` stops at 16;
   sizes whose estimated time exceeds the ``--max-seconds`` budget are skipped and listed),
   and the achieved GFLOP/s against the measured float32 matmul rate of the machine
-  (1024^3 matmuls, measured at the start and at the end; the higher is the reference).
+  (1024^3 matmuls on CPU, 8192^3 on a GPU, at the backend's default float32 precision,
+  measured at the start and at the end; the higher is the reference).
   Batches above 1280 rows (256 patients) are evaluated in chunks (`make_sampler`'s
   ``chunk_rows="auto"`` on CPU).
 * ``torch``: the same denoiser and sampler in eager PyTorch
@@ -112,7 +115,7 @@ def export_torch_params(model: ConditionalDenoiser) -> dict[str, np.ndarray]:
 
 def _python_loop_sampler(graphdef, schedule, num_steps, num_samples):
   """Python loop over the steps around one jitted DDIM step (for contrast only)."""
-  tau, r, c, _, _ = _step_table(schedule, num_steps, 0.0)
+  tau, r, c = _step_table(schedule, num_steps, 0.0)[:3]
   tau, r, c = np.asarray(tau), np.asarray(r), np.asarray(c)
 
   @jax.jit
@@ -132,11 +135,16 @@ def _python_loop_sampler(graphdef, schedule, num_steps, num_samples):
 
 
 def _run_torch(params: dict, args, threads: int) -> tuple[dict | None, str | None]:
-  """Runs torch_reference in-process, or in ``--torch-python``; (result, reason)."""
-  sweep = [b for b in (QUICK_SWEEP[:2] if args.quick else (1, 4, 16, 64))]
+  """Runs torch_reference in-process, or in ``--torch-python``; (result, reason).
+
+  On a GPU backend torch runs on CUDA too, over the same sweep as JAX (its eager loop is
+  launch-bound there, not compute-bound, so large batches are cheap).
+  """
+  gpu = jax.default_backend() == "gpu"
+  sweep = list(QUICK_SWEEP[:2] if args.quick else (FULL_SWEEP if gpu else (1, 4, 16, 64)))
   kw = dict(threads=threads, repeats=args.torch_repeats,
             one_at_a_time_repeats=2 if args.quick else 3, batch_sizes=sweep,
-            max_seconds=20.0 if args.quick else 90.0)
+            max_seconds=20.0 if args.quick else 90.0, device="cuda" if gpu else "cpu")
   if importlib.util.find_spec("torch") is not None:
     try:
       from benchmarks import torch_reference
@@ -158,7 +166,7 @@ def _run_torch(params: dict, args, threads: int) -> tuple[dict | None, str | Non
            "--threads", str(threads), "--repeats", str(kw["repeats"]),
            "--one-at-a-time-repeats", str(kw["one_at_a_time_repeats"]),
            "--batch-sizes", ",".join(map(str, sweep)), "--max-seconds",
-           str(kw["max_seconds"])]
+           str(kw["max_seconds"]), "--device", kw["device"]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
   if proc.returncode != 0:
     tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
@@ -170,7 +178,8 @@ def _run_torch(params: dict, args, threads: int) -> tuple[dict | None, str | Non
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="benchmarks/results/sampling_latency.json")
+  p.add_argument("--out", default=None,
+                 help="JSON path (default benchmarks/results/sampling_latency_<platform>.json)")
   p.add_argument("--quick", action="store_true", help="short sweep and fewer repeats")
   p.add_argument("--batch-sizes", default=None, help="comma-separated sweep (patients)")
   p.add_argument("--max-seconds", type=float, default=None,
@@ -179,7 +188,12 @@ def main(argv=None):
   p.add_argument("--torch-repeats", type=int, default=None)
   p.add_argument("--torch-python", default=os.environ.get("SURVJAX_TORCH_PYTHON"))
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--unroll", type=int, default=1,
+                 help="steps per scan iteration of the sampler (50 = fully unrolled)")
+  p.add_argument("--unroll-variants", default="",
+                 help="comma-separated unroll values also timed at batch 1, e.g. 5,10,50")
   args = p.parse_args(argv)
+  args.out = args.out or common.default_out("sampling_latency")
   quick = args.quick
   sweep_sizes = ([int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes
                  else list(QUICK_SWEEP if quick else FULL_SWEEP))
@@ -190,12 +204,14 @@ def main(argv=None):
   t_run = time.perf_counter()
 
   info = common.device_info()
-  print(f"device: {info['device_kind']} ({info['platform']}), {info['cpu_model']}, "
-        f"{threads} threads, load {info['load_average_1min']}", flush=True)
-  matmul_start = common.matmul_gflops(1024, repeats=10 if quick else 20)
+  common.log(f"device: {info['device_kind']} ({info['platform']}), {info['cpu_model']}, "
+             f"{threads} threads, load {info['load_average_1min']}")
+  # A GPU needs a large product to reach its rate (1024^3 is launch-bound there).
+  mm_n = 8192 if info["platform"] == "gpu" else 1024
+  matmul_start = common.matmul_gflops(mm_n, repeats=10 if quick else 20)
   matmul_small = common.matmul_gflops(256, repeats=50, m=15)
-  print(f"float32 matmul: {matmul_start:.0f} GFLOP/s (1024^3), {matmul_small:.0f} GFLOP/s "
-        "([15,256]x[256,256], the batch-1 shape)", flush=True)
+  common.log(f"float32 matmul (default precision): {matmul_start:.0f} GFLOP/s ({mm_n}^3), "
+             f"{matmul_small:.0f} GFLOP/s ([15,256]x[256,256], the batch-1 shape)")
 
   c = CONFIG
   model = ConditionalDenoiser(c["dim"], c["num_layers"], c["num_heads"], c["mlp_ratio"],
@@ -205,8 +221,10 @@ def main(argv=None):
   graphdef, state = nnx.split(model)
   schedule = linear_schedule(c["T"])
   sampler = make_sampler(graphdef, schedule=schedule, num_steps=c["num_steps"],
-                         eta=c["eta"], num_samples=c["num_samples"], chunk_rows="auto")
-  c = {**c, "chunk_rows": AUTO_CPU_CHUNK_ROWS if jax.default_backend() == "cpu" else None}
+                         eta=c["eta"], num_samples=c["num_samples"], chunk_rows="auto",
+                         unroll=args.unroll)
+  c = {**c, "chunk_rows": AUTO_CPU_CHUNK_ROWS if jax.default_backend() == "cpu" else None,
+       "unroll": args.unroll}
   flops = denoiser_flops(c["dim"], c["num_layers"], c["mlp_ratio"], c["num_cond_tokens"])
   per_patient_flops = flops["per_call_per_latent"] * c["num_steps"] * c["num_samples"]
 
@@ -223,9 +241,9 @@ def main(argv=None):
       "method": "analytic: 2*m*n*k per matmul (weights, QK^T, AV); elementwise ops not "
                 "counted. XLA's count (cost_analysis of one denoiser call) includes them."}
   xla_txt = "n/a" if xla_flops is None else f"{xla_flops / m / 1e6:.2f}"
-  print(f"denoiser: {flops['per_call_per_latent'] / 1e6:.2f} MFLOP per latent per call "
-        f"(XLA: {xla_txt}); "
-        f"{per_patient_flops / 1e9:.2f} GFLOP per patient", flush=True)
+  common.log(f"denoiser: {flops['per_call_per_latent'] / 1e6:.2f} MFLOP per latent per call "
+             f"(XLA: {xla_txt}); "
+             f"{per_patient_flops / 1e9:.2f} GFLOP per patient")
 
   def cond_for(b, i=0):
     return jax.random.normal(jax.random.key(1000 + i), (b, c["num_cond_tokens"], c["dim"]))
@@ -238,9 +256,19 @@ def main(argv=None):
                                    make_args=batch1_args)
   batch1 = dict(batch1_first, compile_s=compile_s)
   batch1["gflops_per_s"] = per_patient_flops / (batch1["p50_ms"] * 1e-3) / 1e9
-  print(f"JAX batch 1 (one scan): p50 {batch1['p50_ms']:.1f} ms, p90 "
-        f"{batch1['p90_ms']:.1f} ms, compile {compile_s:.2f} s, "
-        f"{batch1['gflops_per_s']:.0f} GFLOP/s", flush=True)
+  common.log(f"JAX batch 1 (one scan): p50 {batch1['p50_ms']:.1f} ms, p90 "
+             f"{batch1['p90_ms']:.1f} ms, compile {compile_s:.2f} s, "
+             f"{batch1['gflops_per_s']:.0f} GFLOP/s")
+
+  unroll_variants = []
+  for u in (int(x) for x in args.unroll_variants.split(",") if x):
+    s_u = make_sampler(graphdef, schedule=schedule, num_steps=c["num_steps"], eta=c["eta"],
+                       num_samples=c["num_samples"], chunk_rows="auto", unroll=u)
+    comp_u, cs_u = common.compile_timed(s_u, state, cond1, jax.random.key(0))
+    st_u = common.time_calls(comp_u, repeats=repeats, warmup=2, make_args=batch1_args)
+    unroll_variants.append(dict(st_u, unroll=u, compile_s=cs_u))
+    common.log(f"JAX batch 1, unroll {u}: p50 {st_u['p50_ms']:.2f} ms, p90 "
+               f"{st_u['p90_ms']:.2f} ms, compile {cs_u:.2f} s")
 
   loop = _python_loop_sampler(graphdef, schedule, c["num_steps"], c["num_samples"])
   t0 = time.perf_counter()
@@ -250,8 +278,8 @@ def main(argv=None):
       loop, repeats=max(5, repeats // 3), warmup=1,
       make_args=lambda i: (state, cond1, jax.random.key(i)))
   batch1_loop["first_call_s_incl_compile"] = loop_first_s
-  print(f"JAX batch 1 (Python loop around a jitted step): p50 "
-        f"{batch1_loop['p50_ms']:.1f} ms", flush=True)
+  common.log(f"JAX batch 1 (Python loop around a jitted step): p50 "
+             f"{batch1_loop['p50_ms']:.1f} ms")
 
   # -- throughput sweep
   sweep, skipped = [], []
@@ -266,7 +294,7 @@ def main(argv=None):
       skipped.append({"batch": b, "reason": f"estimated {est:.0f} s (at "
                       f"{per_patient_s * 1e3:.1f} ms/patient) would exceed the {budget:.0f} "
                       f"s sweep budget ({elapsed:.0f} s used)"})
-      print(f"  skip batch {b}: {skipped[-1]['reason']}", flush=True)
+      common.log(f"  skip batch {b}: {skipped[-1]['reason']}")
       continue
     cond = cond_for(b)
     comp, cs = common.compile_timed(sampler, state, cond, jax.random.key(0))
@@ -279,10 +307,10 @@ def main(argv=None):
     stats["pct_of_matmul_rate"] = 100 * stats["gflops_per_s"] / matmul_start
     per_patient_s = stats["p50_ms"] * 1e-3 / b
     sweep.append(stats)
-    print(f"  batch {b:5d}: p50 {stats['p50_ms']:9.1f} ms, {stats['patients_per_s']:8.1f} "
-          f"patients/s, {stats['gflops_per_s']:6.0f} GFLOP/s "
-          f"({stats['pct_of_matmul_rate']:.0f}% of the start matmul rate), compile "
-          f"{cs:.2f} s", flush=True)
+    common.log(f"  batch {b:5d}: p50 {stats['p50_ms']:9.1f} ms, {stats['patients_per_s']:8.1f} "
+               f"patients/s, {stats['gflops_per_s']:6.0f} GFLOP/s "
+               f"({stats['pct_of_matmul_rate']:.0f}% of the start matmul rate), compile "
+               f"{cs:.2f} s")
 
 
   # -- torch
@@ -306,9 +334,8 @@ def main(argv=None):
         compile_s=compile_s,
         session_p50_ms=[batch1_first["p50_ms"], batch1_second["p50_ms"]])
     batch1["gflops_per_s"] = per_patient_flops / (batch1["p50_ms"] * 1e-3) / 1e9
-    print(f"JAX batch 1 (one scan), both sessions: p50 {batch1['p50_ms']:.1f} ms "
-          f"(sessions {batch1_first['p50_ms']:.1f}, {batch1_second['p50_ms']:.1f})",
-          flush=True)
+    common.log(f"JAX batch 1 (one scan), both sessions: p50 {batch1['p50_ms']:.1f} ms "
+               f"(sessions {batch1_first['p50_ms']:.1f}, {batch1_second['p50_ms']:.1f})")
     if torch_res is not None:
       _, jax_samples = sampler(state, cond1, jax.random.key(0), jnp.array(z_init))
       check = np.asarray(torch_res.pop("check_samples"), np.float32)
@@ -327,28 +354,28 @@ def main(argv=None):
                                     if s["batch"] == t["batch"]) / t["patients_per_s"]
               for t in torch_res["sweep"] if any(s["batch"] == t["batch"] for s in sweep)},
       }
-      print(f"torch {torch_res['torch_version']} ({torch_res['threads']} threads, "
-            f"{torch_res['mode']}): batch 1 batched p50 "
-            f"{torch_res['batch1_batched']['p50_ms']:.1f} ms, one at a time p50 "
-            f"{torch_res['batch1_one_at_a_time']['p50_ms']:.1f} ms; samples agree with "
-            f"JAX to {torch_res['check_max_abs_diff']:.1e} (relative "
-            f"{torch_res['check_max_rel_diff']:.1e})", flush=True)
-      print(f"ratios: torch batched / JAX = {ratios['torch_batched_over_jax_scan']:.2f}, "
-            f"torch one-at-a-time / JAX = "
-            f"{ratios['torch_one_at_a_time_over_jax_scan']:.2f}, JAX Python loop / scan = "
-            f"{ratios['jax_python_loop_over_jax_scan']:.2f}", flush=True)
+      common.log(f"torch {torch_res['torch_version']} ({torch_res['threads']} threads, "
+                 f"{torch_res['mode']}): batch 1 batched p50 "
+                 f"{torch_res['batch1_batched']['p50_ms']:.1f} ms, one at a time p50 "
+                 f"{torch_res['batch1_one_at_a_time']['p50_ms']:.1f} ms; samples agree with "
+                 f"JAX to {torch_res['check_max_abs_diff']:.1e} (relative "
+                 f"{torch_res['check_max_rel_diff']:.1e})")
+      common.log(f"ratios: torch batched / JAX = {ratios['torch_batched_over_jax_scan']:.2f}, "
+                 f"torch one-at-a-time / JAX = "
+                 f"{ratios['torch_one_at_a_time_over_jax_scan']:.2f}, JAX Python loop / scan = "
+                 f"{ratios['jax_python_loop_over_jax_scan']:.2f}")
   if torch_reason:
-    print(f"torch: not run ({torch_reason})", flush=True)
+    common.log(f"torch: not run ({torch_reason})")
 
-  matmul_end = common.matmul_gflops(1024, repeats=10 if quick else 20)
+  matmul_end = common.matmul_gflops(mm_n, repeats=10 if quick else 20)
   matmul = max(matmul_start, matmul_end)
   for st in sweep:
     st["pct_of_matmul_rate"] = 100 * st["gflops_per_s"] / matmul
   peak = max(sweep, key=lambda s: s["gflops_per_s"]) if sweep else None
   if peak is not None:
-    print(f"float32 matmul at the end: {matmul_end:.0f} GFLOP/s; peak sampler throughput "
-          f"{peak['gflops_per_s']:.0f} GFLOP/s at batch {peak['batch']} = "
-          f"{peak['pct_of_matmul_rate']:.0f}% of {matmul:.0f}", flush=True)
+    common.log(f"float32 matmul at the end: {matmul_end:.0f} GFLOP/s; peak sampler throughput "
+               f"{peak['gflops_per_s']:.0f} GFLOP/s at batch {peak['batch']} = "
+               f"{peak['pct_of_matmul_rate']:.0f}% of {matmul:.0f}")
 
   result = {
       "benchmark": "sampling_latency",
@@ -356,10 +383,13 @@ def main(argv=None):
       "device": info,
       "config": c,
       "flops": flop_info,
-      "matmul_gflops_per_s": {"1024x1024x1024_start": matmul_start,
-                              "1024x1024x1024_end": matmul_end, "reference": matmul,
-                              "15x256x256": matmul_small},
-      "jax": {"batch1": batch1, "batch1_python_loop": batch1_loop, "sweep": sweep,
+      "matmul_gflops_per_s": {f"{mm_n}x{mm_n}x{mm_n}_start": matmul_start,
+                              f"{mm_n}x{mm_n}x{mm_n}_end": matmul_end, "reference": matmul,
+                              "15x256x256": matmul_small,
+                              "precision": jax.config.jax_default_matmul_precision
+                              or "default (TF32 for float32 on NVIDIA Ampere and later)"},
+      "jax": {"batch1": batch1, "batch1_python_loop": batch1_loop,
+              "batch1_unroll_variants": unroll_variants, "sweep": sweep,
               "sweep_skipped": skipped, "sweep_budget_s": budget,
               "note": "compile_s near 0 means a cache hit (that shape was compiled before); "
                       "GFLOP/s uses the analytic count",
@@ -371,13 +401,12 @@ def main(argv=None):
       "ratios": ratios,
       "total_s": time.perf_counter() - t_run,
       "load_average_1min_end": os.getloadavg()[0],
-      "note": "2-core machine shared with other jobs: compare ratios measured in one run; "
-              "torch eager (OpenMP) degrades sharply when another process takes a core",
+      "note": ("compare ratios measured in one run; on a shared CPU, torch eager (OpenMP) "
+               "degrades sharply when another process takes a core"),
   }
   if torch_res is None:
     result["torch_unavailable_reason"] = torch_reason
-  path = common.write_json(args.out, result)
-  print(f"wrote {path} ({result['total_s']:.0f} s)")
+  common.emit(args.out, result)
 
 
 if __name__ == "__main__":

@@ -246,31 +246,45 @@ def forward(net, model, x):
 
 
 def run(model, n, *, in_dim=1024, dim=512, num_landmarks=None, pinv_norm="global",
-        threads=None, repeats=5, max_seconds=60.0, params=None, check_input=None, seed=0):
-  """Builds the model, times its forward on a random bag ``[1, n, in_dim]``; a JSON dict."""
+        threads=None, repeats=5, max_seconds=60.0, params=None, check_input=None, seed=0,
+        device="cpu"):
+  """Builds the model, times its forward on a random bag ``[1, n, in_dim]``; a JSON dict.
+
+  On ``device="cuda"`` each timed forward ends with ``torch.cuda.synchronize()``, float32
+  matmuls may use TF32 (JAX's default precision on the GPU does), and the device's peak
+  allocation (``torch.cuda.max_memory_allocated``) is recorded beside the host figures.
+  """
   if threads:
     torch.set_num_threads(int(threads))
+  cuda = str(device).startswith("cuda")
+  if cuda:
+    torch.set_float32_matmul_precision("high")
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
   torch.manual_seed(seed)
   net = build(model, in_dim, dim, num_landmarks, pinv_norm).eval()
   if params is not None:
     net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                          for k, v in params.items()}, strict=True)
+  net = net.to(device)
   result = {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
             "python": sys.version.split()[0], "model": model, "n": n,
-            "num_landmarks": num_landmarks, "pinv_norm": pinv_norm}
+            "num_landmarks": num_landmarks, "pinv_norm": pinv_norm, "device": str(device),
+            "matmul_precision": torch.get_float32_matmul_precision()}
   baseline = memory_mb()
   with torch.inference_mode():
     if check_input is not None:
-      out = forward(net, model, torch.from_numpy(np.asarray(check_input, np.float32))[None])
-      result["check_output"] = out.numpy().reshape(-1).tolist()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, n, in_dim, generator=gen)
+      x_check = torch.from_numpy(np.asarray(check_input, np.float32))[None].to(device)
+      result["check_output"] = forward(net, model, x_check).cpu().numpy().reshape(-1).tolist()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(1, n, in_dim, generator=gen, device=device)
     result["input_mb"] = x.numel() * x.element_size() / 2**20
     times, t_start = [], time.perf_counter()
     first = None
     while True:
+      sync()
       t0 = time.perf_counter()
       forward(net, model, x)
+      sync()
       dt = time.perf_counter() - t0
       if first is None:  # warm-up call (oneDNN primitive creation, allocator growth)
         first = dt
@@ -292,6 +306,8 @@ def run(model, n, *, in_dim=1024, dim=512, num_landmarks=None, pinv_norm="global
       "peak_over_baseline_mb": peak - baseline["peak_mb"],
       "run_peak_mb": end["peak_mb"] if reset else None,
       "run_peak_over_baseline_mb": end["peak_mb"] - baseline["peak_mb"] if reset else None}
+  if cuda:
+    result["memory"]["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
   return result
 
 
@@ -308,11 +324,12 @@ def main(argv=None):
   p.add_argument("--max-seconds", type=float, default=60.0)
   p.add_argument("--params", help=".npz of weights in the state_dict layout")
   p.add_argument("--check-input", help=".npy bag [n, in_dim] whose output is returned")
+  p.add_argument("--device", default="cpu", help="cpu or cuda")
   a = p.parse_args(argv)
   res = run(a.model, a.n, in_dim=a.in_dim, dim=a.dim, num_landmarks=a.num_landmarks,
             pinv_norm=a.pinv_norm, threads=a.threads, repeats=a.repeats,
             max_seconds=a.max_seconds, params=dict(np.load(a.params)) if a.params else None,
-            check_input=np.load(a.check_input) if a.check_input else None)
+            check_input=np.load(a.check_input) if a.check_input else None, device=a.device)
   json.dump(res, sys.stdout)
   sys.stdout.write("\n")
 

@@ -43,7 +43,8 @@ LN_EPS = 1e-6
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0):
   half = dim // 2
-  freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+  freqs = torch.exp(-math.log(max_period)
+                    * torch.arange(half, dtype=torch.float32, device=t.device) / half)
   args = t.float()[:, None] * freqs[None]
   emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
   if dim % 2:
@@ -118,18 +119,18 @@ def ddim_sample(model, cond, alphas_cumprod, num_steps=50, eta=0.0, num_samples=
   seq = list(range(0, T, skip))[:num_steps]
   cond = cond.repeat_interleave(num_samples, dim=0)
   if z_init is None:
-    z = torch.randn(b * num_samples, dim, generator=generator)
+    z = torch.randn(b * num_samples, dim, generator=generator, device=cond.device)
   else:
     z = z_init.reshape(b * num_samples, dim).clone()
   for t in reversed(seq):
     a_t = float(alphas_cumprod[t])
     a_prev = float(alphas_cumprod[t - skip]) if t - skip >= 0 else 1.0
-    eps = model(z, torch.full((z.shape[0],), t, dtype=torch.long), cond)
+    eps = model(z, torch.full((z.shape[0],), t, dtype=torch.long, device=z.device), cond)
     z0 = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     z = math.sqrt(a_prev) * z0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
     if eta > 0:
-      z = z + sigma * torch.randn(z.shape, generator=generator)
+      z = z + sigma * torch.randn(z.shape, generator=generator, device=z.device)
   samples = z.reshape(b, num_samples, dim)
   return samples.mean(1), samples
 
@@ -147,11 +148,15 @@ def ddim_sample_one_at_a_time(model, cond, alphas_cumprod, num_steps=50, eta=0.0
   return samples.mean(1), samples
 
 
-def _time(fn, repeats, warmup=1):
+def _time(fn, repeats, warmup=1, device="cpu"):
+  """Wall times of ``fn()``; on CUDA each call ends with a device synchronisation."""
+  sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
   times = []
   for i in range(warmup + repeats):
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     if i >= warmup:
       times.append(time.perf_counter() - t0)
   t = np.asarray(times) * 1e3
@@ -161,7 +166,7 @@ def _time(fn, repeats, warmup=1):
 
 def run(params=None, *, threads=None, repeats=10, one_at_a_time_repeats=3,
         batch_sizes=(1,), max_seconds=60.0, num_steps=50, num_samples=5, dim=256,
-        num_layers=4, num_heads=8, mlp_ratio=4, num_cond_tokens=2):
+        num_layers=4, num_heads=8, mlp_ratio=4, num_cond_tokens=2, device="cpu"):
   """Times the torch sampler; returns a JSON-able dict.
 
   Args:
@@ -174,38 +179,48 @@ def run(params=None, *, threads=None, repeats=10, one_at_a_time_repeats=3,
     max_seconds: time budget of the sweep; larger batches are skipped past it.
     num_steps, num_samples, dim, num_layers, num_heads, mlp_ratio, num_cond_tokens:
       the sampler and denoiser configuration.
+    device: ``"cpu"`` or ``"cuda"``. On CUDA, float32 matmuls may use TF32
+      (``torch.set_float32_matmul_precision("high")``), which is what JAX's default
+      precision does for float32 on Ampere and Hopper; recorded as ``matmul_precision``.
   """
   if threads:
     torch.set_num_threads(int(threads))
+  cuda = str(device).startswith("cuda")
+  if cuda:
+    torch.set_float32_matmul_precision("high")
   torch.manual_seed(0)
   model = Denoiser(dim, num_layers, num_heads, mlp_ratio, num_cond_tokens).eval()
   result = {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "device": str(device),
+            "matmul_precision": torch.get_float32_matmul_precision()}
+  if cuda:
+    result["device_name"] = torch.cuda.get_device_name()
   check = None
   if params is not None:
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()
+    sd = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in params.items()
           if not k.startswith("check/")}
     model.load_state_dict(sd, strict=True)
     if "check/cond" in params:
-      check = (torch.from_numpy(np.asarray(params["check/cond"], np.float32)),
-               torch.from_numpy(np.asarray(params["check/z_init"], np.float32)))
+      check = (torch.from_numpy(np.array(params["check/cond"], np.float32)),
+               torch.from_numpy(np.array(params["check/z_init"], np.float32)))
   else:
     nn.init.normal_(model.out.weight, std=0.02)
+  model = model.to(device)
   ab = linear_alphas_cumprod()
-  gen = torch.Generator().manual_seed(0)
-  cond1 = torch.randn(1, num_cond_tokens, dim, generator=gen)
+  gen = torch.Generator(device=device).manual_seed(0)
+  cond1 = torch.randn(1, num_cond_tokens, dim, generator=gen, device=device)
 
   if check is not None:
-    _, s = ddim_sample(model, check[0], ab, num_steps, 0.0, check[1].shape[1],
-                       z_init=check[1])
-    result["check_samples"] = s.numpy().tolist()
+    _, s = ddim_sample(model, check[0].to(device), ab, num_steps, 0.0, check[1].shape[1],
+                       z_init=check[1].to(device))
+    result["check_samples"] = s.cpu().numpy().tolist()
 
   result["batch1_batched"] = _time(
       lambda: ddim_sample(model, cond1, ab, num_steps, 0.0, num_samples, generator=gen),
-      repeats)
+      repeats, device=device)
   result["batch1_one_at_a_time"] = _time(
       lambda: ddim_sample_one_at_a_time(model, cond1, ab, num_steps, 0.0, num_samples,
-                                        generator=gen), one_at_a_time_repeats)
+                                        generator=gen), one_at_a_time_repeats, device=device)
   sweep, skipped = [], []
   t_start = time.perf_counter()
   per_patient_s = result["batch1_batched"]["p50_ms"] * 1e-3
@@ -216,9 +231,9 @@ def run(params=None, *, threads=None, repeats=10, one_at_a_time_repeats=3,
       skipped.append({"batch": b, "reason": f"estimated {est:.0f} s exceeds the "
                       f"{max_seconds:.0f} s budget of the torch sweep"})
       continue
-    cond = torch.randn(b, num_cond_tokens, dim, generator=gen)
+    cond = torch.randn(b, num_cond_tokens, dim, generator=gen, device=device)
     stats = _time(lambda: ddim_sample(model, cond, ab, num_steps, 0.0, num_samples,
-                                      generator=gen), n_rep)
+                                      generator=gen), n_rep, device=device)
     stats["batch"] = b
     stats["patients_per_s"] = b / (stats["p50_ms"] * 1e-3)
     per_patient_s = stats["p50_ms"] * 1e-3 / b
@@ -236,12 +251,13 @@ def main(argv=None):
   p.add_argument("--one-at-a-time-repeats", type=int, default=3)
   p.add_argument("--batch-sizes", default="1", help="comma-separated")
   p.add_argument("--max-seconds", type=float, default=60.0)
+  p.add_argument("--device", default="cpu", help="cpu or cuda")
   a = p.parse_args(argv)
   params = dict(np.load(a.params)) if a.params else None
   res = run(params, threads=a.threads, repeats=a.repeats,
             one_at_a_time_repeats=a.one_at_a_time_repeats,
             batch_sizes=[int(x) for x in a.batch_sizes.split(",") if x],
-            max_seconds=a.max_seconds)
+            max_seconds=a.max_seconds, device=a.device)
   json.dump(res, sys.stdout)
   sys.stdout.write("\n")
 

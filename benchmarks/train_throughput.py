@@ -234,6 +234,7 @@ def jax_mil_worker(spec: dict) -> dict:
   stats = common.summarize(times)
   stats["first_call_ms"] = first_s * 1e3
   peak = max(peak_first["peak_mb"], end["peak_mb"])
+  device_stats = jax.devices()[0].memory_stats() or {}
   return {
       "model": spec["model"], "n": n, "compile_s": compile_s, "forward": stats,
       "input_mb": n * spec["in_dim"] * 4 / 2**20,
@@ -243,7 +244,10 @@ def jax_mil_worker(spec: dict) -> dict:
                  "run_peak_mb": end["peak_mb"] if reset else None,
                  "run_peak_over_baseline_mb": (end["peak_mb"] - baseline["peak_mb"]
                                                if reset else None),
-                 "xla_memory_analysis": _memory_analysis(compiled)},
+                 "xla_memory_analysis": _memory_analysis(compiled),
+                 # accelerator allocator's peak (None on CPU, where host RSS is the figure)
+                 "device_peak_mb": (device_stats["peak_bytes_in_use"] / 2**20
+                                    if "peak_bytes_in_use" in device_stats else None)},
   }
 
 
@@ -260,7 +264,8 @@ def _run_torch_worker(py: str, model: str, n: int, args, *, repeats: int, max_se
   cmd = [py, str(Path(__file__).with_name("torch_mil_reference.py")), "--model", model,
          "--n", str(n), "--in-dim", str(args.in_dim), "--dim", str(args.dim),
          "--threads", str(common.num_cpu_threads()), "--repeats", str(repeats),
-         "--max-seconds", str(max_seconds), *extra]
+         "--max-seconds", str(max_seconds),
+         "--device", "cuda" if jax.default_backend() == "gpu" else "cpu", *extra]
   env = dict(os.environ)
   if args.torch_omp_wait_policy:
     env["OMP_WAIT_POLICY"] = args.torch_omp_wait_policy
@@ -400,9 +405,11 @@ def _mil_line(name, n, s) -> str:
     if "failed" in r:
       parts.append(f"{fw}: failed")
     else:
+      dev = r["memory"].get("device_peak_mb")
       parts.append(f"{fw}: p50 {r['forward']['p50_ms']:9.1f} ms "
                    f"({r['ms_per_1k_patches']:6.2f} ms/1k), peak {r['memory']['peak_mb']:7.0f} "
-                   f"MB (+{r['memory']['peak_over_baseline_mb']:.0f})")
+                   f"MB (+{r['memory']['peak_over_baseline_mb']:.0f})"
+                   + (f", device peak {dev:.0f} MB" if dev is not None else ""))
   return "; ".join(parts)
 
 

@@ -69,3 +69,21 @@ def test_scaling_quick_strong_and_weak(tmp_path):
       assert row["global_batch"] == row["per_device_batch"] * row["num_devices"]
   assert {row["global_batch"] for row in r["strong"]} == {r["strong_global_batch"]}
   assert {row["per_device_batch"] for row in r["weak"]} == {r["weak_per_device_batch"]}
+
+
+def test_sampling_latency_quick(tmp_path):
+  r = _run("sampling_latency", tmp_path, "--no-torch", "--batch-sizes", "1,2",
+           "--repeats", "2", "--unroll-variants", "2")
+  assert r["benchmark"] == "sampling_latency" and r["mode"] == "quick"
+  _check_device(r)
+  assert r["torch"] is None and r["torch_unavailable_reason"] == "--no-torch"
+  jx = r["jax"]
+  assert jx["batch1"]["p50_ms"] > 0 and jx["batch1"]["compile_s"] > 0
+  assert jx["batch1_python_loop"]["p50_ms"] > 0
+  assert [v["unroll"] for v in jx["batch1_unroll_variants"]] == [2]
+  assert [row["batch"] for row in jx["sweep"]] == [1, 2]
+  for row in jx["sweep"]:
+    assert row["patients_per_s"] > 0 and row["gflops_per_s"] > 0
+  # 16.94 MFLOP per denoiser call (see denoiser_flops), 50 steps x 5 samples per patient.
+  assert r["flops"]["per_patient"] == r["flops"]["per_call_per_latent"] * 250
+  assert r["matmul_gflops_per_s"]["1024x1024x1024_start"] > 0

@@ -151,6 +151,20 @@ def test_chunked_denoiser_calls_give_the_same_samples(chunk_rows):
   np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("unroll", [2, True])
+def test_unrolled_scan_gives_the_same_samples(unroll):
+  """Unrolling the step loop (2 does not divide the 5 steps; True: all) changes nothing."""
+  model = _small_denoiser()
+  sch = linear_schedule(T=50)
+  cond = jax.random.normal(jax.random.key(2), (2, 2, 16))
+  run = lambda u: jax.jit(lambda k: ddim_sample(  # noqa: E731
+      model, cond, k, sch, num_steps=5, eta=0.7, num_samples=3, unroll=u))(
+          jax.random.key(4))
+  _, samples = run(unroll)
+  _, ref_samples = run(1)
+  np.testing.assert_allclose(samples, ref_samples, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ (b) Gaussian toys
 
 MU, S = 1.5, 0.5

@@ -10,7 +10,9 @@ Not an experiment itself. Fields:
   data.buckets      padded bag lengths (default powers of 4: 64 ... 262144)
   cv                num_folds, seed (of the split), splits_dir (folds reused from here),
                     folds (subset to run; empty = all)
-  train             batch_size, max_instances (per-bag cap during training)
+  train             batch_size, max_instances (per-bag cap during training),
+                    accumulate (gradient accumulation steps), checkpoint_every_s (seconds
+                    between checkpoints; a stage's end always saves; 0 = every epoch)
   eval              scenarios ("auto" = full + missing_<each modality>), batch_size,
                     max_instances (None = whole bags), latency (batch-1 timing),
                     reference_models (scikit-survival rows on the same folds from the
@@ -41,7 +43,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.data.tfds = ml_collections.ConfigDict(dict(data_dir="", name=""))
 
   c.cv = ml_collections.ConfigDict(dict(num_folds=5, seed=0, splits_dir="splits", folds=()))
-  c.train = ml_collections.ConfigDict(dict(batch_size=32, max_instances=256, accumulate=1))
+  c.train = ml_collections.ConfigDict(dict(batch_size=32, max_instances=256, accumulate=1,
+                                           checkpoint_every_s=30.0))
   c.eval = ml_collections.ConfigDict(dict(scenarios=("auto",), batch_size=64,
                                           max_instances=0, latency=True))
   c.eval.reference_models = ()

@@ -18,9 +18,10 @@ def cohort():
   return make_synthetic_cohort(SyntheticSpec(n_patients=60, bag_min=10, bag_max=70, patch_dim=8))
 
 
-def _fit(cohort, method, ckpt=None, mesh=None, fold=0, idx=None, log=None):
+def _fit(cohort, method, ckpt=None, mesh=None, fold=0, idx=None, log=None, every_s=0.0):
   mesh = mesh or sharding.make_mesh(1)
-  trainer = Trainer(method, mesh=mesh, batch_size=16, max_instances=32, seed=3, progress=False)
+  trainer = Trainer(method, mesh=mesh, batch_size=16, max_instances=32, seed=3, progress=False,
+                    checkpoint_every_s=every_s)
   model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(0))
   idx = np.arange(48) if idx is None else idx
   trainer.fit(model, cohort, idx, fold=fold, checkpointer=ckpt, log=log)
@@ -75,6 +76,31 @@ def test_resume_is_bit_exact(cohort, tmp_path, kill_after):
   with pytest.raises(_Killed):
     _fit(cohort, method, ckpt=_DyingCheckpointer(tmp_path / "run", kill_after))
   _, resumed = _fit(cohort, method, ckpt=Checkpointer(tmp_path / "run"))
+  for a, b in zip(_flat(ref), _flat(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+class _CountingCheckpointer(Checkpointer):
+  def __init__(self, directory):
+    super().__init__(directory)
+    self.steps = []
+
+  def save(self, step, *a, **k):
+    super().save(step, *a, **k)
+    self.steps.append(step)
+
+
+def test_checkpoint_interval_saves_stage_ends_and_resumes_exactly(cohort, tmp_path):
+  """With a long interval only each stage's last epoch is saved (global steps 3, 5, 7 for
+  3 + 2 + 2 epochs); a run killed after the first save resumes to the same parameters."""
+  method = ToyMethod(epochs=(3, 2), feature_epochs=2)
+  _, ref = _fit(cohort, method)
+  counting = _CountingCheckpointer(tmp_path / "count")
+  _fit(cohort, method, ckpt=counting, every_s=1e9)
+  assert counting.steps == [3, 5, 7]
+  with pytest.raises(_Killed):
+    _fit(cohort, method, ckpt=_DyingCheckpointer(tmp_path / "run", 1), every_s=1e9)
+  _, resumed = _fit(cohort, method, ckpt=Checkpointer(tmp_path / "run"), every_s=1e9)
   for a, b in zip(_flat(ref), _flat(resumed)):
     np.testing.assert_array_equal(a, b)
 

@@ -154,7 +154,8 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str) -> dict:
                      path="config.cv.folds")
   trainer = Trainer(method, mesh=mesh, batch_size=config.train.batch_size,
                     max_instances=config.train.max_instances or None, seed=config.seed,
-                    progress=config.progress, buckets=config.data.buckets or None)
+                    progress=config.progress, buckets=config.data.buckets or None,
+                    checkpoint_every_s=config.train.get("checkpoint_every_s", 0.0))
   predictor = Predictor(method, mesh)
   eval_spec = BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
                         max_instances=config.eval.max_instances or None,

@@ -91,11 +91,19 @@ class Trainer:
     max_instances: per-bag instance cap during training (None = whole bags).
     seed: run seed.
     progress: show a progress bar.
+    checkpoint_every_s: save a checkpoint after an epoch once this many seconds have
+      passed since the last save, and always after a stage's last epoch (0: after every
+      epoch). A killed run resumes from the last save and, since every epoch's data order
+      and keys derive from (seed, fold, stage, epoch), reaches the same result whichever
+      epoch that was; saving MUST's 100 MB state after each 2-second epoch took a third
+      of its training time.
   """
 
   def __init__(self, method: Method, *, mesh, batch_size: int, max_instances: int | None,
-               seed: int = 0, progress: bool = True, buckets=None):
+               seed: int = 0, progress: bool = True, buckets=None,
+               checkpoint_every_s: float = 0.0):
     self.method = method
+    self.checkpoint_every_s = float(checkpoint_every_s)
     self.stages = method.stages()
     self.mesh = mesh
     self.spec = BatchSpec(batch_size=sharding.round_up_batch(batch_size, mesh),
@@ -191,6 +199,7 @@ class Trainer:
       step = checkpointer.latest()
       resume = {"step": step, **checkpointer.restore_meta(step)}
     global_step = 0
+    last_save = time.monotonic()
     for s_idx, stage in enumerate(self.stages):
       first_epoch = 0
       graphdef, trainable, rest = _split(model, stage)
@@ -248,10 +257,13 @@ class Trainer:
         log.write(record, step=global_step + epoch)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.update(1)
-        if checkpointer is not None:
+        due = (epoch + 1 == stage.epochs
+               or time.monotonic() - last_save >= self.checkpoint_every_s)
+        if checkpointer is not None and due:
           checkpointer.save(global_step + epoch + 1, _state_dict(model), opt_state,
                             {"stage": s_idx, "epoch": epoch, "stage_name": stage.name,
                              "fold": fold})
+          last_save = time.monotonic()
       bar.close()
       global_step += stage.epochs
       resume = None

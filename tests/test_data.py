@@ -141,3 +141,30 @@ def test_validate_names_file_case_and_expectation(cohort):
   bad.modalities["pathology"].bags[3] = bad.modalities["pathology"].bags[3][:, :64]
   with pytest.raises(InputError, match="case SYN-01-00003: pathology feature dimension 64, expected 128"):
     bad.validate()
+
+
+def _oos_r2(x, y):
+  """Out-of-sample R^2 of a least-squares fit of y on x (fit on one half, test on the other)."""
+  x = np.concatenate([x, np.ones((len(x), 1))], 1)
+  h = len(x) // 2
+  coef = np.linalg.lstsq(x[:h], y[:h], rcond=None)[0]
+  resid = y[h:] - x[h:] @ coef
+  return 1.0 - resid.var() / y[h:].var()
+
+
+@pytest.mark.parametrize("coupling", [0.0, 0.7])
+def test_missing_modality_oracle_is_the_conditional_mean(coupling):
+  """The missing-genomics oracle is a function of what pathology shows (predicted from it
+  with R^2 ~ 1), and what it leaves out of the full risk cannot be predicted from
+  pathology: it is the conditional mean. With coupling, pathology predicts more of the
+  full risk (part of the genomics-specific risk)."""
+  c = make_synthetic_cohort(SyntheticSpec(n_patients=4000, seed=3, coupling=coupling,
+                                          bag_min=64, bag_max=64, signal_frac=0.5))
+  # A patient's mean patch is affine in its [s, a_P] plus noise: pathology's view.
+  x = np.stack([b.astype(np.float64).mean(0) for b in c.modalities["pathology"].bags])
+  t = c.true_risk
+  assert _oos_r2(x, t["missing_genomics"]) > 0.98
+  # 128 features fitted on 2000 patients: a useless predictor scores about -128/2000.
+  assert _oos_r2(x, t["full"] - t["missing_genomics"]) < 0.01
+  r2_full = _oos_r2(x, t["full"])
+  assert (r2_full > 0.8) if coupling else (r2_full < 0.75)

@@ -1,12 +1,21 @@
 """An embedded synthetic TCGA-like cohort with a known ground truth.
 
-Generative model (deterministic for a seed). Per patient, independent standard normal
-latent factors:
+Generative model (deterministic for a seed). Per patient, standard normal latent factors:
 
 * ``s``   [k]  shared: seen by pathology, genomics (and radiology when enabled),
 * ``a_P`` [k]  pathology-specific, seen only by the pathology bag,
 * ``a_G`` [k]  genomics-specific, seen only by the gene families,
-* ``a_R`` [k]  radiology-specific (optional modality).
+* ``a_R`` [k]  radiology-specific (optional modality),
+
+with each specific factor partly predictable from the shared one (``coupling`` rho):
+
+    a_m = rho Q_m s + sqrt(1 - rho^2) e_m,   e_m ~ N(0, I),  Q_m a random rotation,
+
+so ``a_m`` stays standard normal. In real cohorts what only one modality measures is not
+independent of what both show (a tumour's mutations shape its morphology, and the
+reverse); this dependence is what MUST's conditional diffusion of ``u_m`` given the shared
+component exploits. With ``rho = 0`` the specific factors are independent of everything
+the other modality shows, and no imputation of them can beat their mean.
 
 The true log-hazard is linear in the factors,
 
@@ -30,11 +39,12 @@ Modalities:
 * ``rna``/``dnam`` (vector, optional): long vectors carrying ``[s, a_G]``.
 
 Oracle risk per scenario (``Cohort.true_risk``) is the conditional expectation of eta
-given the factors the available modalities reveal: ``full`` uses all of them,
-``missing_genomics`` drops ``w_G . a_G`` (independent of everything pathology shows, so
-its conditional mean is 0), ``missing_pathology`` drops ``w_P . a_P``. The oracle C-index
-of a scenario is the C-index of that oracle risk against the observed outcomes: no model
-can be expected to beat it except by chance.
+given the factors the available modalities reveal: ``full`` uses all of them;
+``missing_genomics`` replaces ``w_G . a_G`` by its conditional mean given what pathology
+shows (``s`` and ``a_P``), ``rho w_G . Q_G s``; ``missing_pathology`` likewise replaces
+``w_P . a_P`` by ``rho w_P . Q_P s``. The oracle C-index of a scenario is the C-index of
+that oracle risk against the observed outcomes: no model can be expected to beat it
+except by chance.
 """
 
 from __future__ import annotations
@@ -70,6 +80,8 @@ class SyntheticSpec:
   share_genomics: float = 0.3
   share_radiology: float = 0.0
   risk_std: float = 1.5
+  # rho: correlation of each specific factor with (a rotation of) the shared one.
+  coupling: float = 0.7
   censoring: float = 0.5
   weibull_shape: float = 1.5
   # Pathology bags.
@@ -119,13 +131,39 @@ def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "sy
   rng = np.random.default_rng(spec.seed)
   n, k = spec.n_patients, spec.latent_dim
   s = rng.normal(size=(n, k))
-  a_p = rng.normal(size=(n, k))
-  a_g = rng.normal(size=(n, k))
-  a_r = rng.normal(size=(n, k))
+  e_p = rng.normal(size=(n, k))
+  e_g = rng.normal(size=(n, k))
+  e_r = rng.normal(size=(n, k))
+  # The rotations come from their own stream, so coupling = 0 reproduces independent
+  # factors with every other draw unchanged.
+  rho = float(spec.coupling)
+  if not 0.0 <= rho < 1.0:
+    raise ValueError(f"coupling must be in [0, 1), got {rho}")
+  rot_rng = np.random.default_rng([spec.seed, 1])
+  q_p, q_g, q_r = (np.linalg.qr(rot_rng.normal(size=(k, k)))[0] for _ in range(3))
+  keep = np.sqrt(1.0 - rho**2)
+  a_p = rho * s @ q_p + keep * e_p
+  a_g = rho * s @ q_g + keep * e_g
+  a_r = rho * s @ q_r + keep * e_r
   shares = np.array([spec.share_shared, spec.share_pathology, spec.share_genomics,
                      spec.share_radiology if spec.radiology else 0.0])
   shares = shares / shares.sum()
   w_s, w_p, w_g, w_r = (_weights(rng, k, sh, spec.risk_std) for sh in shares)
+  if rho > 0:
+    # The shared risk w_s . s is kept orthogonal to the directions of s that predict the
+    # specific risks (Q_m w_m), so that the predictable part of a missing specific risk is
+    # new information, not a copy of the shared risk the available modality already gives.
+    coupled = np.stack([q_p @ w_p, q_g @ w_g, q_r @ w_r], axis=1)
+    basis, sv, _ = np.linalg.svd(coupled, full_matrices=False)
+    basis = basis[:, sv > 1e-9 * max(sv.max(), 1e-300)]
+    w_perp = w_s - basis @ (basis.T @ w_s)
+    w_s = w_perp / max(np.linalg.norm(w_perp), 1e-12) * np.linalg.norm(w_s)
+  # Coupled factors make the blocks covary; rescale so that var(eta) = risk_std^2 still:
+  # eta = (w_s + rho sum_m Q_m w_m) . s + sqrt(1 - rho^2) sum_m w_m . e_m.
+  on_s = w_s + rho * (q_p @ w_p + q_g @ w_g + q_r @ w_r)
+  var_eta = on_s @ on_s + (1.0 - rho**2) * (w_p @ w_p + w_g @ w_g + w_r @ w_r)
+  scale = spec.risk_std / np.sqrt(var_eta)
+  w_s, w_p, w_g, w_r = (w * scale for w in (w_s, w_p, w_g, w_r))
   part_s, part_p, part_g, part_r = s @ w_s, a_p @ w_p, a_g @ w_g, a_r @ w_r
   eta = part_s + part_p + part_g + part_r
 
@@ -207,13 +245,14 @@ def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "sy
     if frac > 0 and mod_name in modalities:
       _drop(modalities[mod_name], rng.uniform(size=n) < frac)
 
+  # E[w_m . a_m | s, other factors] = rho w_m . Q_m s (the e_m are independent of the rest).
   true_risk = {
       "full": eta,
-      "missing_genomics": eta - part_g,
-      "missing_pathology": eta - part_p,
+      "missing_genomics": eta - part_g + rho * (s @ q_g) @ w_g,
+      "missing_pathology": eta - part_p + rho * (s @ q_p) @ w_p,
   }
   if spec.radiology:
-    true_risk["missing_radiology"] = eta - part_r
+    true_risk["missing_radiology"] = eta - part_r + rho * (s @ q_r) @ w_r
   case_ids = np.array([f"SYN-{spec.seed:02d}-{i:05d}" for i in range(n)])
   return Cohort(name=name, case_ids=case_ids, time=time, event=event,
                 modalities=modalities, true_risk=true_risk)

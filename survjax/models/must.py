@@ -39,13 +39,20 @@ Training (Sec. 3.4, supp. 7.1), three stages:
    loss is the paper's;
 3. latent diffusion (Sec. 3.5, supp. 7.2): the main network frozen, one conditional
    denoiser per modality learns ``u^_m`` from ``cond = [c; CLS_um]`` with the
-   epsilon-prediction loss (eq. 19). Latents are standardised with training statistics
-   (as latent-diffusion models scale their latents); the denoiser trains on cached
-   features, a `lax.scan` per chunk of steps.
+   epsilon-prediction loss (eq. 19). Latents and conditions are standardised with
+   training statistics (as latent-diffusion models scale their latents; raw, the
+   conditions' per-dimension spread of about 0.01 vanished beside the denoiser's
+   token-type embeddings); the denoiser trains on cached features, a `lax.scan` per
+   chunk of steps.
 
 Missing-modality inference (Sec. 3.6). With only P: ``c~ = g_P - u^_P`` (eq. 20),
 ``u~_G`` by DDIM (eq. 21; 50 steps, eta = 0, 5 samples averaged), risk from
-``phi([u^_P; c~; u~_G])`` (eq. 22); symmetric for missing P. The alternative rows
+``phi([u^_P; c~; u~_G])`` (eq. 22); symmetric for missing P. By default (config
+``project_recovered_shared``) c~ is projected onto the shared subspace, ``P c~``: the
+conditions the denoiser and the head were trained on (c^ = P c, eq. 9) live there, and
+``g - u^`` adds the decomposition's residual outside it (equal when eq. 10 holds exactly;
+measured on a trained fold, the unprojected c~ lay 26x farther out than c^ in the
+denoiser's standardised units, the projected one 2.8x). The alternative rows
 ``zeros`` and ``mean`` replace ``u~`` with zeros or the training mean of ``u^`` (the
 ablation "missing component filled by the LDM vs zeros vs the training mean").
 Training-time missingness (supp. 8.2): unpaired patients use a zero ``u^`` for the
@@ -183,6 +190,7 @@ class MUSTModel(nnx.Module):
         for m in names})
     self.latent_mean = nnx.Dict({m: LatentStats(jnp.zeros((d,))) for m in names})
     self.latent_std = nnx.Dict({m: LatentStats(jnp.ones((d,))) for m in names})
+    self.cond_mean = nnx.Dict({m: LatentStats(jnp.zeros((d,))) for m in names})
     self.cond_std = nnx.Dict({m: LatentStats(jnp.ones((d,))) for m in names})
     self.dropout = cfg.dropout
 
@@ -259,6 +267,15 @@ class MUSTModel(nnx.Module):
       keep = jax.random.bernoulli(key, 1 - self.dropout, h.shape)
       h = jnp.where(keep, h / (1 - self.dropout), 0.0)
     return self.head2(h)
+
+  def standardize_condition(self, modality, c):
+    """``(c - mean) / std`` with the training statistics of the condition of ``modality``.
+
+    Like the latents, the shared components are small (per-dimension spread of about
+    0.01 here); fed raw, they vanish beside the denoiser's token-type embeddings and the
+    denoiser learns the marginal of u instead of its distribution given c.
+    """
+    return (c - self.cond_mean[modality][...]) / self.cond_std[modality][...]
 
   def condition(self, modality, c, use_cls: bool):
     """Diffusion condition tokens [c; CLS_um] (or [c; 0] for the no-CLS ablation)."""
@@ -372,20 +389,21 @@ class MUST:
       z = jnp.asarray(feats[f"z_{short}"])
       model.latent_mean[modality][...] = jnp.mean(z, 0)
       model.latent_std[modality][...] = jnp.std(z, 0) + 1e-3
-      model.cond_std[modality][...] = jnp.std(jnp.asarray(feats[f"cond_{short}"]), 0) + 1e-3
+      cond = jnp.asarray(feats[f"cond_{short}"])
+      model.cond_mean[modality][...] = jnp.mean(cond, 0)
+      model.cond_std[modality][...] = jnp.maximum(jnp.std(cond, 0), 1e-6)
 
     def loss(model, batch, key):
       mean = model.latent_mean[modality][...]
       std = model.latent_std[modality][...]
       z0 = (batch[f"z_{short}"] - mean) / std
-      c = batch[f"cond_{short}"]
+      c = model.standardize_condition(modality, batch[f"cond_{short}"])
       if self.cfg.ldm.get("cond_noise", 0.0) > 0:
         # Noise-conditioning augmentation (Ho et al. 2021, cascaded diffusion): with a few
         # hundred training pairs the denoiser otherwise memorises condition -> latent and
         # retrieves a training latent for an unseen condition.
         key, k_c = jax.random.split(key)
-        c = c + self.cfg.ldm.cond_noise * model.cond_std[modality][...] * jax.random.normal(
-            k_c, c.shape)
+        c = c + self.cfg.ldm.cond_noise * jax.random.normal(k_c, c.shape)
       cond = model.condition(modality, c, use_cls)
       val = denoising_loss(model.denoisers[modality], z0, cond, key, self._schedule())
       return val, {}
@@ -427,7 +445,8 @@ class MUST:
   def generate(self, model, modality, c_tilde, key):
     """DDIM samples of u~ for ``modality`` given c~: mean over samples, de-standardised."""
     ldm = self.cfg.ldm
-    cond = model.condition(modality, c_tilde, ldm.condition == "c_cls")
+    cond = model.condition(modality, model.standardize_condition(modality, c_tilde),
+                           ldm.condition == "c_cls")
     denoiser = model.denoisers[modality]
     mean, _ = ddim.ddim_sample(denoiser, cond, key, self._schedule(), num_steps=ldm.ddim_steps,
                                eta=ldm.eta, num_samples=ldm.num_samples,
@@ -447,6 +466,12 @@ class MUST:
     missing = name_g if have == name_p else name_p
     g, u_have = model.specific_only(batch, have)
     c_tilde = g - u_have                                                    # eq. 20
+    if self.cfg.get("project_recovered_shared", True):
+      # c^ = P c lives in the shared subspace (eq. 9), and so do the conditions the
+      # denoiser and the head were trained on; g - u^ also holds the decomposition's
+      # residual outside it, which the training conditions never show (measured: 26x the
+      # spread of c^ in the denoiser's standardised units). P c~ = c~ when eq. 10 holds.
+      c_tilde = model.project_shared(c_tilde)
     u_gen = self.generate(model, missing, c_tilde, key)                      # eq. 21
     u_mean = jnp.broadcast_to(model.latent_mean[missing][...], u_gen.shape)
 

@@ -1,6 +1,6 @@
 """Latency and throughput of MUST's DDIM sampler (JAX), with a PyTorch-eager comparison.
 
-    python -m benchmarks.sampling_latency --out benchmarks/results/sampling_latency.json
+    python -m benchmarks.sampling_latency  # benchmarks/results/sampling_latency_<platform>.json
     python -m benchmarks.sampling_latency --out /tmp/s.json --quick   # about a minute
 
 What is measured (MUST suppl. 7.2: 4-layer transformer on 256-d latents, 50 DDIM steps,

@@ -9,9 +9,9 @@ Variant :smoke: 120 patients, 3 folds, 3 epochs (seconds). Discrete-time NLL wit
 which the MUST paper uses for its baselines).
 
 Expected result (5 folds on the default synthetic cohort, a run of the command above,
-153 s of training on a 2-core CPU shared with other jobs): C-index 0.730 +- 0.014. The
-oracle of the whole cohort is 0.795; given pathology alone it is 0.748 (the
-``missing_genomics`` oracle of configs/must.py), the ceiling for this model.
+58 s of training on an idle 2-core CPU): C-index 0.766 +- 0.031. The oracle of the whole
+cohort is 0.798; given pathology alone it is 0.779 (the ``missing_genomics`` oracle of
+configs/must.py), the ceiling for this model.
 """
 
 import ml_collections

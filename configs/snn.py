@@ -9,9 +9,9 @@ Variant :smoke: 120 patients, 3 folds, 3 epochs (seconds). Discrete-time NLL wit
 which the MUST paper uses for its baselines).
 
 Expected result (5 folds on the default synthetic cohort, a run of the command above,
-27 s of training on a shared 2-core CPU): C-index 0.716 +- 0.031. The oracle of the
-whole cohort is 0.795; given genomics alone it is 0.767 (the ``missing_pathology``
-oracle of configs/must.py), the ceiling for this model.
+6 s of training on an idle 2-core CPU): C-index 0.746 +- 0.035. The oracle of the whole
+cohort is 0.798; given genomics alone it is 0.787 (the ``missing_pathology`` oracle of
+configs/must.py), the ceiling for this model.
 """
 
 import ml_collections

@@ -136,33 +136,20 @@ def test_x0_clipping_bounds_each_step_and_is_inert_when_loose():
   assert np.abs(np.asarray(plain)).max() > 0.5
 
 
-@pytest.mark.parametrize("chunk_rows", [4, 9, 100])
-def test_chunked_denoiser_calls_give_the_same_samples(chunk_rows):
-  """Chunking the rows (9 = 3 patients x 3 samples; 4 needs padding) changes nothing."""
+@pytest.mark.parametrize("option", [{"chunk_rows": 4}, {"chunk_rows": 9},
+                                    {"chunk_rows": 100}, {"unroll": 2}, {"unroll": True}])
+def test_chunked_or_unrolled_sampler_gives_the_same_samples(option):
+  """Chunking the rows (9 = 3 patients x 3 samples; 4 needs padding) or unrolling the step
+  loop (2 does not divide the 5 steps; True: all of them) changes nothing."""
   model = _small_denoiser()
   sch = linear_schedule(T=50)
   cond = jax.random.normal(jax.random.key(2), (3, 2, 16))
-  run = lambda ch: jax.jit(lambda k: ddim_sample(  # noqa: E731
-      model, cond, k, sch, num_steps=5, eta=0.7, num_samples=3, chunk_rows=ch))(
-          jax.random.key(4))
-  mean, samples = run(chunk_rows)
-  ref_mean, ref_samples = run(None)
+  run = lambda **kw: jax.jit(lambda k: ddim_sample(  # noqa: E731
+      model, cond, k, sch, num_steps=5, eta=0.7, num_samples=3, **kw))(jax.random.key(4))
+  mean, samples = run(**option)
+  ref_mean, ref_samples = run()
   np.testing.assert_allclose(samples, ref_samples, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("unroll", [2, True])
-def test_unrolled_scan_gives_the_same_samples(unroll):
-  """Unrolling the step loop (2 does not divide the 5 steps; True: all) changes nothing."""
-  model = _small_denoiser()
-  sch = linear_schedule(T=50)
-  cond = jax.random.normal(jax.random.key(2), (2, 2, 16))
-  run = lambda u: jax.jit(lambda k: ddim_sample(  # noqa: E731
-      model, cond, k, sch, num_steps=5, eta=0.7, num_samples=3, unroll=u))(
-          jax.random.key(4))
-  _, samples = run(unroll)
-  _, ref_samples = run(1)
-  np.testing.assert_allclose(samples, ref_samples, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ (b) Gaussian toys

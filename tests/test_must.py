@@ -124,7 +124,8 @@ def test_decomposition_identity_holds_on_a_trained_toy(toy):
 
 
 def test_main_loss_gradients_are_finite_with_padded_rows_and_unpaired_patients(toy):
-  cohort, method, bins = toy
+  cohort, _, bins = toy
+  method = get_method(_tiny_config(train_patients="any"))  # the unpaired branch (supp. 8.2)
   model = _model(method, cohort)
   spec = BatchSpec(batch_size=16, max_instances=32)
   # 6 real patients in a batch of 16: the padded rows have empty bags (zero c_{P<-G}).
@@ -140,6 +141,27 @@ def test_main_loss_gradients_are_finite_with_padded_rows_and_unpaired_patients(t
   bad = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(grads)
          if not np.all(np.isfinite(np.asarray(v)))]
   assert not bad, bad
+
+
+def test_recovered_shared_component_lies_in_the_subspace(toy):
+  """c~ = P (g - u^) by default (the surrogate LDM condition of supp. 8.2 included):
+  P c~ = c~; with projection off it is eq. 20 as written, g - u^."""
+  cohort, _, bins = toy
+  batch = make_batch(cohort, np.arange(8), BatchSpec(batch_size=8), bins=bins)
+  for project in (True, False):
+    config = _tiny_config(project_recovered_shared=project)
+    config.model.ldm.condition_source = "c_tilde"
+    method = get_method(config)
+    model = _model(method, cohort)
+    feats = method.ldm_features(model, batch)
+    comp = model.components(batch)
+    raw = comp["g_p"] - comp["u_p"]
+    cond = np.asarray(feats["cond_g"])
+    if project:
+      np.testing.assert_allclose(np.asarray(model.project_shared(cond)), cond, atol=1e-5)
+      assert np.abs(cond - np.asarray(raw)).max() > 1e-3  # the residual was removed
+    else:
+      np.testing.assert_allclose(cond, np.asarray(raw), atol=1e-6)
 
 
 @pytest.mark.parametrize("missing", ["genomics", "pathology"])

@@ -58,7 +58,7 @@ lie 1.6-1.7x as far from the true u as the mean does, also after 4000 steps or w
 condition-noise augmentation; 320 latents of 256 dimensions are too few for the
 conditional structure to be learnt.
 
-Wall time of that run on an otherwise idle 2-core CPU (AMD EPYC): 10 min 35 s in all,
+Wall time of that run on an otherwise idle 2-core CPU (Intel Xeon): 10 min 35 s in all,
 557 s training + 72 s evaluation (fold 0, compilations included: 166 + 25 s; each later
 fold about 102 + 7 s: warm-up 28 s, main 34 s, LDM 2 x 12.5 s); checkpoints are written every 30 s and at each stage's end
 (``train.checkpoint_every_s``), as writing the 100 MB state after every 2-second epoch

@@ -230,24 +230,25 @@ def test_nystrom_value_conv_matches_grouped_conv():
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+def _jaxpr_shapes(jx):
+  """Shapes of every value a jaxpr computes, nested jaxprs (scan, cond, pjit) included."""
+  for eqn in jx.eqns:
+    for var in eqn.outvars:
+      yield getattr(var.aval, "shape", ())
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (tuple, list)) else (p,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _jaxpr_shapes(sub)
+
+
 def test_nystrom_never_forms_an_n_by_n_product():
   n = 37  # distinct from every other dimension below
   layer = NystromAttention(16, 2, 4, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(layer)
   jaxpr = jax.make_jaxpr(lambda s, x, m: nnx.merge(graphdef, s)(x, m))(
       state, jnp.zeros((1, n, 16)), jnp.ones((1, n), bool))
-
-  def shapes(jx):
-    for eqn in jx.eqns:
-      for var in eqn.outvars:
-        yield getattr(var.aval, "shape", ())
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (tuple, list)) else (p,):
-          sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-          if hasattr(sub, "eqns"):
-            yield from shapes(sub)
-
-  all_shapes = list(shapes(jaxpr.jaxpr))
+  all_shapes = list(_jaxpr_shapes(jaxpr.jaxpr))
   assert any(n in s for s in all_shapes)
   assert not [s for s in all_shapes if list(s).count(n) >= 2]
 
@@ -301,18 +302,7 @@ def test_nystrom_chunked_path_never_forms_n_by_m_or_qkv():
   graphdef, state = nnx.split(layer)
   jaxpr = jax.make_jaxpr(lambda s, x, mk: nnx.merge(graphdef, s)(x, mk))(
       state, jnp.zeros((1, n, dim)), jnp.ones((1, n), bool))
-
-  def shapes(jx):
-    for eqn in jx.eqns:
-      for var in eqn.outvars:
-        yield getattr(var.aval, "shape", ())
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (tuple, list)) else (p,):
-          sub = getattr(sub, "jaxpr", sub)
-          if hasattr(sub, "eqns"):
-            yield from shapes(sub)
-
-  long = [s for s in shapes(jaxpr.jaxpr) if n in s]
+  long = [s for s in _jaxpr_shapes(jaxpr.jaxpr) if n in s]
   assert long and all(set(s) <= {1, n, dim} for s in long), sorted(set(long))
 
 

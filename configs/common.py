@@ -21,7 +21,11 @@ Not an experiment itself. Fields:
   mesh.num_devices  data-parallel devices (-1 = all)
 """
 
+import dataclasses
+
 import ml_collections
+
+from survjax.data.synthetic import SyntheticSpec
 
 
 def base_config(method: str) -> ml_collections.ConfigDict:
@@ -36,7 +40,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.data.source = "synthetic"
   c.data.name = ""
   c.data.buckets = ()
-  c.data.synthetic = ml_collections.ConfigDict(dict(n_patients=400, seed=0))
+  # Every knob of the generator, at its default, so that any can be set from the CLI.
+  c.data.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticSpec()))
   c.data.files = ml_collections.ConfigDict(dict(
       clinical_csv="", features_dir="", signatures_csv="", radiology_dir="",
       feature_dim=0, allow_missing=(), tabular=ml_collections.ConfigDict()))

@@ -256,3 +256,15 @@ def test_unknown_config_key(tmp_path):
   assert out.returncode == 2 and len(lines) == 1, out.stderr
   assert "feature_dimm" in lines[0]
   _assert_nothing_written(tmp_path)
+
+
+def test_out_of_range_synthetic_knob(tmp_path):
+  """Every generator knob is a config field; a bad value gets one line and nothing."""
+  out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
+              f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
+              "--config.data.synthetic.coupling=1.5"], tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  assert lines[0].startswith("survjax: bad input: ") and "config.data.synthetic" in lines[0]
+  assert "coupling 1.5" in lines[0] and "expected 0 <= coupling < 1" in lines[0]
+  _assert_nothing_written(tmp_path)

@@ -30,8 +30,11 @@ def load_cohort(data) -> Cohort:
       raise InputError(f"unknown synthetic option {unknown[0]!r}, expected one of {sorted(known)}",
                        path="config.data.synthetic")
     spec = SyntheticSpec(**kw)
-    cohort = make_synthetic_cohort(spec, name=data.name or
-                                   f"synthetic-n{spec.n_patients}-seed{spec.seed}")
+    try:
+      cohort = make_synthetic_cohort(spec, name=data.name or
+                                     f"synthetic-n{spec.n_patients}-seed{spec.seed}")
+    except ValueError as e:  # an out-of-range knob, e.g. coupling
+      raise InputError(str(e), path="config.data.synthetic") from e
   elif source == "files":
     from survjax.data.formats import load_file_cohort
     f = data.files

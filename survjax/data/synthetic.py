@@ -138,7 +138,7 @@ def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "sy
   # factors with every other draw unchanged.
   rho = float(spec.coupling)
   if not 0.0 <= rho < 1.0:
-    raise ValueError(f"coupling must be in [0, 1), got {rho}")
+    raise ValueError(f"coupling {rho} is out of range, expected 0 <= coupling < 1")
   rot_rng = np.random.default_rng([spec.seed, 1])
   q_p, q_g, q_r = (np.linalg.qr(rot_rng.normal(size=(k, k)))[0] for _ in range(3))
   keep = np.sqrt(1.0 - rho**2)

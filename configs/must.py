@@ -49,7 +49,7 @@ alone (0.746) and below gated ABMIL on pathology alone (0.766, whose own ceiling
 0.779): the paper's gain over unimodal baselines is not reproduced. Not the paper's
 picture: the diffusion fill does not beat zeros or the
 training mean in either missing scenario. Measured on fold 1 with the main network
-frozen: a ridge regression of u on c~ over the training patients predicts the held-out
+frozen (``scripts/must_ldm_probe.py``): a ridge regression of u on c~ over the training patients predicts the held-out
 u with 0.75 (genomics) and 0.86 (pathology) of the mean's squared error, so c~ carries
 information about u, but the denoiser's noise-prediction loss on held-out latents
 barely depends on its condition (true against shuffled c: 25.08 against 25.11 at

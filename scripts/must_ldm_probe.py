@@ -1,0 +1,134 @@
+"""Probe of MUST's latent diffusion on a trained fold of the main job (diagnostic script).
+
+    python -m survjax.main --config=configs/must.py --workdir=runs/must   # first
+    FOLD=1 RETRAIN=1 PYTHONPATH=. python scripts/must_ldm_probe.py [ldm_key=value ...]
+
+Loads fold FOLD's final checkpoint from runs/must, optionally (RETRAIN=1) retrains only
+the two denoisers with the given ``model.ldm`` overrides (e.g. ``steps=4000
+steps_per_epoch=1000``, ``cond_noise=0.5``), and prints as JSON lines: the held-out
+C-index of the LDM / zeros / mean fills; per missing modality, the squared error of the
+generated u, of a ridge regression of u on c~ (fit on the training patients) and of the
+true u used as the fill, relative to the training mean's; and the denoiser's
+noise-prediction loss on training and held-out latents at t = 100 / 500 / 900 with the
+true, the shuffled and a zero condition. The figures quoted in configs/must.py come
+from ``FOLD=1`` with the defaults and with ``steps=4000 steps_per_epoch=1000``.
+"""
+import os
+FOLD=int(os.environ.get("FOLD","0")); RETRAIN=os.environ.get("RETRAIN","1")=="1"
+import sys, json, time, dataclasses, numpy as np, jax
+from flax import nnx
+from configs import must as mc
+from survjax.data import load_cohort
+from survjax.data.splits import load_or_make_folds
+from survjax.data.timebins import fit_time_bins, assign_time_bins
+from survjax.data.batching import BatchSpec
+from survjax.models.must import MUST
+from survjax.method import cohort_info
+from survjax.checkpoint import Checkpointer
+from survjax.train import sharding
+from survjax.train.trainer import Trainer, _state_dict
+from survjax.evaluate.cv import Predictor, _cindex
+from survjax.evaluate import scenarios as scen
+
+c = mc.get_config("")
+for kv in sys.argv[1:]:
+  k, v = kv.split("="); c.model.ldm[k] = type(c.model.ldm[k])(v) if not isinstance(c.model.ldm[k], str) else v
+cohort = load_cohort(c.data)
+folds = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event, num_folds=5, seed=0, splits_dir="splits", dataset=cohort.name)
+tr, va = folds[FOLD]
+bins = assign_time_bins(cohort.time, fit_time_bins(cohort.time[tr], cohort.event[tr], 4))
+method = MUST(c.model, c.train)
+model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(0))
+fresh_den = nnx.state(model.denoisers)
+stages = method.stages()
+last = stages[-1]
+g, trn, rest = nnx.split(model, last.trainable, ...)
+ck = Checkpointer(f"runs/must/fold_{FOLD}/checkpoints")
+tmpl = _state_dict(model); cm = tmpl.pop("cond_mean", None)
+ms, _ = ck.restore(ck.latest(), tmpl, jax.tree.map(lambda x: x, last.optimizer.init(trn)))
+if cm is not None: ms["cond_mean"] = cm
+st = nnx.state(model); nnx.replace_by_pure_dict(st, ms); nnx.update(model, st)
+if RETRAIN: nnx.update(model.denoisers, fresh_den)
+
+@dataclasses.dataclass
+class OnlyLDM:
+  inner: MUST
+  def __getattr__(self, a): return getattr(self.inner, a)
+  def stages(self): return [s for s in self.inner.stages() if s.name.startswith("ldm")]
+meth = OnlyLDM(method)
+mesh = sharding.make_mesh(1)
+t0 = time.time()
+trainer = Trainer(meth, mesh=mesh, batch_size=32, max_instances=32, seed=0, progress=False)
+from survjax.train.trainer import MetricsLog
+from pathlib import Path
+import os
+lp=Path(os.environ.get("LOSS_LOG", "/tmp/must_ldm_probe_loss.jsonl"))
+lp.unlink(missing_ok=True)
+if RETRAIN: trainer.fit(model, cohort, tr, bins=bins, fold=FOLD, log=MetricsLog(lp))
+t1 = time.time()
+pred = Predictor(method, mesh)
+spec = BatchSpec(batch_size=80)
+out = {"args": sys.argv[1:], "train_s": round(t1 - t0, 1)}
+for i, name in enumerate(["missing_pathology", "missing_genomics"]):
+  hidden = scen.hidden_for(name, method.modalities, len(va), 0)
+  p = pred.predict(model, cohort, va, hidden, spec, jax.random.key(i))
+  out[name] = {k: round(_cindex(cohort.time[va], cohort.event[va], v), 4) for k, v in p.items()}
+print(json.dumps(out), flush=True)
+# Diagnosis on complete test batches: generated vs true u, and an oracle fill.
+import jax.numpy as jnp
+from survjax.data.batching import make_batch
+from survjax import survival
+batch = make_batch(cohort, va, BatchSpec(batch_size=len(va)), bins=bins)
+comp = model.components(batch)
+name_p, name_g = method.modalities
+diag = {}
+tb = make_batch(cohort, tr[cohort.complete(method.modalities)[tr]], BatchSpec(batch_size=len(tr), max_instances=None), bins=bins)
+tcomp = model.components(tb)
+for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"]), (name_g, name_p, comp["u_p"], comp["u_g"])):
+  g, u_h = model.specific_only(batch, have)
+  c_t = model.project_shared(g - u_h)
+  gen = method.generate(model, missing, c_t, jax.random.key(5))
+  zs = (gen - model.latent_mean[missing][...]) / model.latent_std[missing][...]
+  zt = (u_true - model.latent_mean[missing][...]) / model.latent_std[missing][...]
+  print(missing, "z-space norms gen", float(jnp.mean(jnp.linalg.norm(zs, axis=-1))), "true", float(jnp.mean(jnp.linalg.norm(zt, axis=-1))), "std min/max", float(model.latent_std[missing][...].min()), float(model.latent_std[missing][...].max()))
+  mean = model.latent_mean[missing][...]
+  def rel(x): return float(jnp.mean(jnp.sum((x - u_true) ** 2, -1)) / jnp.mean(jnp.sum((mean - u_true) ** 2, -1)))
+  if have == name_p:
+    r_or = survival.discrete_time_risk(model.head(u_h, c_t, u_true))
+  else:
+    r_or = survival.discrete_time_risk(model.head(u_true, c_t, u_h))
+  # ridge regression of the true u on c~ over the training patients: E[u | c] if linear
+  gt, uht = model.specific_only(tb, have)
+  ct = np.asarray(model.project_shared(gt - uht)); ut = np.asarray(tcomp["u_g"] if missing == name_g else tcomp["u_p"])
+  X = np.concatenate([ct, np.ones((len(ct), 1))], 1); lam = 10.0
+  W = np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ ut)
+  ridge = jnp.asarray(np.concatenate([np.asarray(c_t), np.ones((len(c_t), 1))], 1) @ W)
+  if have == name_p:
+    r_ridge = survival.discrete_time_risk(model.head(u_h, c_t, ridge))
+  else:
+    r_ridge = survival.discrete_time_risk(model.head(ridge, c_t, u_h))
+  diag[f"missing_{missing}"] = {"ridge_mse_over_mean_mse": round(rel(ridge), 3), "ridge_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_ridge)[:len(va)]), 4),"gen_mse_over_mean_mse": round(rel(gen), 3), "gen_norm": float(jnp.mean(jnp.linalg.norm(gen, axis=-1))), "true_norm": float(jnp.mean(jnp.linalg.norm(u_true, axis=-1))),
+      "oracle_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_or)[:len(va)]), 4)}
+print(json.dumps(diag), flush=True)
+# ---- does the denoiser use its condition? eps-loss with true vs shuffled conditions
+for have, missing, u_all, comp_src in ((name_p, name_g, "u_g", None), (name_g, name_p, "u_p", None)):
+  den = model.denoisers[missing]
+  for split, cmp_, bt in (("train", tcomp, tb), ("val", comp, batch)):
+    g_, uh_ = model.specific_only(bt, have)
+    ct = model.standardize_condition(missing, model.project_shared(g_ - uh_))
+    if method.cfg.ldm.condition_source == "c_hat":
+      ct_hat = model.standardize_condition(missing, cmp_["c_gp"] if missing == name_g else cmp_["c_pg"])
+    else:
+      ct_hat = ct
+    z0 = (cmp_[u_all] - model.latent_mean[missing][...]) / model.latent_std[missing][...]
+    n = z0.shape[0]
+    res = {}
+    for tt in (100, 500, 900):
+      eps = jax.random.normal(jax.random.key(tt), z0.shape)
+      ab = method._schedule().alphas_cumprod[tt]
+      zt = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
+      tv = jnp.full((n,), tt, jnp.int32)
+      for nm, cc in (("c_tilde", ct), ("c_hat", ct_hat), ("shuffled", ct[::-1]), ("zero", jnp.zeros_like(ct))):
+        cond = model.condition(missing, cc, True)
+        res[f"t{tt}/{nm}"] = round(float(jnp.mean(jnp.sum((den(zt, tv, cond) - eps) ** 2, -1))), 2)
+    print(missing, split, json.dumps(res), "cond norm tilde/hat", float(jnp.mean(jnp.linalg.norm(ct, axis=-1))), float(jnp.mean(jnp.linalg.norm(ct_hat, axis=-1))), flush=True)

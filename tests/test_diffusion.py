@@ -57,21 +57,27 @@ def _small_denoiser(seed=0, random_out=True):
   return model
 
 
-def test_zero_initialised_output_gives_zero_eps():
-  model = ConditionalDenoiser(dim=32, num_layers=2, num_heads=4, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("latent_dim", [None, 8])
+def test_zero_initialised_output_gives_zero_eps(latent_dim):
+  """Also with a latent narrower than the tokens (in/out projections, MUST's k = 8)."""
+  model = ConditionalDenoiser(dim=32, num_layers=2, num_heads=4, latent_dim=latent_dim,
+                              rngs=nnx.Rngs(0))
+  width = latent_dim or 32
   graphdef, state = nnx.split(model)
-  z = jax.random.normal(jax.random.key(1), (3, 32))
+  z = jax.random.normal(jax.random.key(1), (3, width))
   t = jnp.array([0, 10, 999])
   cond = jax.random.normal(jax.random.key(2), (3, 2, 32))
   apply = jax.jit(lambda st: nnx.merge(graphdef, st)(z, t, cond))
   eps = apply(state)
-  assert eps.shape == (3, 32)
+  assert eps.shape == (3, width)
   np.testing.assert_array_equal(eps, 0.0)
   # ... and the read-out still receives a gradient, so training can move it.
   grads = jax.jit(jax.grad(lambda st: jnp.sum(z * apply(st))))(state)
   assert float(jnp.abs(grads["out"]["kernel"][...]).max()) > 0
   with pytest.raises(ValueError):
     model(z, jnp.zeros(3, jnp.int32), cond[:, :1])
+  with pytest.raises(ValueError):
+    model(jnp.zeros((3, width + 1)), jnp.zeros(3, jnp.int32), cond)
 
 
 def test_last_layer_trim_is_exact():

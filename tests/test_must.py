@@ -14,6 +14,7 @@ from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
 from survjax.data.timebins import assign_time_bins, fit_time_bins
 from survjax.method import cohort_info
 from survjax.models import get_method
+from survjax.models.must import fit_latent
 
 
 def _tiny_config(**model) -> ml_collections.ConfigDict:
@@ -57,7 +58,7 @@ def test_subspace_projector_is_idempotent_and_orthonormal(toy):
   cohort, method, _ = toy
   model = _model(method, cohort)
   # Any parameter value, not just the initial one, gives an orthonormal B.
-  model.subspace.value = jax.random.normal(jax.random.key(1), model.subspace.value.shape) * 3.0
+  model.subspace[...] = jax.random.normal(jax.random.key(1), model.subspace[...].shape) * 3.0
   b = model.basis()
   d, r = b.shape
   assert (d, r) == (32, 8)
@@ -162,6 +163,50 @@ def test_recovered_shared_component_lies_in_the_subspace(toy):
       assert np.abs(cond - np.asarray(raw)).max() > 1e-3  # the residual was removed
     else:
       np.testing.assert_allclose(cond, np.asarray(raw), atol=1e-6)
+
+
+@pytest.mark.parametrize("latent_dim", [0, 3, 60])
+def test_fit_latent_whitens_the_principal_coordinates(latent_dim):
+  """z = ((u - mu) V) / s against a numpy SVD: identity covariance on the fitting set,
+  decode(encode(u)) = the projection on the top-k principal subspace (k = 0: per-dimension
+  standardisation); more coordinates than patients: the extra ones stay zero."""
+  n, d = 40, 12
+  rng = np.random.default_rng(0)
+  u = (rng.normal(size=(n, 4)) @ rng.normal(size=(4, d)) * 3.0
+       + 0.1 * rng.normal(size=(n, d)) + 5.0).astype(np.float32)
+  mean, basis, scale = (np.asarray(a) for a in fit_latent(jnp.asarray(u), latent_dim))
+  z = (u - mean) @ basis / scale
+  np.testing.assert_allclose(mean, u.mean(0), rtol=1e-5)
+  if latent_dim == 0:
+    np.testing.assert_allclose(z, (u - u.mean(0)) / (u.std(0) + 1e-3), rtol=1e-4, atol=1e-5)
+    return
+  k_used = min(latent_dim, d)  # at most min(n, d) principal directions exist
+  cov = z.T @ z / n
+  np.testing.assert_allclose(cov[:k_used, :k_used], np.eye(k_used), atol=2e-3)
+  np.testing.assert_array_equal(z[:, k_used:], 0.0)
+  _, _, vt = np.linalg.svd(u - u.mean(0), full_matrices=False)
+  v = vt[:k_used].T
+  recon = (z * scale) @ basis.T + mean
+  np.testing.assert_allclose(recon, u.mean(0) + (u - u.mean(0)) @ v @ v.T, atol=1e-3)
+
+
+def test_ldm_stage_diffuses_the_fitted_coordinates(toy):
+  """The LDM stage's `prepare` stores the fitted statistics, and `encode_latent` /
+  `decode_latent` apply them: the training latents come out whitened."""
+  cohort, method, bins = toy
+  model = _model(method, cohort)
+  batch = make_batch(cohort, np.arange(24), BatchSpec(batch_size=24), bins=bins)
+  feats = method.ldm_features(model, batch)
+  k = method.cfg.ldm.latent_dim
+  assert model.denoisers["genomics"].latent_dim == k
+  prepare, _ = method._ldm_stage_fns("genomics")
+  prepare(model, feats)
+  z = np.asarray(model.encode_latent("genomics", feats["z_g"]))
+  assert z.shape == (24, k)
+  np.testing.assert_allclose(z.T @ z / 24, np.eye(k), atol=5e-3)
+  mean, basis, scale = fit_latent(jnp.asarray(feats["z_g"]), k)
+  np.testing.assert_allclose(np.asarray(model.decode_latent("genomics", jnp.asarray(z))),
+                             np.asarray((z * scale) @ basis.T + mean), atol=1e-5)
 
 
 @pytest.mark.parametrize("missing", ["genomics", "pathology"])

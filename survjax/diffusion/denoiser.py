@@ -10,7 +10,9 @@ The paper shows the network only as a figure. The following are our choices:
 
 * token sequence ``[z_t + e(t), cond_1 + type_1, ..., cond_K + type_K]`` with ``K`` learned
   type embeddings (``N(0, 0.02^2)`` init) that tell the condition tokens apart; no input
-  projection (the latent already has width ``dim``);
+  projection when the latent has the token width ``dim``; a latent of another width
+  ``latent_dim`` (MUST's whitened principal coordinates of u^) enters through a linear
+  map to ``dim`` and leaves through the read-out, ``dim -> latent_dim``;
 * time embedding ``e(t) = W_2 SiLU(W_1 sinusoid(t) + b_1) + b_2`` (DDPM/transformer
   sinusoids, period up to 10000);
 * pre-LN transformer layers with full (unmasked) multi-head self-attention over the
@@ -118,6 +120,7 @@ class ConditionalDenoiser(nnx.Module):
       num_heads: int = 8,
       mlp_ratio: int = 4,
       num_cond_tokens: int = 2,
+      latent_dim: int | None = None,
       *,
       rngs: nnx.Rngs):
     """Builds the denoiser.
@@ -128,10 +131,14 @@ class ConditionalDenoiser(nnx.Module):
       num_heads: attention heads.
       mlp_ratio: MLP hidden width as a multiple of ``dim``.
       num_cond_tokens: ``K``, condition tokens (2 in MUST: ``c_hat`` and ``CLS_u``).
+      latent_dim: width of ``z`` when it differs from ``dim`` (None: ``dim``).
       rngs: parameter initialisation keys.
     """
     self.dim = dim
+    self.latent_dim = latent_dim or dim
     self.num_cond_tokens = num_cond_tokens
+    self.in_proj = (nnx.Linear(self.latent_dim, dim, rngs=rngs)
+                    if self.latent_dim != dim else None)
     self.time_fc1 = nnx.Linear(dim, dim, rngs=rngs)
     self.time_fc2 = nnx.Linear(dim, dim, rngs=rngs)
     self.type_embed = nnx.Param(
@@ -140,27 +147,29 @@ class ConditionalDenoiser(nnx.Module):
         _TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs) for _ in range(num_layers)])
     self.ln_out = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
     self.out = nnx.Linear(
-        dim, dim, kernel_init=nnx.initializers.zeros_init(),
+        dim, self.latent_dim, kernel_init=nnx.initializers.zeros_init(),
         bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
   def __call__(self, z: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
     """Predicts the noise.
 
     Args:
-      z: noisy latents ``z_t`` ``[B, D]``.
+      z: noisy latents ``z_t`` ``[B, latent_dim]``.
       t: integer timesteps ``[B]`` (0-based, ``0 <= t < T``).
       cond: condition tokens ``[B, K, D]`` (MUST: ``[c_hat; CLS_u]``).
 
     Returns:
-      ``eps_theta(z_t, t, cond)``, ``[B, D]``.
+      ``eps_theta(z_t, t, cond)``, ``[B, latent_dim]``.
     """
-    if cond.shape[-2:] != (self.num_cond_tokens, self.dim) or z.shape[-1] != self.dim:
+    if (cond.shape[-2:] != (self.num_cond_tokens, self.dim)
+        or z.shape[-1] != self.latent_dim):
       raise ValueError(
-          f"expected z [B, {self.dim}] and cond [B, {self.num_cond_tokens}, {self.dim}], "
-          f"got {z.shape} and {cond.shape}")
+          f"expected z [B, {self.latent_dim}] and cond [B, {self.num_cond_tokens}, "
+          f"{self.dim}], got {z.shape} and {cond.shape}")
     temb = self.time_fc2(jax.nn.silu(self.time_fc1(timestep_embedding(t, self.dim))))
+    h = z if self.in_proj is None else self.in_proj(z)
     x = jnp.concatenate(
-        [(z + temb)[:, None, :], cond + self.type_embed[...][None]], axis=1)
+        [(h + temb)[:, None, :], cond + self.type_embed[...][None]], axis=1)
     n = len(self.layers)
     for i, layer in enumerate(self.layers):
       x = layer(x, first_only=(i == n - 1))

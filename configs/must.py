@@ -4,31 +4,55 @@ Command (5-fold cross-validation, scenarios full / missing_pathology / missing_g
 
   python -m survjax.main --config=configs/must.py --workdir=runs/must
 
-Variants: ``configs/must.py:smoke`` (120 patients, 3 folds: 3 minutes on a 2-core CPU,
-about 100 s of which is compilation),
-``:paper_schedule`` (the paper's 30 + 30 epochs and a 10x longer LDM; about 4x the time),
+Variants: ``configs/must.py:smoke`` (the whole pipeline at small size: 2 folds of 120
+patients, a 64-d model; 61 s on a 2-core AMD EPYC, about 45 s of it compilation),
+``:paper_schedule`` (the paper's 30 + 30 epochs and learning rates, a 10x longer LDM),
+``:paper_ldm`` (the LDM as the paper writes it: the 256-d u^, trained on c^),
 ``:no_warmup``, ``:cond_c`` (condition on [c] only), ``:rank16``, ``:rank128``,
 ``:train_missing`` (15% of patients miss each modality and train unpaired, supp. 8.2).
 
 Architecture and losses follow the paper (Sec. 3, supp. 6-7): D = 256, r = 64, K = 4
 bins, 8 heads, lambda_dec = 1, lambda_sh = 1, lambda_orth = 0.5, warm-up lr 1e-3 with
-sigma = 0.1, main lr 2e-4, weight decay 1e-5, LDM batch 32, 4-layer 256-d transformer
-denoiser, DDIM 50 steps, eta = 0, 5 samples averaged. Differences, each a config field,
-chosen so that the 5-fold job fits 15 minutes on a 2-core CPU:
+sigma = 0.1, weight decay 1e-5, LDM batch 32, 4-layer 256-d transformer denoiser, DDIM
+50 steps, eta = 0, 5 samples averaged. Differences, each a config field:
 
 * a real batch of 32 patients with padded, masked bags instead of batch 1 with 32-step
   accumulation (``train.accumulate`` is still there);
-* 15 + 15 epochs instead of 30 + 30 (on these 320 training patients the warm-up loss,
-  two survival NLLs, fell from 2.70 to 0.59 by epoch 20 of 30: it memorises;
-  ``:paper_schedule`` restores 30 + 30);
+* main stage: the paper's 30 epochs at lr 1e-3 instead of 2e-4. With 320 training
+  patients an epoch is 10 steps; after 15 epochs at 2e-4 the decomposition loss was
+  still falling (602 -> 32; 24 at 1e-3) and the survival loss (1.16) was above the
+  warm-up's (0.48). On fold 1 the full C-index went from 0.717 (the previous defaults,
+  15 + 15 epochs at 2e-4) to 0.763 (10 + 30 epochs at 1e-3; 0.755 with 40 main epochs,
+  0.728 with 80: it overfits), oracle 0.761;
+* warm-up: 10 epochs instead of 30 (its loss, two survival NLLs, falls from 2.79 to
+  1.14 in 15 epochs on these patients: it memorises);
 * training bags subsampled to 32 patches (``train.max_instances``; evaluation reads
   whole bags), TransMIL with 16 Nystrom landmarks (the synthetic bags hold 64-480
   patches, not 10k-200k);
 * the LDM trains 600 steps at lr 1e-3 per modality instead of 1M steps at 1e-4;
   the noise schedule (linear, T = 1000, DDPM's betas) is not given by the paper;
-  DDIM clips each predicted clean latent to +-3 standard deviations (``ldm.clip_x0``,
-  the ``clip_denoised`` of the DDPM/DDIM code): without it, a denoiser trained on 320
-  latents drove the trajectories of unseen conditions to 10x the latents' norm.
+  DDIM clips each predicted clean latent to +-3 (``ldm.clip_x0``, the ``clip_denoised``
+  of the DDPM/DDIM code);
+* the LDM diffuses the 8 whitened principal coordinates of u^ (``ldm.latent_dim``;
+  0 = the paper's 256-d u^, standardised per dimension), and is trained on the
+  surrogate condition c~ = P (g - u^) of the training patients (supp. 8.2;
+  ``ldm.condition_source = "c_hat"`` for the paper's c^), the condition it gets at
+  inference. A trained u^ varies along a few directions (79-96% of its variance in 4 of
+  256), and on the 256-d latent the individual samples came out with 2.2-2.3x the
+  data's spread, pinned at the clip; on 8 coordinates, 0.95-1.2x. Per held-out patient,
+  c~ and c^ correlate (centred) at only 0.08 (from genomics) and 0.11 (from pathology),
+  so a denoiser trained on c^ samples from conditions it never saw. Fold 1 of the main
+  job, C-index of the LDM fill (zeros: 0.743 missing pathology, 0.747 missing genomics),
+  ``--config.cv.folds='(1,)'`` plus the fields named, figures from
+  ``scripts/must_ldm_probe.py``:
+
+    LDM                                 missing P   missing G   sample spread   sq. error / mean's
+    8 coordinates, c~ (default)         0.668       0.743       0.98 / 1.20     1.27 / 1.42
+    8 coordinates, c^                   0.557       0.747       0.95 / 0.99     1.84 / 1.20
+    256-d, c~ (latent_dim=0)            0.598       0.749       2.16 / 2.29     2.16 / 2.28
+    256-d, c^ (``:paper_ldm``)          0.583       0.748       2.24 / 2.28     2.18 / 2.25
+
+  (spread and error: generated u^_P / u^_G).
 
 Expected result (5 folds, a run of the command above on the default cohort, whose
 specific factors are coupled to the shared one with rho = 0.7; C-index mean +- std over
@@ -36,34 +60,43 @@ folds, oracle = the conditional expectation of the true risk given what the scen
 reveals, averaged over the folds):
 
   scenario             LDM (the method)   zeros           training mean   oracle
-  full                 0.752 +- 0.063                                      0.799
-  missing_pathology    0.735 +- 0.065     0.758 +- 0.039  0.759 +- 0.040   0.791
-  missing_genomics     0.672 +- 0.068     0.683 +- 0.068  0.690 +- 0.067   0.781
+  full                 0.768 +- 0.029                                      0.796
+  missing_pathology    0.732 +- 0.044     0.775 +- 0.034  0.774 +- 0.033   0.786
+  missing_genomics     0.699 +- 0.045     0.714 +- 0.035  0.716 +- 0.037   0.779
 
-Decomposition diagnostics (held-out patients, Sec. 4.4): cos(c_P<-G, c_G<-P) 0.99,
-cos(u_P, u_G) -0.02, cos(g_P, u_P + c_G<-P) 0.93, cos(g_G, u_G + c_P<-G) 0.996,
-cos(g_P, g_G) 0.07: the paper's picture (shared parts aligned, specific parts
-orthogonal). The full C-index is 0.047 below the oracle (fold 0: 0.799 against 0.815); on the
-same folds it ties TransMIL on pathology alone (0.751), is above the SNN on genomics
-alone (0.746) and below gated ABMIL on pathology alone (0.766, whose own ceiling is
-0.779): the paper's gain over unimodal baselines is not reproduced. Not the paper's
-picture: the diffusion fill does not beat zeros or the
-training mean in either missing scenario. Measured on fold 1 with the main network
-frozen (``scripts/must_ldm_probe.py``): a ridge regression of u on c~ over the training patients predicts the held-out
-u with 0.75 (genomics) and 0.86 (pathology) of the mean's squared error, so c~ carries
-information about u, but the denoiser's noise-prediction loss on held-out latents
-barely depends on its condition (true against shuffled c: 25.08 against 25.11 at
-t = 500 after 600 steps; 16.4 against 17.3 after 4000), and the averaged DDIM samples
-lie 1.6-1.7x as far from the true u as the mean does, also after 4000 steps or with
-condition-noise augmentation; 320 latents of 256 dimensions are too few for the
-conditional structure to be learnt.
+Decomposition diagnostics (held-out patients, Sec. 4.4): cos(c_P<-G, c_G<-P) 0.98,
+cos(u_P, u_G) -0.01, cos(g_P, u_P + c_G<-P) 0.97, cos(g_G, u_G + c_P<-G) 0.996,
+cos(g_P, g_G) 0.06: the paper's picture (shared parts aligned, specific parts
+orthogonal). The full C-index is 0.028 below the oracle; on the same folds it is above
+gated ABMIL on pathology alone (0.766 +- 0.031, within noise), TransMIL (0.751) and the
+SNN on genomics (0.746).
 
-Wall time of that run on an otherwise idle 2-core CPU (Intel Xeon): 10 min 35 s in all,
-557 s training + 72 s evaluation (fold 0, compilations included: 166 + 25 s; each later
-fold about 102 + 7 s: warm-up 28 s, main 34 s, LDM 2 x 12.5 s); checkpoints are written every 30 s and at each stage's end
-(``train.checkpoint_every_s``), as writing the 100 MB state after every 2-second epoch
-had taken a third of the training time. Traces: one per training step function, one
-shared LDM feature pass.
+Not the paper's picture: the diffusion fill is below zeros and the training mean in
+both missing scenarios. Why, measured on the trained folds of that run with the main
+network frozen (``RUN=runs/must FOLD=k RETRAIN=0 python scripts/must_ldm_probe.py``):
+
+* the fill cannot carry what c~ does not predict. As the fill, the *true* u^ of the
+  missing modality gives, against zeros: missing genomics 0.751 vs 0.747 (fold 1) and
+  0.730 vs 0.650 (fold 0); missing pathology 0.759 vs 0.743 (fold 1) and 0.729 vs 0.789
+  (fold 0). A ridge regression of u^ on the standardised c~ (training patients, 32
+  principal components, lambda 100) explains 42% / 22% of u^_G's variance (folds 1 / 0)
+  and 12% / 11% of u^_P's, and its fill scores 0.747 / 0.645 and 0.743 / 0.778, no
+  better than zeros: what c~ predicts of u^ is not the part the head reads. With both
+  modalities the head takes most of its risk from c^, computed from both (c^ alone,
+  both u^ at their training means: 0.749 / 0.771 against the full 0.763 / 0.748 on
+  folds 1 / 0), while c~ comes from one (their centred correlation is 0.08-0.11);
+* the 5-sample average adds sampling noise along the head's direction: on fold 1 the
+  missing-pathology fill goes from 0.685 with 5 samples to 0.730 with 50 (zeros 0.743;
+  ``num_samples=50`` as a probe argument).
+
+Wall time of that run on an otherwise idle 2-core AMD EPYC: 6 min 29 s in all, 351 s
+training + 34 s evaluation (fold 0, compilations included: 94 + 12 s; each later fold
+63-66 s of training and 3.5 s of evaluation, 11 s for the last, which also times batch
+1); checkpoints are written every 30 s
+and at each stage's end (``train.checkpoint_every_s``). On the 2-core Intel Xeon of
+earlier sessions the same code ran about 1.9x slower (the smoke variant: 3 min there);
+the previous defaults took 10 min 35 s there. Traces: one per training step function,
+one shared LDM feature pass.
 """
 
 import ml_collections
@@ -89,8 +122,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.grad_clip = 1.0
   m.train_patients = "complete"   # paper protocol; "any" = training-time missingness
   m.project_recovered_shared = True  # missing modality: c~ = P (g - u^) (False: eq. 20 as is)
-  m.stage1 = ml_collections.ConfigDict(dict(epochs=15, lr=1e-3, weight_decay=1e-5))
-  m.stage2 = ml_collections.ConfigDict(dict(epochs=15, lr=2e-4, weight_decay=1e-5))
+  m.stage1 = ml_collections.ConfigDict(dict(epochs=10, lr=1e-3, weight_decay=1e-5))
+  m.stage2 = ml_collections.ConfigDict(dict(epochs=30, lr=1e-3, weight_decay=1e-5))
   m.ldm = ml_collections.ConfigDict(dict(
       num_layers=4, num_heads=8, schedule="linear", timesteps=1000, beta_start=1e-4,
       beta_end=0.02, lr=1e-3, weight_decay=0.0, batch_size=32, steps=600,
@@ -98,7 +131,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       cond_noise=0.0,             # > 0: condition noise augmentation (x per-dim std of c)
       clip_x0=3.0,                # > 0: clip predicted clean latents (standardised) to +-clip_x0
       condition="c_cls",          # "c_cls": [c; CLS_u] (paper) | "c": [c] only (ablation)
-      condition_source="c_hat",   # "c_hat" (paper) | "c_tilde" (surrogate, supp. 8.2)
+      condition_source="c_tilde",  # "c_tilde" (surrogate, supp. 8.2) | "c_hat" (paper)
+      latent_dim=8,               # whitened principal coordinates of u^ (0: all 256, paper)
   ))
   # Synthetic bags hold 64-480 patches: one 512 bucket for whole-bag evaluation (fewer
   # compilations, half the padding of 1024); training bags are capped at max_instances.
@@ -108,9 +142,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval.batch_size = 80   # a 400-patient cohort's 80-patient folds in one unpadded batch
 
   for v in filter(None, variant.split(",")):
-    if v == "smoke":
+    if v == "smoke":  # the whole pipeline, small: 2 folds of 120 patients, 64-d model
       c.data.synthetic.n_patients = 120
-      c.cv.num_folds = 3
+      c.cv.num_folds = 2
+      m.dim, m.num_heads, m.rank, m.head_hidden = 64, 4, 16, 64
+      m.ldm.num_layers, m.ldm.num_heads = 2, 4
       m.stage1.epochs = 3
       m.stage2.epochs = 4
       m.ldm.steps = 200
@@ -119,12 +155,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     elif v == "paper_schedule":  # the paper's epochs and a 10x longer LDM (about 4x the time)
       m.stage1.epochs = 30
       m.stage2.epochs = 30
+      m.stage2.lr = 2e-4
       m.ldm.steps = 10000
       m.ldm.steps_per_epoch = 1000
     elif v == "no_warmup":
       m.stage1.epochs = 0
     elif v == "cond_c":
       m.ldm.condition = "c"
+    elif v == "paper_ldm":  # the LDM as the paper writes it: 256-d u^, trained on c^
+      m.ldm.latent_dim = 0
+      m.ldm.condition_source = "c_hat"
     elif v.startswith("rank"):
       m.rank = int(v[4:])
     elif v == "train_missing":

@@ -1,17 +1,25 @@
 """Probe of MUST's latent diffusion on a trained fold of the main job (diagnostic script).
 
     python -m survjax.main --config=configs/must.py --workdir=runs/must   # first
-    FOLD=1 RETRAIN=1 PYTHONPATH=. python scripts/must_ldm_probe.py [ldm_key=value ...]
+    RUN=runs/must FOLD=1 RETRAIN=0 PYTHONPATH=. python scripts/must_ldm_probe.py [ldm_key=value ...]
 
-Loads fold FOLD's final checkpoint from runs/must, optionally (RETRAIN=1) retrains only
-the two denoisers with the given ``model.ldm`` overrides (e.g. ``steps=4000
-steps_per_epoch=1000``, ``cond_noise=0.5``), and prints as JSON lines: the held-out
-C-index of the LDM / zeros / mean fills; per missing modality, the squared error of the
-generated u, of a ridge regression of u on c~ (fit on the training patients) and of the
-true u used as the fill, relative to the training mean's; and the denoiser's
-noise-prediction loss on training and held-out latents at t = 100 / 500 / 900 with the
-true, the shuffled and a zero condition. The figures quoted in configs/must.py come
-from ``FOLD=1`` with the defaults and with ``steps=4000 steps_per_epoch=1000``.
+Loads fold FOLD's final checkpoint from RUN (default runs/must), optionally (RETRAIN=1)
+retrains only the two denoisers with the given ``model.ldm`` overrides (e.g.
+``steps=4000 steps_per_epoch=1000``, ``cond_noise=0.5``; with RETRAIN=0 the overrides
+must match the run's, e.g. ``latent_dim=0 condition_source=c_hat`` for a run of
+``configs/must.py:paper_ldm``, and sampling-only ones such as ``num_samples=50`` may
+differ), and prints as JSON lines: the held-out C-index of the LDM / zeros / mean
+fills; per missing modality, the spread of the individual DDIM samples in the diffused
+coordinates (1 = the training latents'), the centred per-patient correlation of c~
+with c^, the share of u's variance in its top 4 principal directions, and the C-index and the squared error
+(relative to the training mean's) of the generated u, of a ridge regression of u on the
+standardised c~ (fit on the training patients; its training R^2 too) and of the true u
+used as the fill; the C-index with both modalities from c^ alone (both u^ at their
+training means) against the full input; and the denoiser's noise-prediction loss on training and held-out
+latents at t = 100 / 500 / 900 with the true, the shuffled and a zero condition. The
+figures quoted in configs/must.py come from ``RETRAIN=0`` on folds 0 and 1 of the main
+job (with the defaults and with ``num_samples=50``) and on fold 1 of the LDM ablations
+listed there.
 """
 import os
 FOLD=int(os.environ.get("FOLD","0")); RETRAIN=os.environ.get("RETRAIN","1")=="1"
@@ -43,10 +51,9 @@ fresh_den = nnx.state(model.denoisers)
 stages = method.stages()
 last = stages[-1]
 g, trn, rest = nnx.split(model, last.trainable, ...)
-ck = Checkpointer(f"runs/must/fold_{FOLD}/checkpoints")
-tmpl = _state_dict(model); cm = tmpl.pop("cond_mean", None)
+ck = Checkpointer(f"{os.environ.get('RUN', 'runs/must')}/fold_{FOLD}/checkpoints")
+tmpl = _state_dict(model)
 ms, _ = ck.restore(ck.latest(), tmpl, jax.tree.map(lambda x: x, last.optimizer.init(trn)))
-if cm is not None: ms["cond_mean"] = cm
 st = nnx.state(model); nnx.replace_by_pure_dict(st, ms); nnx.update(model, st)
 if RETRAIN: nnx.update(model.denoisers, fresh_den)
 
@@ -78,37 +85,68 @@ print(json.dumps(out), flush=True)
 import jax.numpy as jnp
 from survjax.data.batching import make_batch
 from survjax import survival
+from survjax.diffusion import ddim
 batch = make_batch(cohort, va, BatchSpec(batch_size=len(va)), bins=bins)
 comp = model.components(batch)
 name_p, name_g = method.modalities
 diag = {}
-tb = make_batch(cohort, tr[cohort.complete(method.modalities)[tr]], BatchSpec(batch_size=len(tr), max_instances=None), bins=bins)
+tr_c = tr[cohort.complete(method.modalities)[tr]]
+tb = make_batch(cohort, tr_c, BatchSpec(batch_size=len(tr), max_instances=None), bins=bins)
 tcomp = model.components(tb)
 for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"]), (name_g, name_p, comp["u_p"], comp["u_g"])):
   g, u_h = model.specific_only(batch, have)
   c_t = model.project_shared(g - u_h)
   gen = method.generate(model, missing, c_t, jax.random.key(5))
-  zs = (gen - model.latent_mean[missing][...]) / model.latent_std[missing][...]
-  zt = (u_true - model.latent_mean[missing][...]) / model.latent_std[missing][...]
-  print(missing, "z-space norms gen", float(jnp.mean(jnp.linalg.norm(zs, axis=-1))), "true", float(jnp.mean(jnp.linalg.norm(zt, axis=-1))), "std min/max", float(model.latent_std[missing][...].min()), float(model.latent_std[missing][...].max()))
+  # Spread of the individual DDIM samples in the diffused coordinates, whose training
+  # latents have unit standard deviation per coordinate (1 = the data's spread).
+  ldm = method.cfg.ldm
+  cond = model.condition(missing, model.standardize_condition(missing, c_t), ldm.condition == "c_cls")
+  _, smp = ddim.ddim_sample(model.denoisers[missing], cond, jax.random.key(5), method._schedule(),
+                            num_steps=ldm.ddim_steps, eta=ldm.eta, num_samples=ldm.num_samples,
+                            dim=model.denoisers[missing].latent_dim, clip_x0=ldm.get("clip_x0") or None)
+  spread = float(jnp.mean(jnp.std(smp.reshape(-1, smp.shape[-1]), 0)))
+  # How well c~ (one modality) matches c^ (both): centred per-patient correlation.
+  c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
+  a_, b_ = np.asarray(c_t - c_t.mean(0)), np.asarray(c_hat - c_hat.mean(0))
+  c_corr = float(np.mean(np.sum(a_ * b_, 1) / np.linalg.norm(a_, axis=1) / np.linalg.norm(b_, axis=1)))
+  # Share of the training u's variance in its top 4 principal directions.
+  u_tr = np.asarray(tcomp["u_g"] if missing == name_g else tcomp["u_p"])[:len(tr_c)]
+  sv2 = np.linalg.svd(u_tr - u_tr.mean(0), compute_uv=False) ** 2
+  top4 = float(sv2[:4].sum() / sv2.sum())
+  zs = model.encode_latent(missing, gen)
+  zt = model.encode_latent(missing, u_true)
+  print(missing, "z-space norms gen", float(jnp.mean(jnp.linalg.norm(zs, axis=-1))), "true", float(jnp.mean(jnp.linalg.norm(zt, axis=-1))), "scale min/max", float(model.latent_scale[missing][...].min()), float(model.latent_scale[missing][...].max()))
   mean = model.latent_mean[missing][...]
   def rel(x): return float(jnp.mean(jnp.sum((x - u_true) ** 2, -1)) / jnp.mean(jnp.sum((mean - u_true) ** 2, -1)))
   if have == name_p:
     r_or = survival.discrete_time_risk(model.head(u_h, c_t, u_true))
   else:
     r_or = survival.discrete_time_risk(model.head(u_true, c_t, u_h))
-  # ridge regression of the true u on c~ over the training patients: E[u | c] if linear
+  # ridge regression of the true u on c~ over the training patients: E[u | c] if linear.
+  # c~ standardised with training statistics, its top 32 principal components, lambda 100.
   gt, uht = model.specific_only(tb, have)
-  ct = np.asarray(model.project_shared(gt - uht)); ut = np.asarray(tcomp["u_g"] if missing == name_g else tcomp["u_p"])
-  X = np.concatenate([ct, np.ones((len(ct), 1))], 1); lam = 10.0
-  W = np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ ut)
-  ridge = jnp.asarray(np.concatenate([np.asarray(c_t), np.ones((len(c_t), 1))], 1) @ W)
+  ct = np.asarray(method.recover_shared(model, gt, uht))[:len(tr_c)]
+  ut = np.asarray(tcomp["u_g"] if missing == name_g else tcomp["u_p"])[:len(tr_c)]
+  c_mu, c_sd, u_mu = ct.mean(0), ct.std(0) + 1e-6, ut.mean(0)
+  _, _, vt = np.linalg.svd((ct - c_mu) / c_sd, full_matrices=False)
+  pcs = vt[:32].T
+  X = (ct - c_mu) / c_sd @ pcs
+  W = np.linalg.solve(X.T @ X + 100.0 * np.eye(X.shape[1]), X.T @ (ut - u_mu))
+  ridge_r2 = 1 - np.sum((X @ W + u_mu - ut) ** 2) / np.sum((ut - u_mu) ** 2)
+  ridge = jnp.asarray((np.asarray(c_t) - c_mu) / c_sd @ pcs @ W + u_mu)
   if have == name_p:
     r_ridge = survival.discrete_time_risk(model.head(u_h, c_t, ridge))
   else:
     r_ridge = survival.discrete_time_risk(model.head(ridge, c_t, u_h))
-  diag[f"missing_{missing}"] = {"ridge_mse_over_mean_mse": round(rel(ridge), 3), "ridge_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_ridge)[:len(va)]), 4),"gen_mse_over_mean_mse": round(rel(gen), 3), "gen_norm": float(jnp.mean(jnp.linalg.norm(gen, axis=-1))), "true_norm": float(jnp.mean(jnp.linalg.norm(u_true, axis=-1))),
+  diag[f"missing_{missing}"] = {"sample_spread_over_data": round(spread, 3), "c_tilde_c_hat_corr": round(c_corr, 3), "u_top4_variance_share": round(top4, 3), "ridge_train_r2": round(float(ridge_r2), 3), "ridge_mse_over_mean_mse": round(rel(ridge), 3), "ridge_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_ridge)[:len(va)]), 4),"gen_mse_over_mean_mse": round(rel(gen), 3), "gen_norm": float(jnp.mean(jnp.linalg.norm(gen, axis=-1))), "true_norm": float(jnp.mean(jnp.linalg.norm(u_true, axis=-1))),
       "oracle_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_or)[:len(va)]), 4)}
+# Where the head takes its risk from with both modalities: c^ alone (both u^ at their
+# training means) against the full input.
+c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
+mp = jnp.broadcast_to(model.latent_mean[name_p][...], comp["u_p"].shape)
+mg = jnp.broadcast_to(model.latent_mean[name_g][...], comp["u_g"].shape)
+ci = lambda r: round(_cindex(cohort.time[va], cohort.event[va], np.asarray(survival.discrete_time_risk(r))[:len(va)]), 4)
+diag["full"] = {"all": ci(model.head(comp["u_p"], c_hat, comp["u_g"])), "c_hat_only": ci(model.head(mp, c_hat, mg))}
 print(json.dumps(diag), flush=True)
 # ---- does the denoiser use its condition? eps-loss with true vs shuffled conditions
 for have, missing, u_all, comp_src in ((name_p, name_g, "u_g", None), (name_g, name_p, "u_p", None)):
@@ -120,7 +158,7 @@ for have, missing, u_all, comp_src in ((name_p, name_g, "u_g", None), (name_g, n
       ct_hat = model.standardize_condition(missing, cmp_["c_gp"] if missing == name_g else cmp_["c_pg"])
     else:
       ct_hat = ct
-    z0 = (cmp_[u_all] - model.latent_mean[missing][...]) / model.latent_std[missing][...]
+    z0 = model.encode_latent(missing, cmp_[u_all])
     n = z0.shape[0]
     res = {}
     for tt in (100, 500, 900):

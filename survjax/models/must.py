@@ -317,10 +317,10 @@ def fit_latent(u: jax.Array, latent_dim: int = 0, min_scale: float = 1e-3):
   ``decode(encode(u))`` is the projection of ``u`` on the top-k principal subspace.
 
   Why (our choice; the paper diffuses the 256-d u^ and is silent on scaling): a trained
-  u^ varies along a few directions (on the synthetic cohort, 93% of its variance in 4 of
+  u^ varies along a few directions (on the synthetic cohort, 79-96% of its variance in 4 of
   256), and a 600-step denoiser fitted to 320 standardised 256-d latents produced samples
   with 2.2-2.3x the data's per-dimension spread, pinned at the +-3 clip (held-out fold,
-  see `configs/must.py`); on 8 whitened coordinates, 0.75-1.3x.
+  see `configs/must.py`); on 8 whitened coordinates, 0.95-1.2x.
   """
   mean = jnp.mean(u, 0)
   if not latent_dim:

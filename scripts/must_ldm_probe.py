@@ -85,7 +85,6 @@ print(json.dumps(out), flush=True)
 import jax.numpy as jnp
 from survjax.data.batching import make_batch
 from survjax import survival
-from survjax.diffusion import ddim
 batch = make_batch(cohort, va, BatchSpec(batch_size=len(va)), bins=bins)
 comp = model.components(batch)
 name_p, name_g = method.modalities
@@ -93,25 +92,21 @@ diag = {}
 tr_c = tr[cohort.complete(method.modalities)[tr]]
 tb = make_batch(cohort, tr_c, BatchSpec(batch_size=len(tr), max_instances=None), bins=bins)
 tcomp = model.components(tb)
+c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
 for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"]), (name_g, name_p, comp["u_p"], comp["u_g"])):
   g, u_h = model.specific_only(batch, have)
   c_t = model.project_shared(g - u_h)
-  gen = method.generate(model, missing, c_t, jax.random.key(5))
+  smp = method.sample_latent(model, missing, c_t, jax.random.key(5))
+  gen = model.decode_latent(missing, smp.mean(axis=1))   # = method.generate(..., key(5))
   # Spread of the individual DDIM samples in the diffused coordinates, whose training
   # latents have unit standard deviation per coordinate (1 = the data's spread).
-  ldm = method.cfg.ldm
-  cond = model.condition(missing, model.standardize_condition(missing, c_t), ldm.condition == "c_cls")
-  _, smp = ddim.ddim_sample(model.denoisers[missing], cond, jax.random.key(5), method._schedule(),
-                            num_steps=ldm.ddim_steps, eta=ldm.eta, num_samples=ldm.num_samples,
-                            dim=model.denoisers[missing].latent_dim, clip_x0=ldm.get("clip_x0") or None)
   spread = float(jnp.mean(jnp.std(smp.reshape(-1, smp.shape[-1]), 0)))
   # How well c~ (one modality) matches c^ (both): centred per-patient correlation.
-  c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
   a_, b_ = np.asarray(c_t - c_t.mean(0)), np.asarray(c_hat - c_hat.mean(0))
   c_corr = float(np.mean(np.sum(a_ * b_, 1) / np.linalg.norm(a_, axis=1) / np.linalg.norm(b_, axis=1)))
   # Share of the training u's variance in its top 4 principal directions.
-  u_tr = np.asarray(tcomp["u_g"] if missing == name_g else tcomp["u_p"])[:len(tr_c)]
-  sv2 = np.linalg.svd(u_tr - u_tr.mean(0), compute_uv=False) ** 2
+  ut = np.asarray(tcomp["u_g"] if missing == name_g else tcomp["u_p"])[:len(tr_c)]
+  sv2 = np.linalg.svd(ut - ut.mean(0), compute_uv=False) ** 2
   top4 = float(sv2[:4].sum() / sv2.sum())
   zs = model.encode_latent(missing, gen)
   zt = model.encode_latent(missing, u_true)
@@ -126,7 +121,6 @@ for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"])
   # c~ standardised with training statistics, its top 32 principal components, lambda 100.
   gt, uht = model.specific_only(tb, have)
   ct = np.asarray(method.recover_shared(model, gt, uht))[:len(tr_c)]
-  ut = np.asarray(tcomp["u_g"] if missing == name_g else tcomp["u_p"])[:len(tr_c)]
   c_mu, c_sd, u_mu = ct.mean(0), ct.std(0) + 1e-6, ut.mean(0)
   _, _, vt = np.linalg.svd((ct - c_mu) / c_sd, full_matrices=False)
   pcs = vt[:32].T
@@ -142,7 +136,6 @@ for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"])
       "oracle_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_or)[:len(va)]), 4)}
 # Where the head takes its risk from with both modalities: c^ alone (both u^ at their
 # training means) against the full input.
-c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
 mp = jnp.broadcast_to(model.latent_mean[name_p][...], comp["u_p"].shape)
 mg = jnp.broadcast_to(model.latent_mean[name_g][...], comp["u_g"].shape)
 ci = lambda r: round(_cindex(cohort.time[va], cohort.event[va], np.asarray(survival.discrete_time_risk(r))[:len(va)]), 4)

@@ -510,16 +510,23 @@ class MUST:
 
   # ---- inference -----------------------------------------------------------------------
 
-  def generate(self, model, modality, c_tilde, key):
-    """DDIM samples of u~ for ``modality`` given c~: mean over samples, de-standardised."""
+  def sample_latent(self, model, modality, c_tilde, key):
+    """DDIM samples ``[B, S, k]`` of the diffused coordinates of u~ for ``modality``
+    given c~ (eq. 21; ``S = ldm.num_samples``)."""
     ldm = self.cfg.ldm
     cond = model.condition(modality, model.standardize_condition(modality, c_tilde),
                            ldm.condition == "c_cls")
     denoiser = model.denoisers[modality]
-    mean, _ = ddim.ddim_sample(denoiser, cond, key, self._schedule(), num_steps=ldm.ddim_steps,
-                               eta=ldm.eta, num_samples=ldm.num_samples,
-                               dim=denoiser.latent_dim, clip_x0=ldm.get("clip_x0") or None)
-    return model.decode_latent(modality, mean)
+    _, samples = ddim.ddim_sample(denoiser, cond, key, self._schedule(),
+                                  num_steps=ldm.ddim_steps, eta=ldm.eta,
+                                  num_samples=ldm.num_samples, dim=denoiser.latent_dim,
+                                  clip_x0=ldm.get("clip_x0") or None)
+    return samples
+
+  def generate(self, model, modality, c_tilde, key):
+    """u~ for ``modality`` given c~: the mean of the DDIM samples, decoded to u^ space."""
+    return model.decode_latent(modality,
+                               self.sample_latent(model, modality, c_tilde, key).mean(axis=1))
 
   def predict(self, model, batch, present, key):
     risk = survival.discrete_time_risk

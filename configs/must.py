@@ -23,7 +23,9 @@ sigma = 0.1, weight decay 1e-5, LDM batch 32, 4-layer 256-d transformer denoiser
   still falling (602 -> 32; 24 at 1e-3) and the survival loss (1.16) was above the
   warm-up's (0.48). On fold 1 the full C-index went from 0.717 (the previous defaults,
   15 + 15 epochs at 2e-4) to 0.763 (10 + 30 epochs at 1e-3; 0.755 with 40 main epochs,
-  0.728 with 80: it overfits), oracle 0.761;
+  0.728 with 80: it overfits), oracle 0.761 (each a run of the command above with
+  ``--config.cv.folds='(1,)'`` and the epochs and lr named; losses from its
+  ``fold_1/metrics.jsonl``);
 * warm-up: 10 epochs instead of 30 (its loss, two survival NLLs, falls from 2.79 to
   1.14 in 15 epochs on these patients: it memorises);
 * training bags subsampled to 32 patches (``train.max_instances``; evaluation reads

@@ -268,3 +268,19 @@ def test_out_of_range_synthetic_knob(tmp_path):
   assert lines[0].startswith("survjax: bad input: ") and "config.data.synthetic" in lines[0]
   assert "coupling 1.5" in lines[0] and "expected 0 <= coupling < 1" in lines[0]
   _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("model.ldm.latent_dim", "300", "expected 0 (all 64 dimensions) to model.dim = 64"),
+    ("model.rank", "128", "expected 1 <= rank <= model.dim = 64"),
+])
+def test_out_of_range_must_size(tmp_path, field, value, expected):
+  """MUST checks the sizes its config sets when the method is made: one line, nothing."""
+  out = _run([f"--config={REPO}/configs/must.py:smoke", f"--workdir={tmp_path / 'run'}",
+              f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
+              f"--config.{field}={value}"], tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  assert lines[0].startswith(f"survjax: bad input: config.{field}: "), lines[0]
+  assert expected in lines[0]
+  _assert_nothing_written(tmp_path)

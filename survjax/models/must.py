@@ -79,6 +79,7 @@ from flax import nnx
 from survjax import survival
 from survjax.diffusion import ddim, schedules
 from survjax.diffusion.denoiser import ConditionalDenoiser, denoising_loss
+from survjax.errors import InputError
 from survjax.method import Stage
 from survjax.nn.attention import MultiHeadAttention, TransformerLayer
 from survjax.nn.genomic import GroupTokenizer
@@ -178,8 +179,6 @@ class MUSTModel(nnx.Module):
 
   def __init__(self, info: dict, names: tuple[str, str], cfg, *, rngs: nnx.Rngs):
     d = cfg.dim
-    if not 0 < cfg.rank <= d:
-      raise ValueError(f"model.rank must be in 1..model.dim = {d}, got {cfg.rank}")
     self.names = tuple(names)
     self.encoder_p = _encoder(info[names[0]], cfg, rngs)
     self.encoder_g = _encoder(info[names[1]], cfg, rngs)
@@ -193,8 +192,6 @@ class MUSTModel(nnx.Module):
     self.head1 = nnx.Linear(3 * d, cfg.head_hidden, rngs=rngs)
     self.head2 = nnx.Linear(cfg.head_hidden, cfg.num_bins, rngs=rngs)
     k = cfg.ldm.get("latent_dim", 0) or d
-    if not 0 < k <= d:
-      raise ValueError(f"model.ldm.latent_dim must be in 1..{d} (0 = {d}), got {k}")
     self.denoisers = nnx.Dict({
         m: ConditionalDenoiser(dim=d, num_layers=cfg.ldm.num_layers, num_heads=cfg.ldm.num_heads,
                                num_cond_tokens=2, latent_dim=k, rngs=rngs)
@@ -351,9 +348,21 @@ class MUST:
   def num_bins(self):
     return self.cfg.num_bins
 
-  def build(self, info, rngs):
+  def __post_init__(self):
+    """Checks the sizes the config sets, before anything is built or written."""
+    c = self.cfg
     if len(self.modalities) != 2:
-      raise ValueError(f"MUST takes exactly two modalities, got {self.modalities}")
+      raise InputError(f"MUST takes exactly two modalities, got {list(self.modalities)}",
+                       path="config.model.modalities")
+    if not 0 < c.rank <= c.dim:
+      raise InputError(f"rank {c.rank} is out of range, expected 1 <= rank <= model.dim "
+                       f"= {c.dim}", path="config.model.rank")
+    if not 0 <= c.ldm.get("latent_dim", 0) <= c.dim:
+      raise InputError(f"latent_dim {c.ldm.latent_dim} is out of range, expected 0 (all "
+                       f"{c.dim} dimensions) to model.dim = {c.dim}",
+                       path="config.model.ldm.latent_dim")
+
+  def build(self, info, rngs):
     return MUSTModel(info, self.modalities, self.cfg, rngs=rngs)
 
   def _schedule(self):

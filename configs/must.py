@@ -5,7 +5,7 @@ Command (5-fold cross-validation, scenarios full / missing_pathology / missing_g
   python -m survjax.main --config=configs/must.py --workdir=runs/must
 
 Variants: ``configs/must.py:smoke`` (the whole pipeline at small size: 2 folds of 120
-patients, a 64-d model; 61 s on a 2-core AMD EPYC, about 45 s of it compilation),
+patients, a 64-d model; 61-67 s on a 2-core AMD EPYC, about 45 s of it compilation),
 ``:paper_schedule`` (the paper's 30 + 30 epochs and learning rates, a 10x longer LDM),
 ``:paper_ldm`` (the LDM as the paper writes it: the 256-d u^, trained on c^),
 ``:no_warmup``, ``:cond_c`` (condition on [c] only), ``:rank16``, ``:rank128``,
@@ -37,24 +37,31 @@ sigma = 0.1, weight decay 1e-5, LDM batch 32, 4-layer 256-d transformer denoiser
   of the DDPM/DDIM code);
 * the LDM diffuses the 8 whitened principal coordinates of u^ (``ldm.latent_dim``;
   0 = the paper's 256-d u^, standardised per dimension), and is trained on the
-  surrogate condition c~ = P (g - u^) of the training patients (supp. 8.2;
+  surrogate condition c~ = g - u^ of the training patients (supp. 8.2;
   ``ldm.condition_source = "c_hat"`` for the paper's c^), the condition it gets at
-  inference. A trained u^ varies along a few directions (79-96% of its variance in 4 of
+  inference; the head's c slot takes the projected P c~ (``project_recovered_shared``),
+  the denoiser the unprojected g - u^ (``ldm.project_condition = False``, eq. 20 as
+  written), which carries more of the available modality: held-out R^2 of a ridge fit of
+  u^_G on it 0.40 / 0.35 (folds 1 / 0), on P c~ 0.28 / 0.11; of u^_P 0.09 / -0.11
+  against 0.04 / 0.05. A trained u^ varies along a few directions (79-96% of its variance in 4 of
   256), and on the 256-d latent the individual samples came out with 2.2-2.3x the
   data's spread, pinned at the clip; on 8 coordinates, 0.95-1.2x. Per held-out patient,
   c~ and c^ correlate (centred) at only 0.08 (from genomics) and 0.11 (from pathology),
   so a denoiser trained on c^ samples from conditions it never saw. Fold 1 of the main
   job, C-index of the LDM fill (zeros: 0.743 missing pathology, 0.747 missing genomics),
   ``--config.cv.folds='(1,)'`` plus the fields named, figures from
-  ``scripts/must_ldm_probe.py``:
+  ``scripts/must_ldm_probe.py`` (the default row: fold 1 of the 5-fold run below):
 
     LDM                                 missing P   missing G   sample spread   sq. error / mean's
-    8 coordinates, c~ (default)         0.668       0.743       0.98 / 1.20     1.27 / 1.42
+    8 coordinates, g - u^ (default)     0.747       0.744       0.97 / 1.17     1.22 / 0.94
+    8 coordinates, P c~                 0.668       0.743       0.98 / 1.20     1.27 / 1.42
+      (``ldm.project_condition=True``)
     8 coordinates, c^                   0.557       0.747       0.95 / 0.99     1.84 / 1.20
-    256-d, c~ (latent_dim=0)            0.598       0.749       2.16 / 2.29     2.16 / 2.28
+    256-d, P c~ (latent_dim=0)          0.598       0.749       2.16 / 2.29     2.16 / 2.28
     256-d, c^ (``:paper_ldm``)          0.583       0.748       2.24 / 2.28     2.18 / 2.25
 
-  (spread and error: generated u^_P / u^_G).
+  (spread and error: generated u^_P / u^_G; the rows below the default were measured
+  when the head's and the denoiser's c~ were both P c~).
 
 Expected result (5 folds, a run of the command above on the default cohort, whose
 specific factors are coupled to the shared one with rho = 0.7; C-index mean +- std over
@@ -63,41 +70,49 @@ reveals, averaged over the folds):
 
   scenario             LDM (the method)   zeros           training mean   oracle
   full                 0.768 +- 0.029                                      0.796
-  missing_pathology    0.732 +- 0.044     0.775 +- 0.034  0.774 +- 0.033   0.786
-  missing_genomics     0.699 +- 0.045     0.714 +- 0.035  0.716 +- 0.037   0.779
+  missing_pathology    0.758 +- 0.026     0.775 +- 0.034  0.774 +- 0.033   0.786
+  missing_genomics     0.728 +- 0.028     0.714 +- 0.035  0.716 +- 0.037   0.779
 
-Decomposition diagnostics (held-out patients, Sec. 4.4): cos(c_P<-G, c_G<-P) 0.98,
-cos(u_P, u_G) -0.01, cos(g_P, u_P + c_G<-P) 0.97, cos(g_G, u_G + c_P<-G) 0.996,
+Per fold, LDM / zeros: missing genomics 0.692 / 0.650, 0.744 / 0.747, 0.747 / 0.705,
+0.698 / 0.733, 0.761 / 0.736; missing pathology 0.764 / 0.789, 0.747 / 0.743,
+0.804 / 0.810, 0.723 / 0.727, 0.753 / 0.806. With 50 samples instead of 5 (the same
+trained folds, ``--mode=eval --config.model.ldm.num_samples=50``, 3 min 56 s):
+missing pathology 0.768 +- 0.030, missing genomics 0.728 +- 0.032.
+
+Decomposition diagnostics (held-out patients, Sec. 4.4): cos(c_P<-G, c_G<-P) 0.99,
+cos(u_P, u_G) -0.01, cos(g_P, u_P + c_G<-P) 0.97, cos(g_G, u_G + c_P<-G) 0.997,
 cos(g_P, g_G) 0.06: the paper's picture (shared parts aligned, specific parts
 orthogonal). The full C-index is 0.028 below the oracle; on the same folds it is above
 gated ABMIL on pathology alone (0.766 +- 0.031, within noise), TransMIL (0.751) and the
 SNN on genomics (0.746).
 
-Not the paper's picture: the diffusion fill is below zeros and the training mean in
-both missing scenarios. Why, measured on the trained folds of that run with the main
-network frozen (``RUN=runs/must FOLD=k RETRAIN=0 python scripts/must_ldm_probe.py``):
+With genomics missing the diffusion fill beats zeros and the training mean (0.728
+against 0.714 and 0.716; on 3 of 5 folds). With pathology missing it does not (0.758
+against 0.775; 1 of 5 folds). Why, measured on the trained folds of that run with the
+main network frozen (``RUN=runs/must FOLD=k RETRAIN=0 python
+scripts/must_ldm_probe.py``, folds 1 / 0):
 
-* the fill cannot carry what c~ does not predict. As the fill, the *true* u^ of the
-  missing modality gives, against zeros: missing genomics 0.751 vs 0.747 (fold 1) and
-  0.730 vs 0.650 (fold 0); missing pathology 0.759 vs 0.743 (fold 1) and 0.729 vs 0.789
-  (fold 0). A ridge regression of u^ on the standardised c~ (training patients, 32
-  principal components, lambda 100) explains 42% / 22% of u^_G's variance (folds 1 / 0)
-  and 12% / 11% of u^_P's, and its fill scores 0.747 / 0.645 and 0.743 / 0.778, no
-  better than zeros: what c~ predicts of u^ is not the part the head reads. With both
-  modalities the head takes most of its risk from c^, computed from both (c^ alone,
-  both u^ at their training means: 0.749 / 0.771 against the full 0.763 / 0.748 on
-  folds 1 / 0), while c~ comes from one (their centred correlation is 0.08-0.11);
-* the 5-sample average adds sampling noise along the head's direction: on fold 1 the
-  missing-pathology fill goes from 0.685 with 5 samples to 0.730 with 50 (zeros 0.743;
-  ``num_samples=50`` as a probe argument).
+* genomics tells little about u^_P. A ridge regression of u^_P on g_G - u^_G (training
+  patients, 32 principal components, lambda 100) has a held-out R^2 of 0.09 / -0.11;
+  of u^_G on g_P - u^_P, 0.40 / 0.35. An average of S samples from the true conditional
+  distribution has the expected squared error (1 - R^2)(1 + 1/S) relative to the
+  training mean's, below 1 only for R^2 > 1/(S + 1) = 1/6: no 5-sample fill of u^_P can
+  be closer than the mean. The LDM's errors: 1.22 / 1.88 for u^_P, 0.94 / 0.74 for u^_G;
+* the cohort leaves a pathology fill little to win: the oracle loses 0.010 without
+  pathology (0.786 against 0.796) and 0.017 without genomics, and zeros already reach
+  0.775. The true u^_P itself, used as the fill, scores 0.759 / 0.729 against zeros'
+  0.743 / 0.789: with pathology missing the head reads c~ from genomics, not the c^ of
+  both modalities it was trained on (their centred correlation is 0.04-0.19), and c^
+  alone carries most of the risk (0.749 / 0.771 against the full 0.763 / 0.748);
+* more samples move the pathology fill towards the mean (0.768 with 50, above).
 
-Wall time of that run on an otherwise idle 2-core AMD EPYC: 6 min 29 s in all, 351 s
-training + 34 s evaluation (fold 0, compilations included: 94 + 12 s; each later fold
-63-66 s of training and 3.5 s of evaluation, 11 s for the last, which also times batch
-1); checkpoints are written every 30 s
-and at each stage's end (``train.checkpoint_every_s``). On the 2-core Intel Xeon of
-earlier sessions the same code ran about 1.9x slower (the smoke variant: 3 min there);
-the previous defaults took 10 min 35 s there. Traces: one per training step function,
+Wall time of that run on a 2-core AMD EPYC: 7 min 39 s in all, 405 s training + 48 s
+evaluation (the run of the previous defaults took 6 min 29 s here, 351 s of training:
+the same training computation, so this machine's speed varies between runs by about
+15%); checkpoints
+are written every 30 s and at each stage's end (``train.checkpoint_every_s``). On the
+2-core Intel Xeon of earlier sessions the same code ran about 1.9x slower (the smoke
+variant: 3 min there). Traces: one per training step function,
 one shared LDM feature pass.
 """
 
@@ -135,6 +150,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       condition="c_cls",          # "c_cls": [c; CLS_u] (paper) | "c": [c] only (ablation)
       condition_source="c_tilde",  # "c_tilde" (surrogate, supp. 8.2) | "c_hat" (paper)
       latent_dim=8,               # whitened principal coordinates of u^ (0: all 256, paper)
+      project_condition=False,    # condition on g - u^ (eq. 20 as written); True: P (g - u^)
   ))
   # Synthetic bags hold 64-480 patches: one 512 bucket for whole-bag evaluation (fewer
   # compilations, half the padding of 1024); training bags are capped at max_instances.

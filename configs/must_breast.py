@@ -16,18 +16,18 @@ Differences from configs/must.py, for a cohort of 198 patients with 51 events: m
 D = 64, rank r = 16, 4 heads, a 2-layer denoiser trained 1000 steps at the paper's lr
 1e-4 without x0 clipping, batch 16. Stages and learning rates are the paper's (30 + 30
 epochs, main lr 2e-4). Like configs/must.py, the denoiser diffuses the 8 whitened
-principal coordinates of u^ and is conditioned on the surrogate c~.
+principal coordinates of u^ and is conditioned on the surrogate c~ = g - u^.
 
 Reference rows: `survjax.evaluate.reference` fits sksurv's CoxPHSurvivalAnalysis (ridge
 alpha = 1) and RandomSurvivalForest (100 trees) on the same features (genes + clinical,
 standardised on each training fold) and the same folds.
 
-Expected result (5 folds, a run of the command above on an idle 2-core AMD EPYC: 71 s of
-training, 1 min 24 s in all): C-index mean +- std over folds
+Expected result (5 folds, a run of the command above on a 2-core AMD EPYC: 77 s of
+training, 1 min 33 s in all): C-index mean +- std over folds
 
   MUST full                          0.604 +- 0.054
-  missing_genes    LDM / zeros / mean    0.558 / 0.549 / 0.569
-  missing_clinical LDM / zeros / mean    0.548 / 0.546 / 0.535
+  missing_genes    LDM / zeros / mean    0.554 / 0.549 / 0.569
+  missing_clinical LDM / zeros / mean    0.560 / 0.546 / 0.535
   CoxPH (sksurv, ridge alpha 1)      0.655 +- 0.080
   RSF (sksurv, 100 trees)            0.704 +- 0.056
 
@@ -36,9 +36,10 @@ and two diffusion models has far more parameters than 51 events can pin down; th
 reference rows are there to say so. Decomposition diagnostics: cos(c_P<-G, c_G<-P) 0.98,
 cos(u_P, u_G) -0.09, cos(g, u + c) 0.998 / 0.998 (P = clinical, G = genes). The diffusion
 fill is above zeros in both missing scenarios and above the mean when the clinical
-variables are missing, by less than a tenth of the spread over folds (0.04-0.08), so
-these rows do not tell the fills apart. (The previous defaults, 256-d latent trained
-on c^: missing genes 0.627 / 0.551 / 0.569, missing clinical 0.509 / 0.545 / 0.540;
+variables are missing, by at most 0.025, well within the spread over folds (0.04-0.08), so
+these rows do not tell the fills apart. (With the denoiser conditioned on the projected
+P c~, ``--config.model.ldm.project_condition=True``: missing genes 0.558 / 0.549 /
+0.569, missing clinical 0.548 / 0.546 / 0.535. A 256-d latent trained on c^: missing genes 0.627 / 0.551 / 0.569, missing clinical 0.509 / 0.545 / 0.540;
 ``--config.model.ldm.latent_dim=0 --config.model.ldm.condition_source=c_hat``.)
 """
 

@@ -11,10 +11,11 @@ must match the run's, e.g. ``latent_dim=0 condition_source=c_hat`` for a run of
 differ), and prints as JSON lines: the held-out C-index of the LDM / zeros / mean
 fills; per missing modality, the spread of the individual DDIM samples in the diffused
 coordinates (1 = the training latents'), the centred per-patient correlation of c~
-with c^, the share of u's variance in its top 4 principal directions, and the C-index and the squared error
-(relative to the training mean's) of the generated u, of a ridge regression of u on the
-standardised c~ (fit on the training patients; its training R^2 too) and of the true u
-used as the fill; the C-index with both modalities from c^ alone (both u^ at their
+with c^, the share of u's variance in its top 4 principal directions, the C-index and
+the squared error (relative to the training mean's) of the generated u, the training
+and held-out R^2 and the fill C-index of ridge regressions of u on the standardised
+c~, projected (as the head reads it) and not (as the denoiser does by default), fit on
+the training patients, and the C-index of the true u used as the fill; the C-index with both modalities from c^ alone (both u^ at their
 training means) against the full input; and the denoiser's noise-prediction loss on training and held-out
 latents at t = 100 / 500 / 900 with the true, the shuffled and a zero condition. The
 figures quoted in configs/must.py come from ``RETRAIN=0`` on folds 0 and 1 of the main
@@ -40,7 +41,10 @@ from survjax.evaluate import scenarios as scen
 
 c = mc.get_config("")
 for kv in sys.argv[1:]:
-  k, v = kv.split("="); c.model.ldm[k] = type(c.model.ldm[k])(v) if not isinstance(c.model.ldm[k], str) else v
+  k, v = kv.split("=")
+  old = c.model.ldm[k]
+  c.model.ldm[k] = (v in ("1", "true", "True") if isinstance(old, bool) else
+                    v if isinstance(old, str) else type(old)(v))
 cohort = load_cohort(c.data)
 folds = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event, num_folds=5, seed=0, splits_dir="splits", dataset=cohort.name)
 tr, va = folds[FOLD]
@@ -95,8 +99,9 @@ tcomp = model.components(tb)
 c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
 for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"]), (name_g, name_p, comp["u_p"], comp["u_g"])):
   g, u_h = model.specific_only(batch, have)
-  c_t = model.project_shared(g - u_h)
-  smp = method.sample_latent(model, missing, c_t, jax.random.key(5))
+  c_t = method.recover_shared(model, g, u_h)
+  smp = method.sample_latent(model, missing, method.diffusion_condition(model, g, u_h),
+                             jax.random.key(5))
   gen = model.decode_latent(missing, smp.mean(axis=1))   # = method.generate(..., key(5))
   # Spread of the individual DDIM samples in the diffused coordinates, whose training
   # latents have unit standard deviation per coordinate (1 = the data's spread).
@@ -117,23 +122,33 @@ for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"])
     r_or = survival.discrete_time_risk(model.head(u_h, c_t, u_true))
   else:
     r_or = survival.discrete_time_risk(model.head(u_true, c_t, u_h))
-  # ridge regression of the true u on c~ over the training patients: E[u | c] if linear.
-  # c~ standardised with training statistics, its top 32 principal components, lambda 100.
+  # Ridge regressions of the true u on c~ over the training patients (E[u | c] if
+  # linear), c~ as the head reads it (P (g - u^)) and as the denoiser does (g - u^ by
+  # default): standardised with training statistics, top 32 principal components,
+  # lambda 100. Training R^2, held-out R^2 (1 - squared error over the training mean's)
+  # and the C-index of the ridge fill.
   gt, uht = model.specific_only(tb, have)
-  ct = np.asarray(method.recover_shared(model, gt, uht))[:len(tr_c)]
-  c_mu, c_sd, u_mu = ct.mean(0), ct.std(0) + 1e-6, ut.mean(0)
-  _, _, vt = np.linalg.svd((ct - c_mu) / c_sd, full_matrices=False)
-  pcs = vt[:32].T
-  X = (ct - c_mu) / c_sd @ pcs
-  W = np.linalg.solve(X.T @ X + 100.0 * np.eye(X.shape[1]), X.T @ (ut - u_mu))
-  ridge_r2 = 1 - np.sum((X @ W + u_mu - ut) ** 2) / np.sum((ut - u_mu) ** 2)
-  ridge = jnp.asarray((np.asarray(c_t) - c_mu) / c_sd @ pcs @ W + u_mu)
-  if have == name_p:
-    r_ridge = survival.discrete_time_risk(model.head(u_h, c_t, ridge))
-  else:
-    r_ridge = survival.discrete_time_risk(model.head(ridge, c_t, u_h))
-  diag[f"missing_{missing}"] = {"sample_spread_over_data": round(spread, 3), "c_tilde_c_hat_corr": round(c_corr, 3), "u_top4_variance_share": round(top4, 3), "ridge_train_r2": round(float(ridge_r2), 3), "ridge_mse_over_mean_mse": round(rel(ridge), 3), "ridge_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_ridge)[:len(va)]), 4),"gen_mse_over_mean_mse": round(rel(gen), 3), "gen_norm": float(jnp.mean(jnp.linalg.norm(gen, axis=-1))), "true_norm": float(jnp.mean(jnp.linalg.norm(u_true, axis=-1))),
-      "oracle_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_or)[:len(va)]), 4)}
+  d = {"sample_spread_over_data": round(spread, 3), "c_tilde_c_hat_corr": round(c_corr, 3),
+       "u_top4_variance_share": round(top4, 3)}
+  for src, fn in (("P(g-u)", method.recover_shared), ("g-u", lambda _, g_, u_: g_ - u_)):
+    ct = np.asarray(fn(model, gt, uht))[:len(tr_c)]
+    c_mu, c_sd, u_mu = ct.mean(0), ct.std(0) + 1e-6, ut.mean(0)
+    _, _, vt = np.linalg.svd((ct - c_mu) / c_sd, full_matrices=False)
+    pcs = vt[:32].T
+    X = (ct - c_mu) / c_sd @ pcs
+    W = np.linalg.solve(X.T @ X + 100.0 * np.eye(X.shape[1]), X.T @ (ut - u_mu))
+    ridge_r2 = 1 - np.sum((X @ W + u_mu - ut) ** 2) / np.sum((ut - u_mu) ** 2)
+    ridge = jnp.asarray((np.asarray(fn(model, g, u_h)) - c_mu) / c_sd @ pcs @ W + u_mu)
+    if have == name_p:
+      r_ridge = survival.discrete_time_risk(model.head(u_h, c_t, ridge))
+    else:
+      r_ridge = survival.discrete_time_risk(model.head(ridge, c_t, u_h))
+    d[f"ridge_on_{src}"] = {"train_r2": round(float(ridge_r2), 3),
+                            "heldout_r2": round(1 - rel(ridge), 3),
+                            "fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_ridge)[:len(va)]), 4)}
+  d.update({"gen_mse_over_mean_mse": round(rel(gen), 3), "gen_norm": float(jnp.mean(jnp.linalg.norm(gen, axis=-1))), "true_norm": float(jnp.mean(jnp.linalg.norm(u_true, axis=-1))),
+            "oracle_fill_c": round(_cindex(cohort.time[va], cohort.event[va], np.asarray(r_or)[:len(va)]), 4)})
+  diag[f"missing_{missing}"] = d
 # Where the head takes its risk from with both modalities: c^ alone (both u^ at their
 # training means) against the full input.
 mp = jnp.broadcast_to(model.latent_mean[name_p][...], comp["u_p"].shape)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import must as must_config
+from survjax import survival
 from survjax.data.batching import BatchSpec, make_batch
 from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
 from survjax.data.timebins import assign_time_bins, fit_time_bins
@@ -145,24 +146,50 @@ def test_main_loss_gradients_are_finite_with_padded_rows_and_unpaired_patients(t
 
 
 def test_recovered_shared_component_lies_in_the_subspace(toy):
-  """c~ = P (g - u^) by default (the surrogate LDM condition of supp. 8.2 included):
-  P c~ = c~; with projection off it is eq. 20 as written, g - u^."""
+  """The head's c~ is P (g - u^) by default (eq. 20 as written, g - u^, with projection
+  off); the denoiser's condition is g - u^ by default, P (g - u^) with
+  ``ldm.project_condition``, at training (the surrogate condition of supp. 8.2) alike."""
   cohort, _, bins = toy
   batch = make_batch(cohort, np.arange(8), BatchSpec(batch_size=8), bins=bins)
   for project in (True, False):
     config = _tiny_config(project_recovered_shared=project)
     config.model.ldm.condition_source = "c_tilde"
+    config.model.ldm.project_condition = project
     method = get_method(config)
     model = _model(method, cohort)
-    feats = method.ldm_features(model, batch)
     comp = model.components(batch)
-    raw = comp["g_p"] - comp["u_p"]
-    cond = np.asarray(feats["cond_g"])
-    if project:
-      np.testing.assert_allclose(np.asarray(model.project_shared(cond)), cond, atol=1e-5)
-      assert np.abs(cond - np.asarray(raw)).max() > 1e-3  # the residual was removed
-    else:
-      np.testing.assert_allclose(cond, np.asarray(raw), atol=1e-6)
+    raw = np.asarray(comp["g_p"] - comp["u_p"])
+    for c_tilde in (np.asarray(method.ldm_features(model, batch)["cond_g"]),
+                    np.asarray(method.recover_shared(model, comp["g_p"], comp["u_p"]))):
+      if project:
+        np.testing.assert_allclose(np.asarray(model.project_shared(c_tilde)), c_tilde,
+                                   atol=1e-5)
+        assert np.abs(c_tilde - raw).max() > 1e-3  # the residual was removed
+      else:
+        np.testing.assert_allclose(c_tilde, raw, atol=1e-6)
+
+
+def test_missing_modality_prediction_composes_eqs_20_to_22(toy):
+  """With genomics missing, the risk is phi([u^_P; P (g_P - u^_P); u~_G]) with u~_G the
+  DDIM mean conditioned on the unprojected g_P - u^_P (the defaults), composed by hand."""
+  cohort, method, bins = toy
+  assert method.cfg.project_recovered_shared and not method.cfg.ldm.project_condition
+  model = _model(method, cohort)
+  den = model.denoisers["genomics"]  # zero output at init: move it off, so it reads c
+  graphdef, params = nnx.split(den, nnx.Param)
+  nnx.update(den, jax.tree.map(lambda a: a + 0.05, params))
+  batch = make_batch(cohort, np.arange(8), BatchSpec(batch_size=8), bins=bins,
+                     hide=("genomics",), fill=np.nan)
+  key = jax.random.key(4)
+  got = _predict(method, model, batch, frozenset({"pathology"}), key)
+  g, u_p = model.specific_only(batch, "pathology")
+  u_gen = method.generate(model, "genomics", g - u_p, key)
+  logits = model.head(u_p, model.project_shared(g - u_p), u_gen)
+  want = np.asarray(survival.discrete_time_risk(logits))
+  np.testing.assert_allclose(got["risk"], want, rtol=1e-4, atol=1e-5)
+  # Conditioning the denoiser on the projected c~ instead changes the fill.
+  u_proj = method.generate(model, "genomics", model.project_shared(g - u_p), key)
+  assert np.abs(np.asarray(u_proj - u_gen)).max() > 1e-6
 
 
 @pytest.mark.parametrize("latent_dim", [0, 3, 60])

@@ -46,19 +46,24 @@ Training (Sec. 3.4, supp. 7.1), three stages:
    (`fit_latent`; 0 = all 256 dimensions standardised, the paper's setting), and the
    denoiser maps it to and from its 256-d tokens. The denoiser trains on cached
    features, a `lax.scan` per chunk of steps. Its condition is by default the
-   surrogate ``c~`` (supp. 8.2), computed from each modality alone as at inference,
-   rather than the paper's ``c^``: on held-out patients of a trained fold the two
-   correlate (centred, per patient) at only 0.08-0.11 (see `configs/must.py`), so a
-   denoiser trained on ``c^`` samples from conditions it never saw.
+   surrogate ``c~ = g - u^`` (supp. 8.2), computed from each modality alone as at
+   inference, rather than the paper's ``c^``: on held-out patients of a trained fold
+   the two correlate (centred, per patient) at only 0.08-0.11 (see `configs/must.py`),
+   so a denoiser trained on ``c^`` samples from conditions it never saw.
 
 Missing-modality inference (Sec. 3.6). With only P: ``c~ = g_P - u^_P`` (eq. 20),
 ``u~_G`` by DDIM (eq. 21; 50 steps, eta = 0, 5 samples averaged), risk from
-``phi([u^_P; c~; u~_G])`` (eq. 22); symmetric for missing P. By default (config
-``project_recovered_shared``) c~ is projected onto the shared subspace, ``P c~``: the
-conditions the denoiser and the head were trained on (c^ = P c, eq. 9) live there, and
-``g - u^`` adds the decomposition's residual outside it (equal when eq. 10 holds exactly;
-measured on a trained fold, the unprojected c~ lay 26x farther out than c^ in the
-denoiser's standardised units, the projected one 2.8x). The alternative rows
+``phi([u^_P; c~; u~_G])`` (eq. 22); symmetric for missing P. The two uses of c~ differ
+by default. In the head's c slot it is projected onto the shared subspace, ``P c~``
+(config ``project_recovered_shared``): the head was trained on c^ = P c (eq. 9), and
+``g - u^`` adds the decomposition's residual outside the subspace (equal when eq. 10
+holds exactly; on a trained fold the unprojected c~ lay 26x farther out than c^ in
+standardised units, the projected one 2.8x). The denoiser, trained on the same c~ of the
+training patients, is conditioned on eq. 20 as written, ``g - u^`` (``ldm.
+project_condition = False``): the residual is where the available modality's own
+information lies, and it predicts the missing u^ better (held-out R^2 of a ridge fit of
+u^_G: 0.40 / 0.35 on folds 1 / 0 from ``g_P - u^_P``, 0.28 / 0.11 from its projection;
+see `configs/must.py`). The alternative rows
 ``zeros`` and ``mean`` replace ``u~`` with zeros or the training mean of ``u^`` (the
 ablation "missing component filled by the LDM vs zeros vs the training mean").
 Training-time missingness (supp. 8.2): unpaired patients use a zero ``u^`` for the
@@ -448,12 +453,19 @@ class MUST:
       c_tilde = model.project_shared(c_tilde)
     return c_tilde
 
+  def diffusion_condition(self, model, g, u_hat):
+    """The c~ the denoiser is conditioned on: eq. 20 as written, ``g - u^``, or (config
+    ``ldm.project_condition``) the projected c~ the head reads."""
+    if self.cfg.ldm.get("project_condition", False):
+      return self.recover_shared(model, g, u_hat)
+    return g - u_hat
+
   def ldm_features(self, model, batch):
     """Frozen targets and conditions for both denoisers (complete training pairs)."""
     comp = model.components(batch)
     if self.cfg.ldm.condition_source == "c_tilde":  # surrogate condition (supp. 8.2)
-      cond_g = self.recover_shared(model, comp["g_p"], comp["u_p"])
-      cond_p = self.recover_shared(model, comp["g_g"], comp["u_g"])
+      cond_g = self.diffusion_condition(model, comp["g_p"], comp["u_p"])
+      cond_p = self.diffusion_condition(model, comp["g_g"], comp["u_g"])
     else:  # the paper: the shared component derived from the available modality
       cond_g, cond_p = comp["c_gp"], comp["c_pg"]
     return {"z_p": comp["u_p"], "z_g": comp["u_g"], "cond_p": cond_p, "cond_g": cond_g}
@@ -550,7 +562,8 @@ class MUST:
     missing = name_g if have == name_p else name_p
     g, u_have = model.specific_only(batch, have)
     c_tilde = self.recover_shared(model, g, u_have)                          # eq. 20
-    u_gen = self.generate(model, missing, c_tilde, key)                      # eq. 21
+    u_gen = self.generate(model, missing, self.diffusion_condition(model, g, u_have),
+                          key)                                               # eq. 21
     u_mean = jnp.broadcast_to(model.latent_mean[missing][...], u_gen.shape)
 
     def score(u_missing):

@@ -80,6 +80,50 @@ def test_resume_is_bit_exact(cohort, tmp_path, kill_after):
     np.testing.assert_array_equal(a, b)
 
 
+class _DyingLog(MetricsLog):
+  """Stops the run (like a SIGKILL) right after its ``n``-th epoch record."""
+
+  def __init__(self, path, n):
+    super().__init__(path)
+    self.n = n
+
+  def write(self, record, step=None):
+    super().write(record, step)
+    self.n -= 1
+    if self.n == 0:
+      raise _Killed
+
+
+def _records(path):
+  import json
+  rows = [json.loads(line) for line in open(path)]
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.mark.parametrize("kill_after", [2, 4, 6])
+def test_resumed_log_holds_each_epoch_once(cohort, tmp_path, kill_after):
+  """Killed between checkpoints (saves only at stage ends: after records 3, 5 and 7), the
+  resumed run replays the unsaved epochs; its log equals the uninterrupted run's."""
+  method = ToyMethod(epochs=(3, 2), feature_epochs=2)
+  _fit(cohort, method, log=MetricsLog(tmp_path / "ref.jsonl"), every_s=1e9)
+  with pytest.raises(_Killed):
+    _fit(cohort, method, ckpt=Checkpointer(tmp_path / "run"), every_s=1e9,
+         log=_DyingLog(tmp_path / "run.jsonl", kill_after))
+  assert len(_records(tmp_path / "run.jsonl")) == kill_after
+  _fit(cohort, method, ckpt=Checkpointer(tmp_path / "run"), every_s=1e9,
+       log=MetricsLog(tmp_path / "run.jsonl"))
+  ref, run = _records(tmp_path / "ref.jsonl"), _records(tmp_path / "run.jsonl")
+  assert len(ref) == 7
+  assert [(r["stage"], r["epoch"]) for r in run] == [(r["stage"], r["epoch"]) for r in ref]
+  for a, b in zip(ref, run):
+    assert a.keys() == b.keys()
+    for k in a:
+      if isinstance(a[k], float):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, err_msg=k)
+      else:
+        assert a[k] == b[k], k
+
+
 class _CountingCheckpointer(Checkpointer):
   def __init__(self, directory):
     super().__init__(directory)

@@ -61,6 +61,24 @@ class MetricsLog:
       except ImportError:
         self._tb = None
 
+  def rewind(self, keep) -> None:
+    """Drops the records for which ``keep(record)`` is false (atomically).
+
+    A run killed between two checkpoints has logged epochs its resumed run replays;
+    the trainer rewinds the log to the checkpoint so each epoch appears once.
+    """
+    if self.path is None or jax.process_index() != 0 or not self.path.exists():
+      return
+    with open(self.path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if keep(r)]
+    if len(kept) == len(records):
+      return
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    tmp.replace(self.path)
+
   def write(self, record: dict, step: int | None = None) -> None:
     if self.path is None or jax.process_index() != 0:
       return
@@ -198,6 +216,11 @@ class Trainer:
     if checkpointer is not None and checkpointer.latest() is not None:
       step = checkpointer.latest()
       resume = {"step": step, **checkpointer.restore_meta(step)}
+    # Epochs logged after the last checkpoint (or with none) are about to be replayed.
+    order = {stage.name: i for i, stage in enumerate(self.stages)}
+    done = (resume["stage"], resume["epoch"]) if resume is not None else (-1, -1)
+    log.rewind(lambda r: r.get("fold") != fold
+               or (order.get(r.get("stage"), len(order)), r.get("epoch", 0)) <= done)
     global_step = 0
     last_save = time.monotonic()
     for s_idx, stage in enumerate(self.stages):

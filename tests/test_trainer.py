@@ -1,5 +1,7 @@
 """Trainer: learning, exact resume after an interruption, bounded compilations."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -35,7 +37,6 @@ def _flat(model):
 def test_training_lowers_the_loss(cohort, tmp_path):
   log = MetricsLog(tmp_path / "m.jsonl")
   _fit(cohort, ToyMethod(epochs=(8, 1)), log=log)
-  import json
   rows = [json.loads(l) for l in open(tmp_path / "m.jsonl")]
   a = [r["loss"] for r in rows if r["stage"] == "a"]
   assert len(a) == 8 and a[-1] < a[0] - 0.05
@@ -95,7 +96,6 @@ class _DyingLog(MetricsLog):
 
 
 def _records(path):
-  import json
   rows = [json.loads(line) for line in open(path)]
   return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 

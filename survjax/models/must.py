@@ -439,14 +439,14 @@ class MUST:
     return loss, {"surv": l_surv, "decomp": l_dec, "shared": l_sh, "orth": l_orth}
 
   def recover_shared(self, model, g, u_hat):
-    """The shared component from one modality: ``c~ = g - u^`` (eq. 20), by default
-    projected onto the shared subspace, ``P (g - u^)``.
+    """The shared component from one modality as the head reads it: ``c~ = g - u^``
+    (eq. 20), by default projected onto the shared subspace, ``P (g - u^)``.
 
-    c^ = P c lives in the subspace (eq. 9), and so do the conditions the denoiser and the
-    head are trained on; ``g - u^`` also holds the decomposition's residual outside it,
-    which they never see (measured on a trained fold: 26x the spread of c^ in the
-    denoiser's standardised units, 2.8x once projected). ``P c~ = c~`` when eq. 10 holds
-    exactly. Config ``project_recovered_shared = False`` gives eq. 20 as written.
+    The head is trained on c^ = P c, which lives in the subspace (eq. 9); ``g - u^`` also
+    holds the decomposition's residual outside it, which the head never sees (measured on
+    a trained fold: 26x the spread of c^ in standardised units, 2.8x once projected).
+    ``P c~ = c~`` when eq. 10 holds exactly. Config ``project_recovered_shared = False``
+    gives eq. 20 as written. The denoiser's condition is `diffusion_condition`.
     """
     c_tilde = g - u_hat
     if self.cfg.get("project_recovered_shared", True):

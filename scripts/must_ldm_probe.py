@@ -11,7 +11,9 @@ must match the run's, e.g. ``latent_dim=0 condition_source=c_hat`` for a run of
 differ), and prints as JSON lines: the held-out C-index of the LDM / zeros / mean
 fills; per missing modality, the spread of the individual DDIM samples in the diffused
 coordinates (1 = the training latents'), the centred per-patient correlation of c~
-with c^, the share of u's variance in its top 4 principal directions, the C-index and
+with c^, the share of u's variance in its top 4 principal directions (for a bag
+modality also its first direction's share and |correlation| with the log bag length),
+the C-index and
 the squared error (relative to the training mean's) of the generated u, the training
 and held-out R^2 and the fill C-index of ridge regressions of u on the standardised
 c~, projected (as the head reads it) and not (as the denoiser does by default), fit on
@@ -130,6 +132,16 @@ for have, missing, u_true, u_have in ((name_p, name_g, comp["u_g"], comp["u_p"])
   gt, uht = model.specific_only(tb, have)
   d = {"sample_spread_over_data": round(spread, 3), "c_tilde_c_hat_corr": round(c_corr, 3),
        "u_top4_variance_share": round(top4, 3)}
+  # What the first principal direction of a bag modality's held-out u is: its share of
+  # the variance and its |correlation| with the log bag length (nothing the other
+  # modality can predict).
+  bags = cohort.modalities[missing].bags
+  if bags is not None:
+    uv = np.asarray(u_true)[:len(va)]
+    uu, sv, _ = np.linalg.svd(uv - uv.mean(0), full_matrices=False)
+    log_len = np.log([len(bags[i]) for i in va])
+    d["u_pc1_variance_share"] = round(float(sv[0] ** 2 / np.sum(sv ** 2)), 3)
+    d["u_pc1_abs_corr_log_bag_length"] = round(abs(float(np.corrcoef(uu[:, 0], log_len)[0, 1])), 3)
   for src, fn in (("P(g-u)", method.recover_shared), ("g-u", lambda _, g_, u_: g_ - u_)):
     ct = np.asarray(fn(model, gt, uht))[:len(tr_c)]
     c_mu, c_sd, u_mu = ct.mean(0), ct.std(0) + 1e-6, ut.mean(0)

@@ -39,7 +39,8 @@ fill is above zeros in both missing scenarios and above the mean when the clinic
 variables are missing, by at most 0.025, well within the spread over folds (0.04-0.08), so
 these rows do not tell the fills apart. (With the denoiser conditioned on the projected
 P c~, ``--config.model.ldm.project_condition=True``: missing genes 0.558 / 0.549 /
-0.569, missing clinical 0.548 / 0.546 / 0.535. A 256-d latent trained on c^: missing genes 0.627 / 0.551 / 0.569, missing clinical 0.509 / 0.545 / 0.540;
+0.569, missing clinical 0.548 / 0.546 / 0.535. A 256-d latent trained on c^: missing
+genes 0.627 / 0.551 / 0.569, missing clinical 0.509 / 0.545 / 0.540;
 ``--config.model.ldm.latent_dim=0 --config.model.ldm.condition_source=c_hat``.)
 """
 

@@ -1,5 +1,7 @@
 """MUST: subspace algebra, decomposition on a trained toy, missing-modality path, padding."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -148,19 +150,21 @@ def test_main_loss_gradients_are_finite_with_padded_rows_and_unpaired_patients(t
 def test_recovered_shared_component_lies_in_the_subspace(toy):
   """The head's c~ is P (g - u^) by default (eq. 20 as written, g - u^, with projection
   off); the denoiser's condition is g - u^ by default, P (g - u^) with
-  ``ldm.project_condition``, at training (the surrogate condition of supp. 8.2) alike."""
+  ``ldm.project_condition``, at training (the surrogate condition of supp. 8.2) alike.
+  The two switches are independent."""
   cohort, _, bins = toy
   batch = make_batch(cohort, np.arange(8), BatchSpec(batch_size=8), bins=bins)
-  for project in (True, False):
-    config = _tiny_config(project_recovered_shared=project)
+  for project_head, project_cond in itertools.product((True, False), repeat=2):
+    config = _tiny_config(project_recovered_shared=project_head)
     config.model.ldm.condition_source = "c_tilde"
-    config.model.ldm.project_condition = project
+    config.model.ldm.project_condition = project_cond
     method = get_method(config)
     model = _model(method, cohort)
     comp = model.components(batch)
     raw = np.asarray(comp["g_p"] - comp["u_p"])
-    for c_tilde in (np.asarray(method.ldm_features(model, batch)["cond_g"]),
-                    np.asarray(method.recover_shared(model, comp["g_p"], comp["u_p"]))):
+    for project, c_tilde in (
+        (project_cond, np.asarray(method.ldm_features(model, batch)["cond_g"])),
+        (project_head, np.asarray(method.recover_shared(model, comp["g_p"], comp["u_p"])))):
       if project:
         np.testing.assert_allclose(np.asarray(model.project_shared(c_tilde)), c_tilde,
                                    atol=1e-5)

@@ -455,10 +455,11 @@ class MUST:
 
   def diffusion_condition(self, model, g, u_hat):
     """The c~ the denoiser is conditioned on: eq. 20 as written, ``g - u^``, or (config
-    ``ldm.project_condition``) the projected c~ the head reads."""
+    ``ldm.project_condition``) its projection ``P (g - u^)``, whatever the head reads."""
+    c_tilde = g - u_hat
     if self.cfg.ldm.get("project_condition", False):
-      return self.recover_shared(model, g, u_hat)
-    return g - u_hat
+      c_tilde = model.project_shared(c_tilde)
+    return c_tilde
 
   def ldm_features(self, model, batch):
     """Frozen targets and conditions for both denoisers (complete training pairs)."""

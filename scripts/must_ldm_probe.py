@@ -173,7 +173,7 @@ for have, missing, u_all, comp_src in ((name_p, name_g, "u_g", None), (name_g, n
   den = model.denoisers[missing]
   for split, cmp_, bt in (("train", tcomp, tb), ("val", comp, batch)):
     g_, uh_ = model.specific_only(bt, have)
-    ct = model.standardize_condition(missing, model.project_shared(g_ - uh_))
+    ct = model.standardize_condition(missing, method.diffusion_condition(model, g_, uh_))
     if method.cfg.ldm.condition_source == "c_hat":
       ct_hat = model.standardize_condition(missing, cmp_["c_gp"] if missing == name_g else cmp_["c_pg"])
     else:

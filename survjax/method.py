@@ -89,6 +89,12 @@ class Method(Protocol):
   def diagnostics(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
     """Optional per-patient ``[B]`` diagnostics on complete data (may return {})."""
 
+  # Optional, looked up with getattr (a method without them reports neither):
+  #   representations(model, batch) -> {name: [B, D]} per-patient vectors on complete data;
+  #   representation_pairs: tuple of (name, name).
+  # The evaluation reports each one's between-patient spread and each pair's centred
+  # cosine over the held-out patients (`survjax.evaluate.representations`).
+
 
 def cohort_info(cohort, modalities) -> dict:
   """Static description of a cohort's modalities that a method builds its model from."""

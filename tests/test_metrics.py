@@ -10,6 +10,8 @@ from scipy import stats
 
 from survjax.errors import InputError
 from survjax.evaluate import km, metrics
+from survjax.evaluate.representations import (between_patient_spread, centred_cosine,
+                                              representation_diagnostics)
 
 
 # ---- C-index ----------------------------------------------------------------------------------
@@ -279,3 +281,39 @@ def test_degenerate_split(tmp_path):
   assert (tmp_path / "km.png").stat().st_size > 0
   no_events = km.median_split_logrank([1.0, 2.0, 3.0, 4.0], [0, 0, 0, 0], [1, 2, 3, 4])
   assert no_events["n_high"] == 2 and math.isnan(no_events["p_value"])
+
+
+def test_centred_cosine_ignores_common_offsets():
+  """Adding one vector to every patient drives the raw cosine to 1 and leaves the centred
+  one unchanged; exact alignment gives +-1; the rows' order does not matter."""
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(2, 50, 8))
+  base = centred_cosine(a, b)
+  assert abs(base) < 0.2  # independent draws
+  offset = 100.0 * rng.normal(size=8)
+  raw = np.mean(np.sum((a + offset) * (b + offset), 1)
+                / np.linalg.norm(a + offset, axis=1) / np.linalg.norm(b + offset, axis=1))
+  assert raw > 0.99
+  np.testing.assert_allclose(centred_cosine(a + offset, b - 3 * offset), base, atol=1e-12)
+  np.testing.assert_allclose(centred_cosine(2 * a + offset, a), 1.0, atol=1e-12)
+  np.testing.assert_allclose(centred_cosine(a, -a + offset), -1.0, atol=1e-12)
+  perm = rng.permutation(50)
+  np.testing.assert_allclose(centred_cosine(a[perm], b[perm]), base, atol=1e-12)
+  with pytest.raises(ValueError, match="one shape"):
+    centred_cosine(a, b[:, :4])
+
+
+def test_between_patient_spread_closed_form():
+  """x_i = m + z_i with column-centred z: spread = sum Var(z) / (|m|^2 + sum Var(z))."""
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=(40, 6))
+  z -= z.mean(0)
+  m = rng.normal(size=6) * 5.0
+  var = np.sum(np.mean(z * z, 0))
+  np.testing.assert_allclose(between_patient_spread(m + z), var / (m @ m + var), rtol=1e-12)
+  assert between_patient_spread(np.tile(m, (7, 1))) < 1e-30
+  np.testing.assert_allclose(between_patient_spread(z), 1.0, rtol=1e-12)
+  assert between_patient_spread(np.zeros((3, 4))) == 0.0
+  out = representation_diagnostics({"a": m + z, "b": z}, (("a", "b"),))
+  assert set(out) == {"spread(a)", "spread(b)", "cos_centred(a,b)"}
+  np.testing.assert_allclose(out["cos_centred(a,b)"], 1.0, atol=1e-12)

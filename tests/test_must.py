@@ -15,9 +15,11 @@ from survjax import survival
 from survjax.data.batching import BatchSpec, make_batch
 from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
 from survjax.data.timebins import assign_time_bins, fit_time_bins
+from survjax.evaluate.cv import Predictor
 from survjax.method import cohort_info
 from survjax.models import get_method
 from survjax.models.must import fit_latent
+from survjax.train import sharding
 
 
 def _tiny_config(**model) -> ml_collections.ConfigDict:
@@ -274,6 +276,35 @@ def test_full_prediction_is_invariant_to_bag_padding(toy):
   diag_large = _diagnostics(method, model, large)
   for k in diag_small:
     np.testing.assert_allclose(diag_small[k], diag_large[k][:6], atol=1e-5)
+
+
+def test_representation_diagnostics_centre_over_all_held_out_patients(toy):
+  """Spread and centred cosines are taken over every held-out patient at once: batches of
+  4 (three batches, bag buckets 64) give what one batch of 10 gives, and both match a
+  slow per-patient loop over `components`."""
+  cohort, method, bins = toy
+  model = _model(method, cohort)
+  predictor = Predictor(method, sharding.make_mesh(1))
+  idx = np.arange(5, 15)
+  by_4 = predictor.diagnostics(model, cohort, idx, BatchSpec(batch_size=4))
+  by_10 = predictor.diagnostics(model, cohort, idx, BatchSpec(batch_size=10, buckets=(256,)))
+  assert by_4.keys() == by_10.keys()
+  for k in by_4:
+    np.testing.assert_allclose(by_4[k], by_10[k], atol=1e-5, err_msg=k)
+  graphdef, state = nnx.split(model)
+  comp = jax.jit(lambda s, b: nnx.merge(graphdef, s).components(b))(
+      state, make_batch(cohort, idx, BatchSpec(batch_size=10), bins=bins))
+  comp = {k: np.asarray(v, np.float64) for k, v in comp.items()}
+  a = comp["c_pg"] - comp["c_pg"].mean(0)
+  b = comp["c_gp"] - comp["c_gp"].mean(0)
+  ref = np.mean([a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])
+                 for i in range(len(idx))])
+  np.testing.assert_allclose(by_4["cos_centred(c_P<-G,c_G<-P)"], ref, atol=1e-5)
+  g = comp["g_g"]
+  spread = sum(np.mean((g[:, d] - g[:, d].mean()) ** 2) for d in range(g.shape[1]))
+  np.testing.assert_allclose(by_4["spread(g_G)"], spread / np.mean(np.sum(g * g, 1)),
+                             rtol=1e-5)
+  assert {"cos(u_P,u_G)", "spread(u_P+c_G<-P)", "cos_centred(g_P,g_G)"} <= by_4.keys()
 
 
 def test_generated_component_follows_the_ldm_not_the_fill(toy):

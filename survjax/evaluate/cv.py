@@ -38,6 +38,7 @@ from survjax.errors import InputError
 from survjax.evaluate import scenarios as scen
 from survjax.evaluate.metrics import concordance_index, uno_c
 from survjax.evaluate.reference import check_reference_models, reference_fold
+from survjax.evaluate.representations import representation_diagnostics
 from survjax.io import atomic_write_json, atomic_write_text
 from survjax.method import Method, cohort_info
 from survjax.train import sharding
@@ -58,8 +59,12 @@ class Predictor:
       self.traces += 1
       return method.predict(nnx.merge(graphdef, state), batch, present, key)
 
+    representations = getattr(method, "representations", None)
+
     def diagnostics(graphdef, state, batch):
-      return method.diagnostics(nnx.merge(graphdef, state), batch)
+      model = nnx.merge(graphdef, state)
+      reps = representations(model, batch) if representations is not None else {}
+      return method.diagnostics(model, batch), reps
 
     self._predict = jax.jit(predict, static_argnums=(0, 4))
     self._diagnostics = jax.jit(diagnostics, static_argnums=0)
@@ -87,13 +92,22 @@ class Predictor:
     return out
 
   def diagnostics(self, model, cohort, idx, spec):
+    """The method's per-patient diagnostics averaged over ``idx``, then the spread and
+    centred cosines of its representations over ``idx`` (`representation_diagnostics`)."""
     graphdef, state = nnx.split(model)
     acc: dict[str, list] = {}
+    reps: dict[str, list] = {}
     for batch in iterate_batches(cohort, idx, spec, sort_by_length=True):
-      res = self._diagnostics(graphdef, state, sharding.shard_batch(batch, self.mesh))
-      for k, v in res.items():
-        acc.setdefault(k, []).append(sharding.to_host(v)[batch["valid"]])
-    return {k: float(np.mean(np.concatenate(v))) for k, v in acc.items()}
+      res, rep = self._diagnostics(graphdef, state, sharding.shard_batch(batch, self.mesh))
+      for out, values in ((acc, res), (reps, rep)):
+        for k, v in values.items():
+          out.setdefault(k, []).append(sharding.to_host(v)[batch["valid"]])
+    result = {k: float(np.mean(np.concatenate(v))) for k, v in acc.items()}
+    if reps:
+      result.update(representation_diagnostics(
+          {k: np.concatenate(v) for k, v in reps.items()},
+          tuple(getattr(self.method, "representation_pairs", ()))))
+    return result
 
   def latency(self, model, cohort, idx, present_sets, key, repeats: int = 5):
     """Batch-1 wall time per patient (ms, p50 over repeats, compile excluded)."""

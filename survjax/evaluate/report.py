@@ -156,6 +156,11 @@ def render_report(results: dict, cohort=None) -> str:
     lines += ["", "## Diagnostics (held-out patients, mean over folds)", "",
               "| quantity | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in results["diagnostics"].items()]
+    if any(k.startswith(("spread(", "cos_centred(")) for k in results["diagnostics"]):
+      lines += ["", "`spread(x)`: share of x's mean square that varies between patients "
+                "(0 = the same vector for all); `cos_centred(a,b)`: the cosine after "
+                "subtracting each vector's mean over the held-out patients, i.e. how the "
+                "patient-level parts align (`cos(a,b)` also counts the common offsets)."]
   t = results["timing"]
   lines += ["", "## Timing", "", f"- device: {t.get('device')}",
             f"- training, all folds: {t.get('train_s_total')} s; evaluation: {t.get('eval_s_total')} s"]

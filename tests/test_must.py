@@ -149,6 +149,46 @@ def test_main_loss_gradients_are_finite_with_padded_rows_and_unpaired_patients(t
   assert not bad, bad
 
 
+def test_decomp_stop_gradient_removes_exactly_the_gradient_through_g(toy):
+  """``decomp_stop_gradient``: eq. 13 treats g as the target. The gradient of the main loss
+  changes by exactly the vector-Jacobian product of theta -> g with L_decomp's cotangent
+  ``2 lambda_dec w_i (g_i - u^_i - c^_i) / sum w``, nothing else."""
+  cohort, _, bins = toy
+  plain = get_method(_tiny_config())
+  stopped = get_method(_tiny_config(decomp_stop_gradient=True))
+  model = _model(plain, cohort)
+  batch = make_batch(cohort, np.arange(10), BatchSpec(batch_size=12, max_instances=32),
+                     bins=bins, rng=np.random.default_rng(0))
+  key = jax.random.key(3)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def grad_of(method):
+    def loss_of(p):
+      return method.main_loss(nnx.merge(graphdef, p, rest), batch, key)[0]
+    return jax.jit(jax.grad(loss_of))(params)
+
+  k_enc, _ = jax.random.split(key)  # as main_loss splits its key
+
+  def globals_of(p):
+    comp = nnx.merge(graphdef, p, rest).components(batch, k_enc)
+    return comp["g_p"], comp["g_g"]
+
+  comp = nnx.merge(graphdef, params, rest).components(batch, k_enc)
+  w = jnp.asarray(batch["valid"], jnp.float32)[:, None]
+  scale = 2.0 * plain.cfg.lambda_dec / jnp.sum(w)
+  cotangent = (scale * w * (comp["g_p"] - comp["u_p"] - comp["c_gp"]),
+               scale * w * (comp["g_g"] - comp["u_g"] - comp["c_pg"]))
+  _, vjp = jax.vjp(globals_of, params)
+  (through_g,) = vjp(cotangent)
+  diff = jax.tree.map(lambda a, b: a - b, grad_of(plain), grad_of(stopped))
+  largest = max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(through_g))
+  assert largest > 1e-3
+  for (path, d), r in zip(jax.tree_util.tree_leaves_with_path(diff),
+                          jax.tree.leaves(through_g)):
+    np.testing.assert_allclose(d, r, rtol=1e-3, atol=1e-5 * largest,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def test_recovered_shared_component_lies_in_the_subspace(toy):
   """The head's c~ is P (g - u^) by default (eq. 20 as written, g - u^, with projection
   off); the denoiser's condition is g - u^ by default, P (g - u^) with

@@ -36,7 +36,12 @@ Training (Sec. 3.4, supp. 7.1), three stages:
    ``L = L_surv + 1.0 L_decomp + 1.0 L_shared + 0.5 L_orth`` (eq. 13-16), cosine
    similarities in L_orth. With an orthonormal B the two intra-modal terms of eq. 15 are
    identically zero (u^ and c^ live in complementary subspaces); they are kept so the
-   loss is the paper's;
+   loss is the paper's. Eq. 13-14 are squared errors through which the gradient also
+   reaches g and c; on the synthetic cohort the main stage satisfies them by making
+   every component nearly the same vector for all patients (the `representations`
+   diagnostics ``spread`` and ``cos_centred`` show it; see `configs/must.py`). Config
+   ``decomp_stop_gradient`` makes g a fixed target of eq. 13 (the paper does not say
+   which): no collapse, a decomposition that holds per patient, lower C-indexes there;
 3. latent diffusion (Sec. 3.5, supp. 7.2): the main network frozen, one conditional
    denoiser per modality learns ``u^_m`` from ``cond = [c; CLS_um]`` with the
    epsilon-prediction loss (eq. 19). Conditions are standardised with training
@@ -429,8 +434,11 @@ class MUST:
     def wmean(v):
       return jnp.sum(v * paired) / jnp.maximum(jnp.sum(paired), 1.0)
 
-    l_dec = wmean(jnp.sum((comp["g_p"] - (comp["u_p"] + comp["c_gp"])) ** 2, -1)
-                  + jnp.sum((comp["g_g"] - (comp["u_g"] + comp["c_pg"])) ** 2, -1))
+    g_p, g_g = comp["g_p"], comp["g_g"]
+    if c.get("decomp_stop_gradient", False):
+      g_p, g_g = jax.lax.stop_gradient(g_p), jax.lax.stop_gradient(g_g)
+    l_dec = wmean(jnp.sum((g_p - (comp["u_p"] + comp["c_gp"])) ** 2, -1)
+                  + jnp.sum((g_g - (comp["u_g"] + comp["c_pg"])) ** 2, -1))
     l_sh = wmean(jnp.sum((comp["c_pg"] - comp["c_gp"]) ** 2, -1))
     l_orth = wmean(jnp.abs(_cos(comp["u_p"], comp["u_g"]))
                    + jnp.abs(_cos(comp["u_p"], comp["c_pg"]))

@@ -50,13 +50,12 @@ def centred_cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> float:
 
 def representation_diagnostics(reps: dict[str, np.ndarray],
                                pairs: tuple[tuple[str, str], ...]) -> dict[str, float]:
-  """``spread(<name>)`` of every representation and ``cos_centred(<a>,<b>)`` of every pair.
+  """``cos_centred(<a>,<b>)`` of every pair, then ``spread(<name>)`` of every representation.
 
   Args:
     reps: ``{name: [N, D]}`` over the same N patients.
     pairs: names of ``reps`` whose centred cosine is reported.
   """
-  out = {f"spread({k})": between_patient_spread(v) for k, v in reps.items()}
-  for a, b in pairs:
-    out[f"cos_centred({a},{b})"] = centred_cosine(reps[a], reps[b])
+  out = {f"cos_centred({a},{b})": centred_cosine(reps[a], reps[b]) for a, b in pairs}
+  out.update({f"spread({k})": between_patient_spread(v) for k, v in reps.items()})
   return out

@@ -5,7 +5,7 @@ Command (5-fold cross-validation, scenarios full / missing_pathology / missing_g
   python -m survjax.main --config=configs/must.py --workdir=runs/must
 
 Variants: ``configs/must.py:smoke`` (the whole pipeline at small size: 2 folds of 120
-patients, a 64-d model; 61-67 s on a 2-core AMD EPYC, about 45 s of it compilation),
+patients, a 64-d model; 61-69 s on a 2-core AMD EPYC, about 45 s of it compilation),
 ``:paper_schedule`` (the paper's 30 + 30 epochs and learning rates, a 10x longer LDM),
 ``:paper_ldm`` (the LDM as the paper writes it: the 256-d u^, trained on c^),
 ``:no_warmup``, ``:cond_c`` (condition on [c] only), ``:rank16``, ``:rank128``,
@@ -141,8 +141,9 @@ is lower (same command plus ``:decomp_sg``, 7 min 27 s):
 
 (per fold, LDM / zeros: missing pathology 0.701 / 0.692, 0.729 / 0.692, 0.647 / 0.637,
 0.626 / 0.614, 0.767 / 0.756; missing genomics 0.703 / 0.645, 0.767 / 0.769,
-0.631 / 0.594, 0.673 / 0.665, 0.645 / 0.594). With lambda_dec = 0.1 as well, folds 2
-and 3 were no better (full 0.740 / 0.645 against 0.677 / 0.687).
+0.631 / 0.594, 0.673 / 0.665, 0.645 / 0.594). On folds 2 and 3 (``--config.cv.folds=
+'(2,3)'``), neither lambda_dec = 0.1 nor the paper's stage-2 lr 2e-4 helped it: full
+0.740 / 0.645 and 0.760 / 0.649 against 0.677 / 0.687 (the default: 0.805 / 0.729).
 
 Wall time of that run on a 2-core AMD EPYC: 7 min 39 s in all, 405 s training + 48 s
 evaluation (the run of the previous defaults took 6 min 29 s here, 351 s of training:

@@ -365,3 +365,16 @@ def test_generated_component_follows_the_ldm_not_the_fill(toy):
   assert not np.allclose(out1["risk"], out2["risk"])
   np.testing.assert_array_equal(out1["zeros"], out2["zeros"])
   np.testing.assert_array_equal(out1["mean"], out2["mean"])
+
+
+@pytest.mark.parametrize("variant", ["smoke", "paper_schedule", "no_warmup", "cond_c",
+                                     "paper_ldm", "rank16", "train_missing", "decomp_sg",
+                                     "smoke,decomp_sg"])
+def test_every_documented_config_variant_builds(variant):
+  """Each variant named in configs/must.py's docstring parses into a MUST method."""
+  config = must_config.get_config(variant)
+  method = get_method(config)
+  assert method.stages()[0].name == ("main" if variant == "no_warmup" else "warmup")
+  assert config.model.decomp_stop_gradient == ("decomp_sg" in variant)
+  with pytest.raises(ValueError, match="unknown variant"):
+    must_config.get_config("decomp")

@@ -85,14 +85,17 @@ cos(u_P, u_G) -0.01, cos(g_P, u_P + c_G<-P) 0.97, cos(g_G, u_G + c_P<-G) 0.997,
 cos(g_P, g_G) 0.06: the paper's picture (shared parts aligned, specific parts
 orthogonal), but it is the picture of a common offset. Every component is nearly the
 same vector for all patients: the share of its mean square that varies between patients
-(``spread`` in ``results.json``) is 0.0010-0.0044 for all six (after the warm-up it is
-0.47-0.73; at initialisation 0.20-0.80). Centred on the held-out mean, the cosines are
-c_P<-G vs c_G<-P 0.20, g_P vs u_P + c_G<-P 0.09, g_G vs u_G + c_P<-G 0.38, u_P vs u_G
-0.02, g_P vs g_G 0.01 (``cos_centred``; from ``--mode=eval`` on the trained folds of the
-run above, 58 s): the patient-level parts are neither aligned nor decomposed. Eq. 13
-and 14 as written are squared errors with the gradient reaching g and c, and collapsing
-everything onto constants satisfies them (the main stage's loss falls from 370-434
-to 10-11 over the five folds, its decomposition term to 8-10); the paper's stage-2 learning rate 2e-4 collapses the same way (fold 1:
+(``spread`` in ``results.json``) is 0.0010-0.0044 for all six; after the warm-up it is
+0.47-0.73, at initialisation 0.22-0.76 (fold 1, the command above with
+``--config.cv.folds='(1,)' --config.model.stage2.epochs=0``, and ``stage1.epochs=0`` as
+well). Centred on the held-out mean (``cos_centred``), the cosines are c_P<-G vs c_G<-P
+0.20, g_P vs u_P + c_G<-P 0.09, g_G vs u_G + c_P<-G 0.38, u_P vs u_G 0.02, g_P vs g_G
+0.01: the patient-level parts are neither aligned nor decomposed. Eq. 13 and 14 as
+written are squared errors with the gradient reaching g and c, and collapsing everything
+onto constants satisfies them (the main stage's loss falls from 370-434 to 10-11 over
+the five folds, its decomposition term to 8-10). The collapse happens before the final
+LayerNorms, whose scales stay at 0.88-0.91 (bias rms 0.01), and the paper's stage-2
+learning rate collapses the same way (fold 1 with ``--config.model.stage2.lr=2e-4``:
 spread of g_G 3e-5). The risk lives in the small patient-level parts, which the
 constraints hardly touch. The full C-index is 0.028 below the oracle; on the same folds it is above
 gated ABMIL on pathology alone (0.766 +- 0.031, within noise), TransMIL (0.751) and the
@@ -145,14 +148,14 @@ is lower (same command plus ``:decomp_sg``, 7 min 27 s):
 '(2,3)'``), neither lambda_dec = 0.1 nor the paper's stage-2 lr 2e-4 helped it: full
 0.740 / 0.645 and 0.760 / 0.649 against 0.677 / 0.687 (the default: 0.805 / 0.729).
 
-Wall time of that run on a 2-core AMD EPYC: 7 min 39 s in all, 405 s training + 48 s
-evaluation (the run of the previous defaults took 6 min 29 s here, 351 s of training:
-the same training computation, so this machine's speed varies between runs by about
-15%); checkpoints
+Wall time of the main job on a 2-core AMD EPYC, from a fresh clone (the README's
+command: ``bash scripts/bootstrap.sh`` and the command at the top): 7 min 22 s, 365 s
+training + 36 s evaluation (earlier runs of the same training computation took 6 min 29 s
+to 7 min 39 s here: this machine's speed varies between runs by about 15%). Checkpoints
 are written every 30 s and at each stage's end (``train.checkpoint_every_s``). On the
 2-core Intel Xeon of earlier sessions the same code ran about 1.9x slower (the smoke
-variant: 3 min there). Traces: one per training step function,
-one shared LDM feature pass.
+variant: 3 min there). Traces: one per training step function, one shared LDM feature
+pass.
 """
 
 import ml_collections

@@ -81,25 +81,25 @@ trained folds, ``--mode=eval --config.model.ldm.num_samples=50``, 3 min 56 s):
 missing pathology 0.768 +- 0.030, missing genomics 0.728 +- 0.032.
 
 Decomposition diagnostics (held-out patients, Sec. 4.4): cos(c_P<-G, c_G<-P) 0.99,
-cos(u_P, u_G) -0.01, cos(g_P, u_P + c_G<-P) 0.97, cos(g_G, u_G + c_P<-G) 0.997,
-cos(g_P, g_G) 0.06: the paper's picture (shared parts aligned, specific parts
-orthogonal), but it is the picture of a common offset. Every component is nearly the
-same vector for all patients: the share of its mean square that varies between patients
-(``spread`` in ``results.json``) is 0.0010-0.0044 for all six; after the warm-up it is
-0.47-0.73, at initialisation 0.22-0.76 (fold 1, the command above with
-``--config.cv.folds='(1,)' --config.model.stage2.epochs=0``, and ``stage1.epochs=0`` as
-well). Centred on the held-out mean (``cos_centred``), the cosines are c_P<-G vs c_G<-P
-0.20, g_P vs u_P + c_G<-P 0.09, g_G vs u_G + c_P<-G 0.38, u_P vs u_G 0.02, g_P vs g_G
-0.01: the patient-level parts are neither aligned nor decomposed. Eq. 13 and 14 as
-written are squared errors with the gradient reaching g and c, and collapsing everything
-onto constants satisfies them (the main stage's loss falls from 370-434 to 10-11 over
-the five folds, its decomposition term to 8-10). The collapse happens before the final
+cos(u_P, u_G) -0.01, cos(g_P, u_P + c_G<-P) 0.97, cos(g_G, u_G + c_P<-G) 0.997, cos(g_P,
+g_G) 0.06: the paper's picture (shared parts aligned, specific parts orthogonal), but it
+is the picture of a common offset. Every component is nearly the same vector for all
+patients: the share of its mean square that varies between patients (``spread`` in
+``results.json``) is 0.0010-0.0044 for all six; after the warm-up it is 0.47-0.73, at
+initialisation 0.22-0.76 (fold 1, the command above with ``--config.cv.folds='(1,)'
+--config.model.stage2.epochs=0``, and ``stage1.epochs=0`` as well). Centred on the
+held-out mean (``cos_centred``), the cosines are c_P<-G vs c_G<-P 0.20, g_P vs u_P +
+c_G<-P 0.09, g_G vs u_G + c_P<-G 0.38, u_P vs u_G 0.02, g_P vs g_G 0.01: the
+patient-level parts are neither aligned nor decomposed. Eq. 13 and 14 as written are
+squared errors with the gradient reaching g and c, and collapsing everything onto
+constants satisfies them (the main stage's loss falls from 370-434 to 10-11 over the
+five folds, its decomposition term to 8-10). The collapse happens before the final
 LayerNorms, whose scales stay at 0.88-0.91 (bias rms 0.01), and the paper's stage-2
 learning rate collapses the same way (fold 1 with ``--config.model.stage2.lr=2e-4``:
 spread of g_G 3e-5). The risk lives in the small patient-level parts, which the
-constraints hardly touch. The full C-index is 0.028 below the oracle; on the same folds it is above
-gated ABMIL on pathology alone (0.766 +- 0.031, within noise), TransMIL (0.751) and the
-SNN on genomics (0.746).
+constraints hardly touch. The full C-index is 0.028 below the oracle; on the same folds
+it is above gated ABMIL on pathology alone (0.766 +- 0.031, within noise), TransMIL
+(0.751) and the SNN on genomics (0.746).
 
 With genomics missing the diffusion fill beats zeros and the training mean (0.728
 against 0.714 and 0.716; on 3 of 5 folds). With pathology missing it does not (0.758
@@ -130,12 +130,11 @@ scripts/must_ldm_probe.py``, folds 1 / 0):
 reproduce what the warm-up taught g instead of collapsing it (the paper does not say
 either way). Its decomposition term then stays at 102-130 (the survival term ends at
 1.0-1.1, as the default's at 1.0-1.3). Nothing collapses (spread 0.34-0.72), the
-decomposition holds at the
-patient level (centred cos(g_P, u_P + c_G<-P) 0.73, cos(g_G, u_G + c_P<-G) 0.95; raw
-0.78 / 0.98, the paper's 0.75-0.94), the shared parts still do not align (centred 0.23,
-raw 0.47 against the paper's 0.99), and the diffusion fill matters: it beats zeros on 5
-of 5 folds with pathology missing and 4 of 5 with genomics missing. But every C-index
-is lower (same command plus ``:decomp_sg``, 7 min 27 s):
+decomposition holds at the patient level (centred cos(g_P, u_P + c_G<-P) 0.73, cos(g_G,
+u_G + c_P<-G) 0.95; raw 0.78 / 0.98, the paper's 0.75-0.94), the shared parts still do
+not align (centred 0.23, raw 0.47 against the paper's 0.99), and the diffusion fill
+matters: it beats zeros on 5 of 5 folds with pathology missing and 4 of 5 with genomics
+missing. But every C-index is lower (same command plus ``:decomp_sg``, 7 min 27 s):
 
   scenario             LDM                zeros           training mean
   full                 0.728 +- 0.039

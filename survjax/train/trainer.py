@@ -74,10 +74,7 @@ class MetricsLog:
     kept = [r for r in records if keep(r)]
     if len(kept) == len(records):
       return
-    tmp = self.path.with_name(self.path.name + ".tmp")
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    tmp.replace(self.path)
+    atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, record: dict, step: int | None = None) -> None:
     if self.path is None or jax.process_index() != 0:

@@ -92,8 +92,8 @@ class Method(Protocol):
   # Optional, looked up with getattr (a method without them reports neither):
   #   representations(model, batch) -> {name: [B, D]} per-patient vectors on complete data;
   #   representation_pairs: tuple of (name, name).
-  # The evaluation reports each one's between-patient spread and each pair's centred
-  # cosine over the held-out patients (`survjax.evaluate.representations`).
+  # The evaluation reports each one's between-patient spread and each pair's cosine, raw
+  # and centred, over the held-out patients (`survjax.evaluate.representations`).
 
 
 def cohort_info(cohort, modalities) -> dict:

@@ -294,6 +294,9 @@ def test_centred_cosine_ignores_common_offsets():
   raw = np.mean(np.sum((a + offset) * (b + offset), 1)
                 / np.linalg.norm(a + offset, axis=1) / np.linalg.norm(b + offset, axis=1))
   assert raw > 0.99
+  both = representation_diagnostics({"a": a + offset, "b": b + offset}, (("a", "b"),))
+  np.testing.assert_allclose(both["cos(a,b)"], raw, atol=1e-12)
+  np.testing.assert_allclose(both["cos_centred(a,b)"], base, atol=1e-12)
   np.testing.assert_allclose(centred_cosine(a + offset, b - 3 * offset), base, atol=1e-12)
   np.testing.assert_allclose(centred_cosine(2 * a + offset, a), 1.0, atol=1e-12)
   np.testing.assert_allclose(centred_cosine(a, -a + offset), -1.0, atol=1e-12)
@@ -315,5 +318,5 @@ def test_between_patient_spread_closed_form():
   np.testing.assert_allclose(between_patient_spread(z), 1.0, rtol=1e-12)
   assert between_patient_spread(np.zeros((3, 4))) == 0.0
   out = representation_diagnostics({"a": m + z, "b": z}, (("a", "b"),))
-  assert set(out) == {"spread(a)", "spread(b)", "cos_centred(a,b)"}
+  assert set(out) == {"spread(a)", "spread(b)", "cos(a,b)", "cos_centred(a,b)"}
   np.testing.assert_allclose(out["cos_centred(a,b)"], 1.0, atol=1e-12)

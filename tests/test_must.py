@@ -53,9 +53,9 @@ def _predict(method, model, batch, present, key):
   return {k: np.asarray(v) for k, v in fn(state, batch, key).items()}
 
 
-def _diagnostics(method, model, batch):
+def _representations(method, model, batch):
   graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda s, b: method.diagnostics(nnx.merge(graphdef, s), b))
+  fn = jax.jit(lambda s, b: method.representations(nnx.merge(graphdef, s), b))
   return {k: np.asarray(v) for k, v in fn(state, batch).items()}
 
 
@@ -311,11 +311,12 @@ def test_full_prediction_is_invariant_to_bag_padding(toy):
   r_small = _predict(method, model, small, full, jax.random.key(0))["risk"]
   r_large = _predict(method, model, large, full, jax.random.key(0))["risk"][:6]
   np.testing.assert_allclose(r_small, r_large, rtol=1e-5, atol=1e-5)
-  # The decomposition diagnostics too.
-  diag_small = _diagnostics(method, model, small)
-  diag_large = _diagnostics(method, model, large)
-  for k in diag_small:
-    np.testing.assert_allclose(diag_small[k], diag_large[k][:6], atol=1e-5)
+  # The vectors of the decomposition diagnostics too.
+  rep_small = _representations(method, model, small)
+  rep_large = _representations(method, model, large)
+  assert len(rep_small) == 8
+  for k in rep_small:
+    np.testing.assert_allclose(rep_small[k], rep_large[k][:6], atol=1e-5, err_msg=k)
 
 
 def test_representation_diagnostics_centre_over_all_held_out_patients(toy):
@@ -340,6 +341,9 @@ def test_representation_diagnostics_centre_over_all_held_out_patients(toy):
   ref = np.mean([a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])
                  for i in range(len(idx))])
   np.testing.assert_allclose(by_4["cos_centred(c_P<-G,c_G<-P)"], ref, atol=1e-5)
+  raw = np.mean([comp["c_pg"][i] @ comp["c_gp"][i] / np.linalg.norm(comp["c_pg"][i])
+                 / np.linalg.norm(comp["c_gp"][i]) for i in range(len(idx))])
+  np.testing.assert_allclose(by_4["cos(c_P<-G,c_G<-P)"], raw, atol=1e-5)
   g = comp["g_g"]
   spread = sum(np.mean((g[:, d] - g[:, d].mean()) ** 2) for d in range(g.shape[1]))
   np.testing.assert_allclose(by_4["spread(g_G)"], spread / np.mean(np.sum(g * g, 1)),

@@ -92,8 +92,8 @@ class Predictor:
     return out
 
   def diagnostics(self, model, cohort, idx, spec):
-    """The method's per-patient diagnostics averaged over ``idx``, then the spread and
-    centred cosines of its representations over ``idx`` (`representation_diagnostics`)."""
+    """The method's per-patient diagnostics averaged over ``idx``, then the cosines and
+    spreads of its representations over ``idx`` (`representation_diagnostics`)."""
     graphdef, state = nnx.split(model)
     acc: dict[str, list] = {}
     reps: dict[str, list] = {}

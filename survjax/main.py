@@ -40,7 +40,10 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # A config file that raises comes back as absl's first line plus a traceback whose
+    # last line holds the reason ("ValueError: unknown variant ..."): keep both.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    msg = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
     print(f"survjax: bad command line or config: {msg}", file=sys.stderr)
     sys.exit(2)
 

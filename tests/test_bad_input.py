@@ -258,6 +258,17 @@ def test_unknown_config_key(tmp_path):
   _assert_nothing_written(tmp_path)
 
 
+def test_unknown_config_variant_names_itself(tmp_path):
+  """A variant the config file rejects: the one line carries the file's reason."""
+  out = _run([f"--config={REPO}/configs/must.py:decomp", f"--workdir={tmp_path / 'run'}",
+              f"--config.cv.splits_dir={tmp_path / 'splits'}"], tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  assert lines[0].startswith("survjax: bad command line or config: "), lines[0]
+  assert "must.py:decomp" in lines[0] and "unknown variant 'decomp'" in lines[0], lines[0]
+  _assert_nothing_written(tmp_path)
+
+
 def test_out_of_range_synthetic_knob(tmp_path):
   """Every generator knob is a config field; a bad value gets one line and nothing."""
   out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",

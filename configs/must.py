@@ -148,13 +148,13 @@ missing. But every C-index is lower (same command plus ``:decomp_sg``, 7 min 27 
 0.740 / 0.645 and 0.760 / 0.649 against 0.677 / 0.687 (the default: 0.805 / 0.729).
 
 Wall time of the main job on a 2-core AMD EPYC, from a fresh clone (the README's
-command: ``bash scripts/bootstrap.sh`` and the command at the top): 7 min 22 s, 365 s
-training + 36 s evaluation (earlier runs of the same training computation took 6 min 29 s
-to 7 min 39 s here: this machine's speed varies between runs by about 15%). Checkpoints
-are written every 30 s and at each stage's end (``train.checkpoint_every_s``). On the
-2-core Intel Xeon of earlier sessions the same code ran about 1.9x slower (the smoke
-variant: 3 min there). Traces: one per training step function, one shared LDM feature
-pass.
+command: ``bash scripts/bootstrap.sh`` and the command at the top): 7 min 22 s and 8 min
+1 s in two runs, 365 / 403 s training + 36 / 38 s evaluation (earlier runs of the same
+training computation took 6 min 29 s to 7 min 39 s here: this machine's speed varies
+between runs by about 15%). Checkpoints are written every 30 s and at each stage's end
+(``train.checkpoint_every_s``). On the 2-core Intel Xeon of earlier sessions the same
+code ran about 1.9x slower (the smoke variant: 3 min there). Traces: one per training
+step function, one shared LDM feature pass.
 """
 
 import ml_collections

@@ -40,8 +40,10 @@ Training (Sec. 3.4, supp. 7.1), three stages:
    reaches g and c; on the synthetic cohort the main stage satisfies them by making
    every component nearly the same vector for all patients (the `representations`
    diagnostics ``spread`` and ``cos_centred`` show it; see `configs/must.py`). Config
-   ``decomp_stop_gradient`` makes g a fixed target of eq. 13 (the paper does not say
-   which): no collapse, a decomposition that holds per patient, lower C-indexes there;
+   ``decomp_relative`` (the default there) divides each by the between-patient variance
+   of what it fits (`decomposition_losses`), which collapse does not lower: the
+   decomposition then holds per patient. ``decomp_stop_gradient`` instead makes g a
+   fixed target of eq. 13 (the paper does not say which);
 3. latent diffusion (Sec. 3.5, supp. 7.2): the main network frozen, one conditional
    denoiser per modality learns ``u^_m`` from ``cond = [c; CLS_um]`` with the
    epsilon-prediction loss (eq. 19). Conditions are standardised with training
@@ -53,8 +55,9 @@ Training (Sec. 3.4, supp. 7.1), three stages:
    features, a `lax.scan` per chunk of steps. Its condition is by default the
    surrogate ``c~ = g - u^`` (supp. 8.2), computed from each modality alone as at
    inference, rather than the paper's ``c^``: on held-out patients of a trained fold
-   the two correlate (centred, per patient) at only 0.08-0.11 (see `configs/must.py`),
-   so a denoiser trained on ``c^`` samples from conditions it never saw.
+   the two correlate (centred, per patient) at only 0.08-0.11 with eq. 13-14 as written
+   (0.71-0.83 with ``decomp_relative``; see `configs/must.py`), so a denoiser trained on
+   ``c^`` samples from conditions it never saw.
 
 Missing-modality inference (Sec. 3.6). With only P: ``c~ = g_P - u^_P`` (eq. 20),
 ``u~_G`` by DDIM (eq. 21; 50 steps, eta = 0, 5 samples averaged), risk from
@@ -111,6 +114,52 @@ def _cos(a, b, eps=1e-8):
 def _masked_mean(x, mask):
   m = mask[..., None].astype(x.dtype)
   return jnp.sum(x * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
+
+
+def decomposition_losses(comp: dict, weights: jax.Array, relative: bool = False):
+  """Eq. 13 and 14 over the paired patients (row weights ``w_i``), absolute or relative.
+
+  Absolute, as the paper writes them (``E_w`` the w-weighted mean over the batch):
+
+      L_decomp = E_w ||g_P - (u^_P + c^_{G<-P})||^2 + E_w ||g_G - (u^_G + c^_{P<-G})||^2
+      L_shared = E_w ||c^_{P<-G} - c^_{G<-P}||^2
+
+  Relative: each squared error divided by the between-patient variance of what it fits,
+  ``V_w(x) = E_w ||x - E_w x||^2``, i.e. the share of that variance left unexplained
+  (1 - R^2 when the fit is centred):
+
+      L_decomp = E_w ||g_P - u^_P - c^_{G<-P}||^2 / V_w(g_P) + (the same for G)
+      L_shared = E_w ||c^_{P<-G} - c^_{G<-P}||^2 / ((V_w(c^_{P<-G}) + V_w(c^_{G<-P})) / 2)
+
+  The absolute form is met by collapse: with every vector ``x_i = m_x + eps z_i`` and the
+  offsets fitted, it falls as eps^2, while the relative form does not change (it is
+  invariant to a common scale); the gradient reaches the denominators as well. With
+  fewer than two paired patients a batch has no variance and the relative terms are 0.
+  The paper does not say how g, c and u are scaled; see `configs/must.py` for what each
+  form does on the synthetic cohort.
+  """
+  def mean(v):
+    return jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+  res_p = mean(jnp.sum((comp["g_p"] - (comp["u_p"] + comp["c_gp"])) ** 2, -1))
+  res_g = mean(jnp.sum((comp["g_g"] - (comp["u_g"] + comp["c_pg"])) ** 2, -1))
+  res_sh = mean(jnp.sum((comp["c_pg"] - comp["c_gp"]) ** 2, -1))
+  if not relative:
+    return res_p + res_g, res_sh
+
+  def variance(x):
+    centre = jnp.sum(x * weights[:, None], 0) / jnp.maximum(jnp.sum(weights), 1.0)
+    return mean(jnp.sum((x - centre) ** 2, -1))
+
+  enough = jnp.sum(weights > 0) >= 2
+  tiny = jnp.finfo(res_p.dtype).tiny
+
+  def ratio(num, den):
+    return jnp.where(enough, num / jnp.maximum(den, tiny), 0.0)
+
+  l_dec = ratio(res_p, variance(comp["g_p"])) + ratio(res_g, variance(comp["g_g"]))
+  l_sh = ratio(res_sh, 0.5 * (variance(comp["c_pg"]) + variance(comp["c_gp"])))
+  return l_dec, l_sh
 
 
 class LatentStats(nnx.Variable):
@@ -434,12 +483,11 @@ class MUST:
     def wmean(v):
       return jnp.sum(v * paired) / jnp.maximum(jnp.sum(paired), 1.0)
 
-    g_p, g_g = comp["g_p"], comp["g_g"]
+    targets = dict(comp)
     if c.get("decomp_stop_gradient", False):
-      g_p, g_g = jax.lax.stop_gradient(g_p), jax.lax.stop_gradient(g_g)
-    l_dec = wmean(jnp.sum((g_p - (comp["u_p"] + comp["c_gp"])) ** 2, -1)
-                  + jnp.sum((g_g - (comp["u_g"] + comp["c_pg"])) ** 2, -1))
-    l_sh = wmean(jnp.sum((comp["c_pg"] - comp["c_gp"]) ** 2, -1))
+      targets["g_p"] = jax.lax.stop_gradient(comp["g_p"])
+      targets["g_g"] = jax.lax.stop_gradient(comp["g_g"])
+    l_dec, l_sh = decomposition_losses(targets, paired, relative=c.get("decomp_relative", False))
     l_orth = wmean(jnp.abs(_cos(comp["u_p"], comp["u_g"]))
                    + jnp.abs(_cos(comp["u_p"], comp["c_pg"]))
                    + jnp.abs(_cos(comp["u_g"], comp["c_gp"])))

@@ -99,7 +99,7 @@ the held-out mean in brackets): cos(c_P<-G, c_G<-P) 0.86 (0.85), cos(u_P, u_G) -
 (-0.01), cos(g_P, u_P + c_G<-P) 0.85 (0.84), cos(g_G, u_G + c_P<-G) 0.86 (0.85),
 cos(g_P, g_G) 0.18 (0.19), spread 0.82-0.98: shared parts aligned, specific parts
 orthogonal, g reconstructed (the paper: 0.99, -0.08, 0.75-0.94, 0.13), at the patient
-level. On the trained folds (``RUN=runs/must FOLD=1 RETRAIN=0 python
+level. On the trained folds (``RUN=runs/must FOLD=1 RETRAIN=0 PYTHONPATH=. python
 scripts/must_ldm_probe.py``, fold 1): c~ from one modality and c^ from both correlate
 (centred, per patient) at 0.71 (from pathology) and 0.83 (from genomics); a ridge
 regression of the missing u^ on g - u^ of the other modality has a held-out R^2 of
@@ -131,8 +131,10 @@ pathology 0.694 against 0.678, missing genomics 0.684 against 0.653), but its fu
 C-index is 0.728 +- 0.039; its decomposition term stays at 102-130, against a survival
 term of 1.0-1.1.
 
-Wall time of the main job on a 2-core AMD EPYC: 6 min 24 s from the working tree (332 s
-training, 47 s evaluation). Checkpoints are written every
+Wall time of the main job on a 2-core AMD EPYC: 5 min 19 s from a fresh clone with the
+README's command (``bash scripts/bootstrap.sh`` and the command at the top; 238 s
+training, 37 s evaluation), 6 min 24 s in a run from the working tree (332 s training,
+47 s evaluation; this machine's speed varies between runs). Checkpoints are written every
 30 s and at each stage's end (``train.checkpoint_every_s``). On the 2-core Intel Xeon
 of earlier sessions the same code ran about 1.9x slower. Traces: one per training step
 function, one shared LDM feature pass.

@@ -20,9 +20,9 @@ c~, projected (as the head reads it) and not (as the denoiser does by default), 
 the training patients, and the C-index of the true u used as the fill; the C-index with both modalities from c^ alone (both u^ at their
 training means) against the full input; and the denoiser's noise-prediction loss on training and held-out
 latents at t = 100 / 500 / 900 with the true, the shuffled and a zero condition. The
-figures quoted in configs/must.py come from ``RETRAIN=0`` on folds 0 and 1 of the main
-job (with the defaults and with ``num_samples=50``) and on fold 1 of the LDM ablations
-listed there.
+figures quoted in configs/must.py come from ``RETRAIN=0`` on fold 1 of the main job,
+and, for ``:paper_decomp`` (the previous default; same checkpoints layout), on folds 0
+and 1 (with ``num_samples=50`` too) and on fold 1 of the LDM ablations listed there.
 """
 import os
 FOLD=int(os.environ.get("FOLD","0")); RETRAIN=os.environ.get("RETRAIN","1")=="1"

@@ -111,6 +111,11 @@ def _cos(a, b, eps=1e-8):
   return jnp.sum(a * b, -1) / jnp.sqrt(jnp.maximum(sq, eps * eps))
 
 
+def _weighted_mean(v, weights):
+  """``sum_i w_i v_i / sum_i w_i`` of per-patient values ``v [B]`` (0 when no weight)."""
+  return jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def _masked_mean(x, mask):
   m = mask[..., None].astype(x.dtype)
   return jnp.sum(x * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
@@ -138,18 +143,18 @@ def decomposition_losses(comp: dict, weights: jax.Array, relative: bool = False)
   The paper does not say how g, c and u are scaled; see `configs/must.py` for what each
   form does on the synthetic cohort.
   """
-  def mean(v):
-    return jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  def mean_sq(x):
+    return _weighted_mean(jnp.sum(x ** 2, -1), weights)
 
-  res_p = mean(jnp.sum((comp["g_p"] - (comp["u_p"] + comp["c_gp"])) ** 2, -1))
-  res_g = mean(jnp.sum((comp["g_g"] - (comp["u_g"] + comp["c_pg"])) ** 2, -1))
-  res_sh = mean(jnp.sum((comp["c_pg"] - comp["c_gp"]) ** 2, -1))
+  res_p = mean_sq(comp["g_p"] - (comp["u_p"] + comp["c_gp"]))
+  res_g = mean_sq(comp["g_g"] - (comp["u_g"] + comp["c_pg"]))
+  res_sh = mean_sq(comp["c_pg"] - comp["c_gp"])
   if not relative:
     return res_p + res_g, res_sh
 
   def variance(x):
     centre = jnp.sum(x * weights[:, None], 0) / jnp.maximum(jnp.sum(weights), 1.0)
-    return mean(jnp.sum((x - centre) ** 2, -1))
+    return mean_sq(x - centre)
 
   enough = jnp.sum(weights > 0) >= 2
   tiny = jnp.finfo(res_p.dtype).tiny
@@ -480,17 +485,14 @@ class MUST:
     logits = model.head(u_p, c_in, u_g, key=k_h)
     l_surv = self._surv(logits, batch, w)
 
-    def wmean(v):
-      return jnp.sum(v * paired) / jnp.maximum(jnp.sum(paired), 1.0)
-
     targets = dict(comp)
     if c.get("decomp_stop_gradient", False):
       targets["g_p"] = jax.lax.stop_gradient(comp["g_p"])
       targets["g_g"] = jax.lax.stop_gradient(comp["g_g"])
     l_dec, l_sh = decomposition_losses(targets, paired, relative=c.get("decomp_relative", False))
-    l_orth = wmean(jnp.abs(_cos(comp["u_p"], comp["u_g"]))
-                   + jnp.abs(_cos(comp["u_p"], comp["c_pg"]))
-                   + jnp.abs(_cos(comp["u_g"], comp["c_gp"])))
+    l_orth = _weighted_mean(jnp.abs(_cos(comp["u_p"], comp["u_g"]))
+                            + jnp.abs(_cos(comp["u_p"], comp["c_pg"]))
+                            + jnp.abs(_cos(comp["u_g"], comp["c_gp"])), paired)
     loss = l_surv + c.lambda_dec * l_dec + c.lambda_sh * l_sh + c.lambda_orth * l_orth
     return loss, {"surv": l_surv, "decomp": l_dec, "shared": l_sh, "orth": l_orth}
 

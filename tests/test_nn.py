@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from survjax.nn import attention as attn_lib
-from survjax.nn.attention import (MultiHeadAttention, NystromAttention, TransformerLayer,
-                                  newton_pinv)
+from survjax.nn import grid_conv as grid_conv_lib
+from survjax.nn import nystrom as nystrom_lib
+from survjax.nn.attention import MultiHeadAttention, TransformerLayer
 from survjax.nn.core import dropout, masked_softmax
 from survjax.nn.genomic import SNN, GroupTokenizer, alpha_dropout
 from survjax.nn.mil import GatedABMIL
+from survjax.nn.nystrom import NystromAttention, newton_pinv
 from survjax.nn.transmil import PPEG, TransMIL, ceil_sqrt, square_layout
 
 
@@ -224,7 +225,7 @@ def test_nystrom_value_conv_matches_grouped_conv():
         jnp.transpose(v, (0, 1, 3, 2)), w[:, None, None, :], (1, 1),
         ((k // 2, k // 2), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=h)
-    return attn_lib._depthwise_seq_conv(v, w), jnp.transpose(ref, (0, 1, 3, 2))
+    return nystrom_lib._depthwise_seq_conv(v, w), jnp.transpose(ref, (0, 1, 3, 2))
 
   ours, ref = run(v, w)
   np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -363,7 +364,6 @@ def test_ppeg_shifted_slices_equal_grouped_convolutions():
 def test_custom_vjps_equal_autodiff_of_grouped_convolutions():
   """The hand-written VJPs of the PPEG grid convolution (several grid sides in one batch)
   and of the Nystrom value convolution equal autodiff of XLA's grouped convolutions."""
-  from survjax.nn import transmil as transmil_lib
   dim, sides = 5, (5, 3, 1)
   x, w7, g = _normal(1, (3, 30, dim)), _normal(2, (7, 7, dim)), _normal(3, (3, 30, dim))
   v, w33, gv = _normal(4, (2, 11, 3, 4)), _normal(5, (7, 3)), _normal(6, (2, 11, 3, 4))
@@ -382,13 +382,13 @@ def test_custom_vjps_equal_autodiff_of_grouped_convolutions():
 
   @jax.jit
   def run(x, w7, v, w33):
-    ours = jax.vjp(lambda x, w: transmil_lib.grid_conv7(x, w, jnp.array(sides)), x, w7)[1](g)
+    ours = jax.vjp(lambda x, w: grid_conv_lib.grid_conv7(x, w, jnp.array(sides)), x, w7)[1](g)
     refs = []
     for i, h in enumerate(sides):
       grid = x[i:i + 1, :h * h].reshape(1, h, h, dim)
       cot = g[i:i + 1, :h * h].reshape(1, h, h, dim)
       refs.append(jax.vjp(conv_grid, grid, w7)[1](cot))
-    return ours, refs, jax.vjp(attn_lib._depthwise_seq_conv, v, w33)[1](gv), \
+    return ours, refs, jax.vjp(nystrom_lib._depthwise_seq_conv, v, w33)[1](gv), \
         jax.vjp(conv_seq, v, w33)[1](gv)
 
   (gx, gw), refs, ours_v, ref_v = jax.tree.map(np.asarray, run(x, w7, v, w33))
@@ -511,7 +511,6 @@ def test_transmil_chunked_path_gradients_equal_unchunked():
 def test_ppeg_in_place_on_the_sequence_equals_ppeg_with_gradients():
   """`ppeg_sequence` (the grid after 2 class tokens; sides 5 and 4; one chunk, and chunks
   of 7 slots, the last one overlapping) equals concat(cls, PPEG(grid)); so does its VJP."""
-  from survjax.nn import transmil as transmil_lib
   dim = 6
   ppeg = PPEG(dim, rngs=nnx.Rngs(0))
   seq, g = _normal(1, (2, 27, dim)), _normal(2, (2, 27, dim))
@@ -519,15 +518,15 @@ def test_ppeg_in_place_on_the_sequence_equals_ppeg_with_gradients():
 
   def ref(seq, w, b):
     valid = (jnp.arange(25) < sides[:, None] ** 2)[..., None]
-    grid = seq[:, 2:] + transmil_lib.grid_conv7(seq[:, 2:], w, sides) + b
+    grid = seq[:, 2:] + grid_conv_lib.grid_conv7(seq[:, 2:], w, sides) + b
     return jnp.concatenate([seq[:, :2], jnp.where(valid, grid, 0.0)], axis=1)
 
   @jax.jit
   def run(ppeg):
     w, b = ppeg.combined()
     out_ref, vjp_ref = jax.vjp(ref, seq, w, b)
-    out, vjp = jax.vjp(lambda s, w, b: transmil_lib.ppeg_sequence(s, w, b, sides, 2), seq, w, b)
-    chunked = jax.vmap(lambda s, h: transmil_lib._ppeg_seq_one(s, w, b, h, 2, 7))(seq, sides)
+    out, vjp = jax.vjp(lambda s, w, b: grid_conv_lib.ppeg_sequence(s, w, b, sides, 2), seq, w, b)
+    chunked = jax.vmap(lambda s, h: grid_conv_lib._ppeg_seq_one(s, w, b, h, 2, 7))(seq, sides)
     return out_ref, out, chunked, ppeg(seq, sides, offset=2), vjp_ref(g), vjp(g)
 
   out_ref, out, chunked, out_module, g_ref, g_ours = run(ppeg)

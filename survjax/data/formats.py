@@ -542,12 +542,42 @@ def _pathology(table: ClinicalTable, features_dir: Path, exts, expected_dim, all
   if progress:
     from tqdm import tqdm
     cases = tqdm(cases, desc="reading slide features", unit="case", file=sys.stderr)
+  return _read_bags(
+      table, cases,
+      lambda i: _case_slide_files(table, table.case_ids[i], table.slide_ids[i],
+                                  features_dir, exts, allow),
+      expected_dim=expected_dim, missing_path=features_dir,
+      missing_msg=f"no feature file for any case, expected <slide_id>{exts[0]} files")
+
+
+def _read_bags(table: ClinicalTable, cases, case_files, *, expected_dim=None, missing_path,
+               missing_msg: str) -> Modality:
+  """A bag modality from per-case feature files (pathology slides, radiology volumes).
+
+  ``case_files(i)`` gives case ``i``'s files, read and concatenated in order, or None if
+  the case has none (unavailable, an empty bag). Every file must have the feature
+  dimension ``expected_dim`` or, without it, that of the first file read.
+
+  Args:
+    table: the clinical table (case ids for the errors, number of cases).
+    cases: the case indices to read, in order (``range(n)``, possibly in a progress bar).
+    case_files: ``i -> list[Path] | None``.
+    expected_dim: the configured feature dimension, or None.
+    missing_path: the file or directory named when no case has a file.
+    missing_msg: the message then.
+
+  Returns:
+    ``Modality(kind="bag")`` of float16 bags.
+
+  Raises:
+    InputError: from `read_features`, or when no case has a file.
+  """
   bags, available = [], np.zeros(len(table.case_ids), dtype=bool)
   dim = expected_dim
   source = None if expected_dim is None else "the configured feature_dim"
   for i in cases:
-    cid, slides = table.case_ids[i], table.slide_ids[i]
-    files = _case_slide_files(table, cid, slides, features_dir, exts, allow)
+    cid = table.case_ids[i]
+    files = case_files(i)
     if files is None:
       bags.append(None)
       continue
@@ -559,8 +589,7 @@ def _pathology(table: ClinicalTable, features_dir: Path, exts, expected_dim, all
     bags.append(np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0])
     available[i] = True
   if not available.any():
-    raise InputError(f"no feature file for any case, expected <slide_id>{exts[0]} files",
-                     path=features_dir)
+    raise InputError(missing_msg, path=missing_path)
   bags = [np.zeros((0, dim), np.float16) if b is None else b for b in bags]
   return Modality(kind="bag", available=available, bags=bags)
 
@@ -622,22 +651,14 @@ def _radiology(table: ClinicalTable, radiology_dir: Path, exts) -> Modality:
   if not radiology_dir.is_dir():
     raise InputError("radiology directory not found, expected a directory of "
                      "<case_id>.h5/.pt/.npy files", path=radiology_dir)
-  bags, available, dim = [], np.zeros(len(table.case_ids), dtype=bool), None
-  source = None
-  for i, cid in enumerate(table.case_ids):
-    f = _find_file([radiology_dir / (cid + e) for e in exts])
-    if f is None:
-      bags.append(None)
-      continue
-    bags.append(read_features(f, expected_dim=dim, case_id=cid, dim_source=source))
-    if source is None:
-      dim, source = bags[-1].shape[1], f"the dimension of {f}"
-    available[i] = True
-  if not available.any():
-    raise InputError(f"no radiology file for any case, expected <case_id>{exts[0]} files",
-                     path=radiology_dir)
-  bags = [np.zeros((0, dim), np.float16) if b is None else b for b in bags]
-  return Modality(kind="bag", available=available, bags=bags)
+
+  def case_files(i):
+    f = _find_file([radiology_dir / (table.case_ids[i] + e) for e in exts])
+    return None if f is None else [f]
+
+  return _read_bags(
+      table, range(len(table.case_ids)), case_files, missing_path=radiology_dir,
+      missing_msg=f"no radiology file for any case, expected <case_id>{exts[0]} files")
 
 
 def _tabular(table: ClinicalTable, mod_name: str, spec) -> Modality:

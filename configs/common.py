@@ -19,6 +19,9 @@ Not an experiment itself. Fields:
                     tabular modalities: "coxph", "rsf"; empty = none),
                     reference_coxph_alpha (ridge penalty of the CoxPH reference)
   mesh.num_devices  data-parallel devices (-1 = all)
+
+`unimodal_config` adds the model fields and the ``smoke`` variant the one-modality
+baselines (abmil, snn, transmil) share.
 """
 
 import dataclasses
@@ -55,4 +58,52 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.eval.reference_models = ()
   c.eval.reference_coxph_alpha = 1.0
   c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
+  return c
+
+
+def unimodal_config(method: str, variant: str = "", *, dim: int = 256,
+                    max_instances: int | None = None,
+                    **model_fields) -> ml_collections.ConfigDict:
+  """`base_config` plus the model fields and variants of a one-modality baseline.
+
+  ``model`` holds ``dim``, then ``model_fields`` in the order given, then the MCAT/SurvPath
+  training defaults the MUST paper uses for its baselines: a discrete-time NLL with
+  ``num_bins = 4``, AdamW ``lr = 2e-4``, ``weight_decay = 1e-5``, ``epochs = 20``.
+
+  Variants (comma-separated): ``smoke`` = 120 patients, 3 folds, 3 epochs, training bags
+  of at most 128 patches.
+
+  Args:
+    method: which models/<method>.py.
+    variant: the config variant ("" for the full run).
+    dim: model width.
+    max_instances: per-bag cap during training (``train.max_instances``); None keeps
+      `base_config`'s.
+    **model_fields: the method's own model fields.
+
+  Returns:
+    The config.
+
+  Raises:
+    ValueError: an unknown variant.
+  """
+  c = base_config(method)
+  m = c.model = ml_collections.ConfigDict()
+  m.dim = dim
+  for name, value in model_fields.items():
+    m[name] = value
+  m.num_bins = 4
+  m.lr = 2e-4
+  m.weight_decay = 1e-5
+  m.epochs = 20
+  if max_instances is not None:
+    c.train.max_instances = max_instances
+  for v in filter(None, variant.split(",")):
+    if v == "smoke":
+      c.data.synthetic.n_patients = 120
+      c.cv.num_folds = 3
+      m.epochs = 3
+      c.train.max_instances = min(c.train.max_instances, 128)
+    else:
+      raise ValueError(f"unknown variant {v!r}")
   return c

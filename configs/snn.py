@@ -16,25 +16,8 @@ configs/must.py), the ceiling for this model.
 
 import ml_collections
 
-from configs.common import base_config
+from configs.common import unimodal_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = base_config("snn")
-  m = c.model = ml_collections.ConfigDict()
-  m.dim = 256
-  m.depth = 2
-  m.dropout = 0.25
-  m.num_bins = 4
-  m.lr = 2e-4
-  m.weight_decay = 1e-5
-  m.epochs = 20
-  for v in filter(None, variant.split(",")):
-    if v == "smoke":
-      c.data.synthetic.n_patients = 120
-      c.cv.num_folds = 3
-      m.epochs = 3
-      c.train.max_instances = 128
-    else:
-      raise ValueError(f"unknown variant {v!r}")
-  return c
+  return unimodal_config("snn", variant, depth=2, dropout=0.25)

@@ -17,25 +17,11 @@ configs/must.py), the ceiling for this model.
 
 import ml_collections
 
-from configs.common import base_config
+from configs.common import unimodal_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = base_config("transmil")
-  m = c.model = ml_collections.ConfigDict()
-  m.dim = 256
-  m.num_heads = 8
-  m.num_landmarks = 32   # as MUST's pathology encoder on the synthetic bags (64-480 patches)
-  m.num_bins = 4
-  m.lr = 2e-4
-  m.weight_decay = 1e-5
-  m.epochs = 20
-  c.train.max_instances = 64
-  for v in filter(None, variant.split(",")):
-    if v == "smoke":
-      c.data.synthetic.n_patients = 120
-      c.cv.num_folds = 3
-      m.epochs = 3
-    else:
-      raise ValueError(f"unknown variant {v!r}")
-  return c
+  return unimodal_config(
+      "transmil", variant, num_heads=8,
+      num_landmarks=32,  # as MUST's pathology encoder on the synthetic bags (64-480 patches)
+      max_instances=64)

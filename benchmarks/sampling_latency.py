@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from survjax.diffusion.ddim import AUTO_CPU_CHUNK_ROWS, _step_table, make_sampler
+from survjax.diffusion.ddim import AUTO_CPU_CHUNK_ROWS, ddim_step_table, make_sampler
 from survjax.diffusion.denoiser import ConditionalDenoiser
 from survjax.diffusion.schedules import linear_schedule
 
@@ -115,7 +115,7 @@ def export_torch_params(model: ConditionalDenoiser) -> dict[str, np.ndarray]:
 
 def _python_loop_sampler(graphdef, schedule, num_steps, num_samples):
   """Python loop over the steps around one jitted DDIM step (for contrast only)."""
-  tau, r, c = _step_table(schedule, num_steps, 0.0)[:3]
+  tau, r, c = ddim_step_table(schedule, num_steps, 0.0)[:3]
   tau, r, c = np.asarray(tau), np.asarray(r), np.asarray(c)
 
   @jax.jit

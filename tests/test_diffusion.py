@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from survjax.diffusion.ddim import ddim_sample, ddim_sample_reference, make_sampler
+from survjax.diffusion.ddim import ddim_sample, make_sampler
 from survjax.diffusion.denoiser import ConditionalDenoiser, denoising_loss, timestep_embedding
 from survjax.diffusion.schedules import cosine_schedule, ddim_timesteps, linear_schedule
 
@@ -103,6 +103,68 @@ def test_last_layer_trim_is_exact():
 # ---------------------------------------------------------------- (a) scan == reference
 
 
+def _ddim_sample_reference(
+    eps_fn,
+    cond: jax.Array,
+    key: jax.Array,
+    schedule,
+    *,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    num_samples: int = 5,
+    dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Slow step-by-step DDIM, one sample at a time: the test oracle for `ddim_sample`.
+
+  A plain Python loop written from the textbook update (no precomputed coefficients,
+  float64 arithmetic around ``eps_fn``), with the same noise contract as `ddim_sample`
+  (see the docstring of `survjax.diffusion.ddim`).
+
+  Args:
+    eps_fn: ``(z [1, D], t int32[1], cond [1, ...]) -> eps [1, D]``.
+    cond: condition array ``[B, ...]``.
+    key: PRNG key.
+    schedule: the noise schedule (`survjax.diffusion.schedules.Schedule`).
+    num_steps: DDIM steps.
+    eta: DDIM stochasticity.
+    num_samples: samples per patient.
+    dim: latent width; defaults to ``cond.shape[-1]``.
+
+  Returns:
+    ``(mean [B, D], samples [B, S, D])`` as float64 numpy arrays.
+  """
+  b = cond.shape[0]
+  dim = cond.shape[-1] if dim is None else dim
+  T = schedule.num_timesteps  # noqa: N806
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  skip = T // num_steps
+  seq = list(range(0, T, skip))[:num_steps]
+  k_init, k_steps = jax.random.split(key)
+  z_init = np.asarray(jax.random.normal(k_init, (b, num_samples, dim)), np.float64)
+  step_noise = [
+      np.asarray(jax.random.normal(jax.random.fold_in(k_steps, i), (b, num_samples, dim)),
+                 np.float64)
+      for i in range(num_steps)] if eta > 0 else None
+  out = np.zeros((b, num_samples, dim))
+  for p in range(b):
+    for s in range(num_samples):
+      z = z_init[p, s]
+      for i, t in enumerate(reversed(seq)):
+        t_prev = t - skip
+        a_t = abar[t]
+        a_prev = abar[t_prev] if t_prev >= 0 else 1.0
+        eps = np.asarray(eps_fn(
+            jnp.asarray(z[None], jnp.float32), jnp.array([t], jnp.int32), cond[p:p + 1]),
+            np.float64)[0]
+        z0_hat = (z - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
+        sigma = eta * np.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+        z = (np.sqrt(a_prev) * z0_hat
+             + np.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps)
+        if eta > 0:
+          z = z + sigma * step_noise[i][p, s]
+      out[p, s] = z
+  return out.mean(axis=1), out
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_scan_sampler_matches_reference_loop(eta):
   model = _small_denoiser()
@@ -113,7 +175,7 @@ def test_scan_sampler_matches_reference_loop(eta):
   sampler = make_sampler(graphdef, schedule=sch, num_steps=10, eta=eta, num_samples=3)
   mean, samples = sampler(state, cond, key)
   eps_fn = jax.jit(lambda z, t, c: nnx.merge(graphdef, state)(z, t, c))
-  ref_mean, ref_samples = ddim_sample_reference(
+  ref_mean, ref_samples = _ddim_sample_reference(
       eps_fn, cond, key, sch, num_steps=10, eta=eta, num_samples=3)
   assert samples.shape == (2, 3, 16) and mean.shape == (2, 16)
   assert np.abs(ref_samples).max() > 1.0  # a non-trivial trajectory

@@ -10,10 +10,18 @@ One DDIM step from ``t = tau_i`` to ``t_prev = tau_{i-1}`` (MUST eq. 21 with ``e
 
 ``eta = 0`` is deterministic DDIM (what MUST uses, 50 steps); ``eta = 1`` with every step
 (``num_steps = T``) is DDPM ancestral sampling. MUST draws 5 samples per patient and
-averages them (suppl. 7.2). ``z0_hat`` is not clipped (latents are unbounded).
+averages them (suppl. 7.2).
 
-Noise contract (shared by `ddim_sample` and `ddim_sample_reference`, so that both see
-identical noise): ``k_init, k_steps = jax.random.split(key)``;
+Clipping: with ``clip_x0 = b`` (`ddim_sample`), each step clips ``z0_hat`` to ``[-b, b]``
+and re-derives ``eps_theta = (z_t - sqrt(abar_t) z0_hat) / sqrt(1 - abar_t)`` from it
+before the update (the ``clip_denoised`` of the DDPM/DDIM reference code). MUST's
+config clips at 3 (``ldm.clip_x0 = 3.0`` in configs/must.py, on standardised latents);
+``clip_x0 = None``, the default of `ddim_sample` and what `make_sampler` runs, is the
+plain update above with ``z0_hat`` unclipped.
+
+Noise contract (shared by `ddim_sample` and the step-by-step test oracle in
+tests/test_diffusion.py, so that both see identical noise):
+``k_init, k_steps = jax.random.split(key)``;
 ``z_T = normal(k_init, [B, S, D])``; the noise of the ``i``-th step taken (``i = 0`` is the
 step from ``tau_{n-1}``) is ``normal(fold_in(k_steps, i), [B, S, D])``, drawn only when
 ``eta > 0``. Per-step keys keep memory flat (no ``[steps, B, S, D]`` buffer).
@@ -35,11 +43,23 @@ EpsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 AUTO_CPU_CHUNK_ROWS = 1280
 
 
-def _step_table(schedule: Schedule, num_steps: int, eta: float):
-  """Per-step arrays in sampling order (descending ``t``), computed in float64.
+def ddim_step_table(schedule: Schedule, num_steps: int, eta: float) -> tuple[jax.Array, ...]:
+  """The per-step coefficients `ddim_sample` scans over, in sampling order (descending ``t``).
 
-  With ``r = sqrt(abar_prev / abar_t)`` the update is ``z' = r z + c eps + sigma n`` where
-  ``c = sqrt(1 - abar_prev - sigma^2) - r sqrt(1 - abar_t)``.
+  Computed in float64 and stored as float32 (``t`` and ``i`` as int32). With
+  ``r = sqrt(abar_prev / abar_t)`` the unclipped update is ``z' = r z + c eps + sigma n``
+  where ``c = sqrt(1 - abar_prev - sigma^2) - r sqrt(1 - abar_t)``; the clipped one
+  (``clip_x0``) uses ``sqrt(abar_t)``, ``sqrt(1 - abar_t)``, ``sqrt(abar_prev)`` and
+  ``sqrt(1 - abar_prev - sigma^2)``.
+
+  Args:
+    schedule: the noise schedule.
+    num_steps: DDIM steps (`ddim_timesteps`).
+    eta: DDIM stochasticity.
+
+  Returns:
+    Nine ``[num_steps]`` arrays: ``(t, r, c, sigma, i, sqrt(abar_t), sqrt(1 - abar_t),
+    sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2))``, ``i`` the step index.
   """
   T = schedule.num_timesteps  # noqa: N806
   tau = ddim_timesteps(T, num_steps)[::-1]
@@ -154,7 +174,7 @@ def ddim_sample(
       z = z + sigma * n.reshape(b * s, dim)
     return z, None
 
-  z, _ = jax.lax.scan(step, noise.reshape(b * s, dim), _step_table(schedule, num_steps, eta),
+  z, _ = jax.lax.scan(step, noise.reshape(b * s, dim), ddim_step_table(schedule, num_steps, eta),
                       unroll=unroll)
   samples = z.reshape(shape)
   return samples.mean(axis=1), samples
@@ -201,63 +221,3 @@ def make_sampler(
 
   return jax.jit(sample, donate_argnames=("noise",))
 
-
-def ddim_sample_reference(
-    eps_fn: EpsFn,
-    cond: jax.Array,
-    key: jax.Array,
-    schedule: Schedule,
-    *,
-    num_steps: int = 50,
-    eta: float = 0.0,
-    num_samples: int = 5,
-    dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Slow step-by-step DDIM, one sample at a time: the test oracle for `ddim_sample`.
-
-  A plain Python loop written from the textbook update (no precomputed coefficients,
-  float64 arithmetic around ``eps_fn``), with the same noise contract as `ddim_sample`.
-
-  Args:
-    eps_fn: ``(z [1, D], t int32[1], cond [1, ...]) -> eps [1, D]``.
-    cond: condition array ``[B, ...]``.
-    key: PRNG key.
-    schedule: the noise schedule.
-    num_steps: DDIM steps.
-    eta: DDIM stochasticity.
-    num_samples: samples per patient.
-    dim: latent width; defaults to ``cond.shape[-1]``.
-
-  Returns:
-    ``(mean [B, D], samples [B, S, D])`` as float64 numpy arrays.
-  """
-  b = cond.shape[0]
-  dim = cond.shape[-1] if dim is None else dim
-  T = schedule.num_timesteps  # noqa: N806
-  abar = np.asarray(schedule.alphas_cumprod, np.float64)
-  skip = T // num_steps
-  seq = list(range(0, T, skip))[:num_steps]
-  k_init, k_steps = jax.random.split(key)
-  z_init = np.asarray(jax.random.normal(k_init, (b, num_samples, dim)), np.float64)
-  step_noise = [
-      np.asarray(jax.random.normal(jax.random.fold_in(k_steps, i), (b, num_samples, dim)),
-                 np.float64)
-      for i in range(num_steps)] if eta > 0 else None
-  out = np.zeros((b, num_samples, dim))
-  for p in range(b):
-    for s in range(num_samples):
-      z = z_init[p, s]
-      for i, t in enumerate(reversed(seq)):
-        t_prev = t - skip
-        a_t = abar[t]
-        a_prev = abar[t_prev] if t_prev >= 0 else 1.0
-        eps = np.asarray(eps_fn(
-            jnp.asarray(z[None], jnp.float32), jnp.array([t], jnp.int32), cond[p:p + 1]),
-            np.float64)[0]
-        z0_hat = (z - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
-        sigma = eta * np.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
-        z = (np.sqrt(a_prev) * z0_hat
-             + np.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps)
-        if eta > 0:
-          z = z + sigma * step_noise[i][p, s]
-      out[p, s] = z
-  return out.mean(axis=1), out

@@ -51,7 +51,7 @@ cohort = load_cohort(c.data)
 folds = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event, num_folds=5, seed=0, splits_dir="splits", dataset=cohort.name)
 tr, va = folds[FOLD]
 bins = assign_time_bins(cohort.time, fit_time_bins(cohort.time[tr], cohort.event[tr], 4))
-method = MUST(c.model, c.train)
+method = MUST(c.model, accumulate=c.train.accumulate)
 model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(0))
 fresh_den = nnx.state(model.denoisers)
 stages = method.stages()

@@ -29,13 +29,29 @@ class Stage:
   Attributes:
     name: shown in logs and checkpoints ("warmup", "main", "ldm_genomics", ...).
     loss_fn: ``(model, batch, key) -> (scalar loss, dict of scalar metrics)``.
-    optimizer: optax transformation (its learning rate, schedule, accumulation).
+    optimizer: optax transformation (see `survjax.train.optim.make_optimizer`), or a
+      function ``total_steps -> transformation`` for schedules that need the stage's
+      number of optimiser steps (epochs x batches per epoch, known once the fold's
+      training patients are).
     epochs: passes over the training patients (batch stages), or, for a feature stage,
       the number of chunks of ``steps_per_epoch`` optimiser steps.
     trainable: NNX filter of the parameters this stage updates; everything else is
       frozen (no gradient is computed for it).
     patients: "complete" trains on patients with every modality of ``requires``
       (the MUST paper protocol), "any" on every training patient.
+    labels: True (default) trains on the fold's labelled training patients only; False
+      (self-supervised stages, e.g. masked-autoencoder pretraining) adds the cohort's
+      unlabelled patients (no time/event; never in a test fold). Their batch rows have
+      ``labelled = False``.
+    max_instances: per-bag instance cap of this stage's batches: None = the run's
+      ``train.max_instances``, 0 = whole bags (e.g. pretraining on whole bags, then
+      fine-tuning on subsampled ones).
+    select: choose the stage's epoch on the fold's inner validation patients (never the
+      test fold): ``"c_index"`` (Harrell's C of ``predict`` with every modality, higher
+      is better) or ``"loss"`` (``loss_fn`` with a fixed key, lower is better); None =
+      keep the last epoch. The model leaves the stage with the chosen epoch's parameters.
+    patience: with ``select``, stop the stage after this many epochs without a better
+      validation score (0 = run every epoch).
     requires: modalities that "complete" refers to (default: all of the method's).
     features: feature stage: ``(model, batch) -> pytree of per-patient arrays [B, ...]``
       computed once with the model frozen; the stage then trains on random minibatches
@@ -51,10 +67,14 @@ class Stage:
 
   name: str
   loss_fn: LossFn
-  optimizer: optax.GradientTransformation
+  optimizer: optax.GradientTransformation | Callable[[int], optax.GradientTransformation]
   epochs: int
   trainable: Any = nnx.Param
   patients: str = "any"
+  labels: bool = True
+  max_instances: int | None = None
+  select: str | None = None
+  patience: int = 0
   requires: tuple[str, ...] | None = None
   features: Callable[[nnx.Module, Batch], dict] | None = None
   prepare: Callable[[nnx.Module, dict], None] | None = None
@@ -63,12 +83,24 @@ class Stage:
 
 
 class Method(Protocol):
-  """What the core needs from a method."""
+  """What the core needs from a method.
+
+  A method lives in one module of `survjax.models` exposing ``make(config) -> Method``
+  (see `survjax.models.get_method`); it reads its own ``config.model`` section and
+  whatever run settings it needs (``train.accumulate``).
+
+  Optional hooks, looked up with ``getattr`` (a method without them reports neither):
+
+  * ``representations(model, batch) -> {name: [B, D]}``: per-patient vectors on
+    complete data, with ``representation_pairs``: a tuple of ``(name, name)``. The
+    evaluation reports each vector's between-patient spread and each pair's cosine, raw
+    and centred, over the held-out patients (`survjax.evaluate.representations`).
+  """
 
   name: str
   modalities: tuple[str, ...]   # cohort modalities the method reads
-  time_model: str               # "discrete" (needs bins) or "cox"
-  num_bins: int
+  time_model: str               # "discrete" (needs bins) or "cox" (raw times, no bins)
+  num_bins: int                 # discrete only
 
   def build(self, cohort_info: dict, rngs: nnx.Rngs) -> nnx.Module:
     """The model for a cohort described by ``cohort_info`` (see `cohort_info`)."""
@@ -80,20 +112,12 @@ class Method(Protocol):
               key: jax.Array) -> dict[str, jax.Array]:
     """Risks ``[B]`` (higher = worse) when only ``present`` modalities exist.
 
-    Returns a dict with at least ``"risk"``; any other entry is an alternative risk for
-    the same scenario (e.g. ``"zeros"``: missing part filled with zeros), reported as
-    its own row ``<scenario>/<entry>``. The function must not read the data of a
-    modality outside ``present`` (tests fill it with NaN).
+    ``present`` is the same for every row of a batch. Returns a dict with at least
+    ``"risk"``; any other entry is an alternative risk for the same scenario (e.g.
+    ``"zeros"``: missing part filled with zeros), reported as its own row
+    ``<scenario>/<entry>``. The function must not read the data of a modality outside
+    ``present`` (tests fill it with NaN).
     """
-
-  def diagnostics(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-    """Optional per-patient ``[B]`` diagnostics on complete data (may return {})."""
-
-  # Optional, looked up with getattr (a method without them reports neither):
-  #   representations(model, batch) -> {name: [B, D]} per-patient vectors on complete data;
-  #   representation_pairs: tuple of (name, name).
-  # The evaluation reports each one's between-patient spread and each pair's cosine, raw
-  # and centred, over the held-out patients (`survjax.evaluate.representations`).
 
 
 def cohort_info(cohort, modalities) -> dict:

@@ -12,7 +12,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from survjax import survival
@@ -20,6 +19,7 @@ from survjax.method import Stage
 from survjax.nn.genomic import SNN
 from survjax.nn.mil import GatedABMIL
 from survjax.nn.transmil import TransMIL
+from survjax.train.optim import make_optimizer
 
 
 class _Head(nnx.Module):
@@ -84,7 +84,7 @@ class Unimodal:
   name: str
   modality: str
   cfg: object
-  train_cfg: object
+  accumulate: int = 1   # the run's train.accumulate
   time_model: str = "discrete"
 
   @property
@@ -111,20 +111,17 @@ class Unimodal:
       nll = survival.discrete_time_nll(logits, batch["bin"], batch["event"], w)
       return nll, {}
 
-    tx = optax.adamw(self.cfg.lr, weight_decay=self.cfg.weight_decay)
-    if self.train_cfg.accumulate > 1:
-      tx = optax.MultiSteps(tx, self.train_cfg.accumulate)
-    return [Stage("train", loss, tx, epochs=self.cfg.epochs, patients="complete")]
+    tx = make_optimizer(self.cfg.lr, self.cfg.weight_decay, accumulate=self.accumulate)
+    return [Stage("train", loss, tx, epochs=self.cfg.epochs, patients="complete",
+                  select=self.cfg.get("select") or None)]
 
   def predict(self, model, batch, present, key):
     logits = model(batch["modalities"][self.modality])
     return {"risk": survival.discrete_time_risk(logits)}
 
-  def diagnostics(self, model, batch):
-    return {}
 
-
-def make(name, config):
+def make(config) -> Unimodal:
+  name = config.method
   modality = "pathology" if name in ("abmil", "transmil") else "genomics"
   return Unimodal(name=name, modality=config.model.get("modality", modality), cfg=config.model,
-                  train_cfg=config.train)
+                  accumulate=config.train.accumulate)

@@ -86,7 +86,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from survjax import survival
@@ -97,6 +96,7 @@ from survjax.method import Stage
 from survjax.nn.attention import MultiHeadAttention, TransformerLayer
 from survjax.nn.genomic import GroupTokenizer
 from survjax.nn.transmil import TransMIL
+from survjax.train.optim import make_optimizer
 
 
 
@@ -399,7 +399,7 @@ class MUST:
   """The MUST method (see the module docstring); ``cfg`` is the config's ``model`` block."""
 
   cfg: object
-  train_cfg: object
+  accumulate: int = 1   # the run's train.accumulate (micro-batches per update)
   name: str = "must"
 
   @property
@@ -559,14 +559,11 @@ class MUST:
     return prepare, loss
 
   def stages(self):
-    c, t = self.cfg, self.train_cfg
+    c = self.cfg
     everything_but_ldm = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("denoisers")))
 
     def adamw(lr, wd):
-      tx = optax.adamw(lr, weight_decay=wd)
-      if c.grad_clip:
-        tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), tx)
-      return optax.MultiSteps(tx, t.accumulate) if t.accumulate > 1 else tx
+      return make_optimizer(lr, wd, grad_clip=c.grad_clip, accumulate=self.accumulate)
 
     out = []
     if c.stage1.epochs:
@@ -580,7 +577,7 @@ class MUST:
     for modality in self.modalities[::-1]:
       prepare, loss = self._ldm_stage_fns(modality)
       out.append(Stage(
-          f"ldm_{modality}", loss, optax.adamw(ldm.lr, weight_decay=ldm.weight_decay),
+          f"ldm_{modality}", loss, make_optimizer(ldm.lr, ldm.weight_decay),
           epochs=max(1, ldm.steps // ldm.steps_per_epoch),
           trainable=nnx.All(nnx.Param, nnx.PathContains("denoisers"),
                             nnx.PathContains(modality)),
@@ -646,6 +643,7 @@ class MUST:
             "c_G<-P": comp["c_gp"], "u_P": comp["u_p"], "u_G": comp["u_g"],
             "u_P+c_G<-P": comp["u_p"] + comp["c_gp"], "u_G+c_P<-G": comp["u_g"] + comp["c_pg"]}
 
-  def diagnostics(self, model, batch):
-    """None per patient: Sec. 4.4's cosines come from `representations`."""
-    return {}
+
+
+def make(config) -> MUST:
+  return MUST(config.model, accumulate=config.train.accumulate)

@@ -30,8 +30,12 @@ class Checkpointer:
   def latest(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, model_state: dict, opt_state, meta: dict) -> None:
+  def save(self, step: int, model_state: dict, opt_state, meta: dict, best=None) -> None:
+    """``best``: optional pytree kept beside the state (the best epoch's parameters of a
+    stage that selects its epoch on validation)."""
     items = {"model": model_state, "opt": {"state": opt_state}}
+    if best is not None:
+      items["best"] = best
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
@@ -40,13 +44,19 @@ class Checkpointer:
     out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out["meta"])
 
-  def restore(self, step: int, model_template: dict, opt_template) -> tuple[dict, object]:
-    """Restores into the structure (and shardings) of the templates."""
+  def restore(self, step: int, model_template: dict, opt_template, best_template=None):
+    """Restores into the structure (and shardings) of the templates: ``(model, opt)``, or
+    ``(model, opt, best)`` when ``best_template`` is given."""
     items = {"model": model_template, "opt": {"state": opt_template}}
+    if best_template is not None:
+      items["best"] = best_template
     abstract = jax.tree.map(_abstract, items)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
-    return out["state"]["model"], out["state"]["opt"]["state"]
+    state = out["state"]
+    if best_template is not None:
+      return state["model"], state["opt"]["state"], state["best"]
+    return state["model"], state["opt"]["state"]
 
   def close(self):
     self._manager.close()

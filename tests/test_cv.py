@@ -134,3 +134,94 @@ def test_killed_run_resumes_to_identical_results(tmp_path, uninterrupted_run, si
   for k in range(3):
     assert (run / f"fold_{k}" / "risks.csv").read_text() == \
         (ref / f"fold_{k}" / "risks.csv").read_text()
+
+
+def test_a_new_method_is_one_module_and_one_config(tmp_path):
+  """tests/toy_method.py (with make) + tests/toy_config.py: cross-validated from the CLI."""
+  env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "survjax.main", f"--config={REPO}/tests/toy_config.py",
+                      f"--workdir={tmp_path}/run", f"--config.cv.splits_dir={tmp_path}/splits",
+                      "--config.eval.latency=False"],
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr
+  res = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert res["method"] == "toy" and res["folds"] == 3
+  assert set(res["scenarios"]) == {"full", "missing_pathology", "missing_genomics",
+                                   "missing_30pct_genomics"}
+  assert res["scenarios"]["full"]["c_index_mean"] > 0.6
+  assert len(res["cohort_fingerprint"]) == len(res["splits_fingerprint"]) == 12
+
+
+def test_unknown_method_is_one_line_listing_the_available_ones(tmp_path):
+  p = _cli([f"--config={REPO}/configs/snn.py:smoke", "--config.method=nosuchmethod",
+            f"--workdir={tmp_path}/w"], cwd=REPO)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 2
+  assert len(err.strip().splitlines()) == 1
+  assert "nosuchmethod" in err and "must" in err and "abmil" in err
+  assert not (tmp_path / "w").exists()
+
+
+def test_unlabelled_patients_train_self_supervised_stages_only(tmp_path):
+  """Patients without a label are in no fold and no metric; a stage with labels=False
+  trains on them too, a survival stage does not."""
+  from survjax.method import Stage
+  from survjax.train.sharding import make_mesh
+  from survjax.train.trainer import Trainer
+  from survjax.evaluate.cv import cohort_folds
+
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=90, bag_min=20, bag_max=60,
+                                               patch_dim=8, unlabelled=0.3))
+  unlabelled = np.flatnonzero(~cohort.labelled)
+  assert 15 < len(unlabelled) < 40 and not cohort.event[unlabelled].any()
+  c = _config(tmp_path)
+  folds, fp = cohort_folds(cohort, c)
+  held_out = np.concatenate([va for _, va in folds])
+  assert sorted(held_out) == sorted(np.flatnonzero(cohort.labelled))
+  assert not set(unlabelled) & set(np.concatenate([tr for tr, _ in folds]))
+  method = ToyMethod()
+  trainer = Trainer(method, mesh=make_mesh(1), batch_size=16, max_instances=32)
+  tr = folds[0][0]
+  ssl = Stage("ssl", None, None, epochs=1, labels=False)
+  surv = Stage("surv", None, None, epochs=1)
+  assert sorted(trainer.stage_patients(ssl, cohort, tr)) == sorted(set(tr) | set(unlabelled))
+  assert list(trainer.stage_patients(surv, cohort, tr)) == list(tr)
+  res = run_cv(method, cohort, c, tmp_path / "run")
+  assert res["n_patients"] == 90
+  risks = (tmp_path / "run" / "fold_0" / "risks.csv").read_text().splitlines()[1:]
+  assert not {r.split(",")[0] for r in risks} & set(cohort.case_ids[unlabelled])
+
+
+def test_stage_bag_cap_overrides_the_runs(tmp_path):
+  """Stage.max_instances: None = the run's cap, 0 = whole bags, n = n instances."""
+  import dataclasses
+  from survjax.method import Stage
+  from survjax.train.sharding import make_mesh
+  from survjax.train.trainer import Trainer
+
+  trainer = Trainer(ToyMethod(), mesh=make_mesh(1), batch_size=4, max_instances=32)
+  s = Stage("x", None, None, epochs=1)
+  assert trainer._batch_spec(s).max_instances == 32
+  assert trainer._batch_spec(dataclasses.replace(s, max_instances=0)).max_instances is None
+  assert trainer._batch_spec(dataclasses.replace(s, max_instances=8)).max_instances == 8
+  # And the batches the stage trains on have that shape.
+  seen = []
+
+  class Recording(ToyMethod):
+    def stages(self):
+      out = super().stages()
+      loss = out[0].loss_fn
+
+      def spy(model, batch, key):
+        seen.append(batch["modalities"]["pathology"]["x"].shape[1])
+        return loss(model, batch, key)
+      return [dataclasses.replace(out[0], loss_fn=spy, max_instances=0),
+              dataclasses.replace(out[1], max_instances=8)]
+
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=40, bag_min=100, bag_max=200,
+                                               patch_dim=8))
+  t = Trainer(Recording(epochs=(1, 1)), mesh=make_mesh(1), batch_size=8, max_instances=32)
+  model = t.method.build({k: {"dim": cohort.modalities[k].dim} for k in ("pathology", "genomics")},
+                         __import__("flax").nnx.Rngs(0))
+  t.fit(model, cohort, np.arange(40))
+  assert set(seen) == {256}   # whole bags of 100-200 patches: the 256 bucket, traced once

@@ -320,3 +320,49 @@ def test_between_patient_spread_closed_form():
   out = representation_diagnostics({"a": m + z, "b": z}, (("a", "b"),))
   assert set(out) == {"spread(a)", "spread(b)", "cos(a,b)", "cos_centred(a,b)"}
   np.testing.assert_allclose(out["cos_centred(a,b)"], 1.0, atol=1e-12)
+
+
+def test_ratio_scenarios_are_paired_across_methods_and_have_the_stated_rate():
+  from survjax.evaluate import scenarios as scen
+  ids = np.array([f"c{i}" for i in range(4000)])
+  a = scen.hidden_for("missing_30pct_genomics", ("pathology", "genomics"), ids, 0)
+  b = scen.hidden_for("missing_30pct_genomics", ("genomics", "radiology", "pathology"), ids, 0)
+  assert a == b   # the same patients lose genomics, whatever the method's modalities
+  rate = np.mean([h == frozenset({"genomics"}) for h in a])
+  assert abs(rate - 0.3) < 3 * np.sqrt(0.3 * 0.7 / len(ids))
+  assert all(h in (frozenset(), frozenset({"genomics"})) for h in a)
+  # Per patient, not per position: a subset of patients gets the same draws.
+  assert scen.hidden_for("missing_30pct_genomics", ("pathology", "genomics"), ids[::7], 0) == a[::7]
+  mixed = scen.hidden_for("missing_60pct_mixed", ("pathology", "genomics"), ids, 0)
+  lost = [next(iter(h)) for h in mixed if h]
+  assert abs(len(lost) / len(ids) - 0.6) < 0.05
+  assert abs(np.mean([m == "pathology" for m in lost]) - 0.5) < 0.05
+  other_seed = scen.hidden_for("missing_30pct_genomics", ("pathology", "genomics"), ids, 1)
+  assert other_seed != a
+  with pytest.raises(Exception, match="unknown scenario"):
+    scen.expand(["missing_30pct_radiology"], ("pathology", "genomics"))
+
+
+def test_synthetic_oracles_are_conditional_expectations_for_every_subset():
+  """Each subset's oracle is E[eta | revealed factors]: its residual to the full risk is
+  uncorrelated with the oracle itself (a conditional expectation is a projection), the
+  constant fill's oracle is below it where coupling gives room, and the keys of the
+  scenarios 'full' / 'missing_<m>' resolve."""
+  from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
+  from survjax.evaluate import scenarios as scen
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=20000, bag_min=2, bag_max=3,
+                                               patch_dim=4, radiology=True,
+                                               share_radiology=0.3, radiology_dim=4,
+                                               slices_min=2, slices_max=3))
+  full = cohort.true_risk["genomics+pathology+radiology"]
+  for key, oracle in cohort.true_risk.items():
+    if not key or key.startswith("const:") or oracle is full:
+      continue
+    resid = full - oracle
+    assert abs(np.corrcoef(resid, oracle)[0, 1]) < 0.03, key
+  # Room for imputation: the conditional oracle explains more of eta than the constant one.
+  cond, const = cohort.true_risk["pathology"], cohort.true_risk["const:pathology"]
+  assert np.corrcoef(cond, full)[0, 1] > np.corrcoef(const, full)[0, 1] + 0.02
+  hidden = scen.hidden_for("missing_radiology", ("pathology", "radiology"), cohort.case_ids[:5], 0)
+  got = scen.oracle_risk(cohort.true_risk, ("pathology", "radiology"), hidden, np.arange(5))
+  np.testing.assert_array_equal(got, cohort.true_risk["pathology"][:5])

@@ -254,3 +254,33 @@ def test_cox_large_risks_finite():
   np.testing.assert_allclose(float(l), ref_cox_nll(risk, time, event, w), rtol=1e-6)
   # patient 1 (risk -50) fails with the risk-50 patients at risk: a loss of about 100 / 4.
   assert float(l) > 100 / 4
+
+
+def test_cox_partial_nll_is_minimised_at_sksurvs_coxph_fit():
+  """scikit-survival's unpenalised Breslow CoxPH coefficients are the minimiser of
+  cox_partial_nll for a linear risk, and its log-likelihood equals ours there."""
+  from sksurv.linear_model import CoxPHSurvivalAnalysis
+  from sksurv.linear_model.coxph import CoxPHOptimizer
+
+  rng = np.random.default_rng(3)
+  n, p = 120, 3
+  x = rng.normal(size=(n, p))
+  t = np.round(rng.exponential(np.exp(-x @ np.array([0.8, -0.5, 0.0]))), 1) + 0.1  # ties
+  e = rng.uniform(size=n) < 0.7
+  y = np.array(list(zip(e, t)), dtype=[("event", bool), ("time", float)])
+  fit = CoxPHSurvivalAnalysis(ties="breslow", alpha=0.0, tol=1e-12, n_iter=200).fit(x, y)
+  beta = fit.coef_
+
+  def loss(b):
+    return survival.cox_partial_nll(jnp.asarray(x) @ b, jnp.asarray(t), jnp.asarray(e),
+                                    jnp.ones(n))
+
+  b = jnp.asarray(beta, jnp.float32)
+  # float32: the gradient of a loss of order 1 is zero to a few 1e-7 at the optimum; a
+  # step of 0.05 away from it gives gradients of order 1e-2.
+  np.testing.assert_allclose(np.asarray(jax.grad(loss)(b)), 0.0, atol=2e-5)
+  assert np.max(np.abs(np.asarray(jax.grad(loss)(b + 0.05)))) > 1e-3
+  opt = CoxPHOptimizer(x, e, t, alpha=np.zeros(p), ties="breslow")
+  # sksurv's nlog_likelihood is the negative log partial likelihood divided by n.
+  want = opt.nlog_likelihood(beta) * n / e.sum()
+  np.testing.assert_allclose(float(loss(b)), want, rtol=1e-5)

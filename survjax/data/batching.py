@@ -7,8 +7,9 @@ on a bucket size per bag modality, so a run compiles each step once per bucket:
 
   valid   bool [B]        False for the padding patients that fill the last batch
   index   int32 [B]       patient position in the cohort (-1 for padding)
-  time    float32 [B]     follow-up time
-  event   float32 [B]     1 = event observed
+  labelled bool [B]       False for padding and for patients without a survival label
+  time    float32 [B]     follow-up time (1 where unlabelled)
+  event   float32 [B]     1 = event observed (0 where unlabelled)
   bin     int32 [B]       discrete time bin (0 when no bins were fitted)
   modalities:
     <bag name>    {"x": float16 [B, N, D], "mask": bool [B, N], "available": bool [B]}
@@ -99,6 +100,7 @@ def make_batch(cohort: Cohort, idx, spec: BatchSpec, *, bins: np.ndarray | None 
   k = len(idx)
   out = {
       "valid": np.zeros(b, bool),
+      "labelled": np.zeros(b, bool),
       "index": np.full(b, -1, np.int32),
       "time": np.ones(b, np.float32),
       "event": np.zeros(b, np.float32),
@@ -106,10 +108,12 @@ def make_batch(cohort: Cohort, idx, spec: BatchSpec, *, bins: np.ndarray | None 
   }
   out["valid"][:k] = True
   out["index"][:k] = idx
-  out["time"][:k] = cohort.time[idx]
-  out["event"][:k] = cohort.event[idx]
+  labelled = cohort.labelled[idx]
+  out["labelled"][:k] = labelled
+  out["time"][:k] = np.where(labelled, cohort.time[idx], 1.0)
+  out["event"][:k] = cohort.event[idx] & labelled
   if bins is not None:
-    out["bin"][:k] = bins[idx]
+    out["bin"][:k] = np.where(labelled, bins[idx], 0)
   mods = {}
   hide = set(hide)
   for name, mod in cohort.modalities.items():

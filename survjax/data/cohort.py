@@ -95,8 +95,10 @@ class Cohort:
   Attributes:
     name: dataset name, written to ``results.json``.
     case_ids: str ``[n]``, unique.
-    time: float64 ``[n]``, > 0 (months or any unit, consistently).
-    event: bool ``[n]``; True = event observed.
+    time: float64 ``[n]``, > 0 (months or any unit, consistently); NaN for a patient
+      without a survival label (self-supervised stages may use them; splits, survival
+      losses and metrics never see them).
+    event: bool ``[n]``; True = event observed (False where unlabelled).
     modalities: name -> `Modality`.
     true_risk: optional known ground truth (synthetic cohorts): scenario name ->
       float ``[n]`` oracle log-hazard, e.g. ``{"full": ..., "missing_genomics": ...}``.
@@ -116,6 +118,11 @@ class Cohort:
 
   def __len__(self) -> int:
     return len(self.case_ids)
+
+  @property
+  def labelled(self) -> np.ndarray:
+    """Boolean ``[n]``: patients with a survival label (a time, and an event flag)."""
+    return ~np.isnan(self.time)
 
   def subset(self, idx) -> "Cohort":
     idx = np.asarray(idx)
@@ -149,11 +156,17 @@ class Cohort:
     if (counts > 1).any():
       raise InputError("duplicate case id, expected one entry per case", path=source,
                        case_id=ids[counts > 1][0])
-    bad = ~np.isfinite(self.time) | (self.time <= 0)
+    bad = self.labelled & (~np.isfinite(self.time) | (self.time <= 0))
     if bad.any():
       i = int(np.argmax(bad))
       raise InputError(f"survival time {self.time[i]!r}, expected a finite number > 0",
                        path=source, case_id=self.case_ids[i])
+    bad = ~self.labelled & self.event
+    if bad.any():
+      raise InputError("event without a survival time, expected both or neither",
+                       path=source, case_id=self.case_ids[int(np.argmax(bad))])
+    if not self.labelled.any():
+      raise InputError("no patient has a survival label (time, event)", path=source)
     for name, mod in self.modalities.items():
       if len(mod.available) != n:
         raise InputError(f"modality {name!r} has {len(mod.available)} patients, expected {n}",
@@ -184,16 +197,23 @@ class Cohort:
   def summary(self) -> str:
     """A few lines for the log: patients, events, censoring, availability, bag lengths."""
     n = len(self)
-    lines = [f"cohort {self.name}: {n} patients, {int(self.event.sum())} events, "
-             f"censoring {100 * (1 - self.event.mean()):.1f}%, "
-             f"time median {np.median(self.time):.1f} (range {self.time.min():.1f}-"
-             f"{self.time.max():.1f})"]
+    lab = self.labelled
+    t, e = self.time[lab], self.event[lab]
+    unlabelled = f" ({n - int(lab.sum())} without a survival label)" if not lab.all() else ""
+    lines = [f"cohort {self.name}: {n} patients{unlabelled}, {int(e.sum())} events, "
+             f"censoring {100 * (1 - e.mean()):.1f}%, "
+             f"time median {np.median(t):.1f} (range {t.min():.1f}-{t.max():.1f})"]
     for name, mod in self.modalities.items():
       line = f"  {name} ({mod.kind}, dim {mod.dim}): available {int(mod.available.sum())}/{n}"
       if mod.kind == "bag" and mod.available.any():
         q = np.quantile(mod.lengths()[mod.available], [0.0, 0.25, 0.5, 0.75, 1.0])
         line += " | bag length min/q25/median/q75/max " + "/".join(str(int(v)) for v in q)
       elif mod.kind == "tokens":
-        line += f" | {len(mod.groups)} tokens of sizes {list(mod.group_sizes)}"
+        sizes = list(mod.group_sizes)
+        if len(sizes) <= 12:
+          line += f" | {len(sizes)} tokens of sizes {sizes}"
+        else:
+          line += (f" | {len(sizes)} tokens of sizes min/median/max {min(sizes)}/"
+                   f"{int(np.median(sizes))}/{max(sizes)}")
       lines.append(line)
     return "\n".join(lines)

@@ -36,15 +36,32 @@ Modalities:
   continuous, CNV-like integer levels in {-2..2}, mutation-like binary), each a noisy
   nonlinear read-out of ``[s, a_G]``.
 * ``radiology`` (bag, optional): ``T_i`` slice embeddings carrying ``[s, a_R]``.
-* ``rna``/``dnam`` (vector, optional): long vectors carrying ``[s, a_G]``.
+* ``rna``/``dnam`` (vector, optional): long vectors carrying ``[s, a_G]`` (methylation
+  shares the genomics-specific factor rather than having its own block, so RNA and
+  methylation can each be imputed from the other up to the noise), RNA as
+  ``z W + noise``, methylation as beta values ``sigmoid(z W' + noise)`` in (0, 1).
 
-Oracle risk per scenario (``Cohort.true_risk``) is the conditional expectation of eta
-given the factors the available modalities reveal: ``full`` uses all of them;
-``missing_genomics`` replaces ``w_G . a_G`` by its conditional mean given what pathology
-shows (``s`` and ``a_P``), ``rho w_G . Q_G s``; ``missing_pathology`` likewise replaces
-``w_P . a_P`` by ``rho w_P . Q_P s``. The oracle C-index of a scenario is the C-index of
-that oracle risk against the observed outcomes: no model can be expected to beat it
-except by chance.
+Natural missingness: ``missing_<modality>`` drops each modality for that share of the
+patients at random (for ``rna``/``dnam`` from their own random stream, so every other
+draw is unchanged).
+
+Reconstruction oracle (`reconstruction_floor`): per patient, the mean over a modality's
+entries of the variance the generator adds around what the latent factors determine,
+i.e. the smallest mean squared error any imputation of that modality can reach even if
+it knew the patient's factors exactly: ``gene_noise^2`` for RNA, ``E Var(sigmoid(mu +
+gene_noise eps))`` for methylation (Gauss-Hermite, per entry), for a pathology patch
+``patch_noise^2`` plus the spread of the tissue-prototype / signal mixture (which patch
+is which is random), ``0.8^2`` for a radiology slice.
+
+Oracle risk (``Cohort.true_risk``, keyed by the revealed modalities joined with ``+``,
+e.g. ``"genomics+pathology"``) is the conditional expectation of eta given the factors
+those modalities reveal (pathology ``a_P``, genomics/rna/dnam ``a_G``, radiology ``a_R``,
+each also ``s``): a revealed block enters as it is, a withheld specific block as its
+conditional mean given ``s``, ``rho w_m . Q_m s``. Keys ``"const:<revealed>"`` put the
+withheld specific blocks at their mean (0) instead: the best a model can do with a
+constant fill, so the difference of the two oracle C-indices is the room any imputation
+has. The oracle C-index of a scenario is the C-index of that oracle risk against the
+observed outcomes: no model can be expected to beat it except by chance.
 """
 
 from __future__ import annotations
@@ -105,6 +122,11 @@ class SyntheticSpec:
   missing_pathology: float = 0.0
   missing_genomics: float = 0.0
   missing_radiology: float = 0.0
+  missing_rna: float = 0.0
+  missing_dnam: float = 0.0
+  # Fraction of patients without a survival label (time NaN): only self-supervised
+  # stages see them.
+  unlabelled: float = 0.0
 
 
 def _weights(rng, k, share, total_std):
@@ -128,6 +150,33 @@ def _censor_scale(rng_u, t_event, target):
 
 def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "synthetic") -> Cohort:
   """Draws a cohort from the generative model in the module docstring."""
+  return _generate(spec, name)[0]
+
+
+def reconstruction_floor(spec: SyntheticSpec = SyntheticSpec()) -> dict[str, np.ndarray]:
+  """Per modality (pathology, radiology, rna, dnam where present), float ``[n]``: each
+  patient's smallest achievable mean squared error of imputing that modality's entries,
+  the generator's own noise around what the latent factors determine (module docstring).
+  Patients are those of ``make_synthetic_cohort(spec)``; the value is given also where
+  the modality is missing."""
+  return _generate(spec, "synthetic")[1]
+
+
+def _sigmoid_variance(mu: np.ndarray, sigma: float, nodes: int = 40) -> np.ndarray:
+  """``Var[sigmoid(mu + sigma eps)]``, eps ~ N(0, 1), elementwise (Gauss-Hermite)."""
+  x, w = np.polynomial.hermite_e.hermegauss(nodes)
+  w = w / w.sum()
+  first = np.zeros_like(mu)
+  second = np.zeros_like(mu)
+  for xi, wi in zip(x, w):
+    v = 1.0 / (1.0 + np.exp(-(mu + sigma * xi)))
+    first += wi * v
+    second += wi * v * v
+  return np.maximum(second - first**2, 0.0)
+
+
+def _generate(spec: SyntheticSpec, name: str) -> tuple[Cohort, dict[str, np.ndarray]]:
+  floor = {}
   rng = np.random.default_rng(spec.seed)
   n, k = spec.n_patients, spec.latent_dim
   s = rng.normal(size=(n, k))
@@ -194,6 +243,15 @@ def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "sy
     sig = sig + spec.patch_noise * rng.normal(size=(n_sig, d))
     bag = np.concatenate([bg, sig])[rng.permutation(n_i)]
     bags.append(bag.astype(np.float16))
+    # Mixture of six prototypes (uniform) and the patient's signal mean: its spread per
+    # entry, plus the patch noise, is what no imputation of a random patch can remove.
+    pi_sig = n_sig / n_i
+    comp = np.concatenate([protos, (spec.signal_scale * (s[i] @ m_s + a_p[i] @ m_p)
+                                    + signal_dir)[None]])
+    prob = np.concatenate([np.full(len(protos), (1.0 - pi_sig) / len(protos)), [pi_sig]])
+    centre = prob @ comp
+    floor.setdefault("pathology", np.zeros(n))[i] = (
+        spec.patch_noise**2 + prob @ np.sum((comp - centre) ** 2, axis=1) / d)
   modalities["pathology"] = Modality(kind="bag", available=np.ones(n, bool), bags=bags)
 
   # Genomics: six families, each a noisy nonlinear read-out of [s, a_G].
@@ -229,13 +287,17 @@ def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "sy
       sl = weight * base + 0.8 * rng.normal(size=(t_len[i], spec.radiology_dim))
       slices.append(sl.astype(np.float16))
     modalities["radiology"] = Modality(kind="bag", available=np.ones(n, bool), bags=slices)
+    floor["radiology"] = np.full(n, 0.8**2)
 
   if spec.rna_dnam:
     for mod_name, dim in (("rna", spec.rna_dim), ("dnam", spec.dnam_dim)):
       load = rng.normal(size=(2 * k, dim)) / np.sqrt(2 * k)
       vals = z_g @ load + spec.gene_noise * rng.normal(size=(n, dim))
       if mod_name == "dnam":  # beta values in (0, 1)
+        floor[mod_name] = _sigmoid_variance(z_g @ load, spec.gene_noise).mean(axis=1)
         vals = 1.0 / (1.0 + np.exp(-vals))
+      else:
+        floor[mod_name] = np.full(n, spec.gene_noise**2)
       modalities[mod_name] = Modality(kind="vector", available=np.ones(n, bool),
                                       values=vals.astype(np.float32))
 
@@ -244,18 +306,39 @@ def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "sy
                          ("radiology", spec.missing_radiology)):
     if frac > 0 and mod_name in modalities:
       _drop(modalities[mod_name], rng.uniform(size=n) < frac)
+  if spec.rna_dnam and (spec.missing_rna > 0 or spec.missing_dnam > 0):
+    miss_rng = np.random.default_rng([spec.seed, 3])  # own stream: other draws unchanged
+    for mod_name, frac in (("rna", spec.missing_rna), ("dnam", spec.missing_dnam)):
+      lose = miss_rng.uniform(size=n) < frac   # drawn for both, whatever the fractions
+      if frac > 0:
+        _drop(modalities[mod_name], lose)
 
   # E[w_m . a_m | s, other factors] = rho w_m . Q_m s (the e_m are independent of the rest).
-  true_risk = {
-      "full": eta,
-      "missing_genomics": eta - part_g + rho * (s @ q_g) @ w_g,
-      "missing_pathology": eta - part_p + rho * (s @ q_p) @ w_p,
-  }
-  if spec.radiology:
-    true_risk["missing_radiology"] = eta - part_r + rho * (s @ q_r) @ w_r
+  reveals = {"pathology": "p", "genomics": "g", "radiology": "r", "rna": "g", "dnam": "g"}
+  parts = {"p": part_p, "g": part_g, "r": part_r}
+  predicted = {"p": rho * (s @ q_p) @ w_p, "g": rho * (s @ q_g) @ w_g,
+               "r": rho * (s @ q_r) @ w_r}
+  true_risk = {}
+  names = sorted(modalities)
+  for mask in range(2 ** len(names)):
+    revealed = [m for b, m in enumerate(names) if mask >> b & 1]
+    seen = {reveals[m] for m in revealed}
+    if not revealed:  # nothing observed: every patient's expected risk is the mean, 0
+      cond = const = np.zeros(n)
+    else:
+      known = part_s + sum(parts[f] for f in seen)
+      cond = known + sum(predicted[f] for f in parts if f not in seen)
+      const = known
+    key = "+".join(revealed)
+    true_risk[key] = cond
+    true_risk["const:" + key] = const   # missing specific factors at their mean
+  if spec.unlabelled > 0:  # own stream: every other draw stays as it was
+    drop = np.random.default_rng([spec.seed, 2]).uniform(size=n) < spec.unlabelled
+    time = np.where(drop, np.nan, time)
+    event = event & ~drop
   case_ids = np.array([f"SYN-{spec.seed:02d}-{i:05d}" for i in range(n)])
   return Cohort(name=name, case_ids=case_ids, time=time, event=event,
-                modalities=modalities, true_risk=true_risk)
+                modalities=modalities, true_risk=true_risk), floor
 
 
 def _drop(mod: Modality, missing: np.ndarray) -> None:

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -127,9 +128,11 @@ class Trainer:
     self.seed = seed
     self.progress = progress and jax.process_index() == 0
     self.traces = collections.Counter()
-    self._steps = [self._make_step(i, s) for i, s in enumerate(self.stages)]
-    self._chunks = [self._make_chunk(i, s) if s.features else None
-                    for i, s in enumerate(self.stages)]
+    self.chosen_epochs: dict[int, dict[str, int]] = {}
+    self._val_predict = None
+    self._val_losses: dict[str, Any] = {}
+    self._steps: dict[tuple[int, int | None], Any] = {}
+    self._chunks: dict[tuple[int, int | None], Any] = {}
     # Stages that share a features function (MUST's two LDM stages) share its jit, so
     # it compiles once per run.
     shared = {}
@@ -143,10 +146,29 @@ class Trainer:
         shared[ident] = jax.jit(self._features_fn(s), static_argnums=0)
       self._feature_fns.append(shared[ident])
 
+  def _total_steps(self, stage: Stage, n_patients: int) -> int:
+    per_epoch = (stage.steps_per_epoch if stage.features is not None
+                 else num_batches(n_patients, self.spec.batch_size))
+    return stage.epochs * per_epoch
+
+  def _optimizer(self, s_idx: int, n_patients: int):
+    """The stage's optax transformation and the key its jitted functions are cached by
+    (a fixed optimiser: one per stage; one built from the stage's step count: one per
+    distinct count, so folds of equal size share a compilation)."""
+    stage = self.stages[s_idx]
+    if isinstance(stage.optimizer, optax.GradientTransformation):
+      return stage.optimizer, (s_idx, None)
+    total = self._total_steps(stage, n_patients)
+    return stage.optimizer(total), (s_idx, total)
+
+  def _batch_spec(self, stage: Stage) -> BatchSpec:
+    if stage.max_instances is None:
+      return self.spec
+    return dataclasses.replace(self.spec, max_instances=stage.max_instances or None)
+
   # ---- jitted pure functions (built once per run) -------------------------------------
 
-  def _make_step(self, index: int, stage: Stage):
-    tx = stage.optimizer
+  def _make_step(self, stage: Stage, tx):
 
     def step(graphdef, trainable, opt_state, rest, batch, key):
       self.traces[f"step:{stage.name}"] += 1
@@ -161,8 +183,7 @@ class Trainer:
 
     return jax.jit(step, static_argnums=0, donate_argnums=(1, 2))
 
-  def _make_chunk(self, index: int, stage: Stage):
-    tx = stage.optimizer
+  def _make_chunk(self, stage: Stage, tx):
     steps, bs = stage.steps_per_epoch, stage.batch_size
 
     def chunk(graphdef, trainable, opt_state, rest, feats, key):
@@ -204,107 +225,221 @@ class Trainer:
     return key
 
   def fit(self, model: nnx.Module, cohort, train_idx, *, bins=None, fold: int = 0,
-          checkpointer: Checkpointer | None = None, log: MetricsLog | None = None) -> nnx.Module:
-    """Trains ``model`` in place through every stage, resuming from ``checkpointer``."""
+          checkpointer: Checkpointer | None = None, log: MetricsLog | None = None,
+          val_idx=None) -> nnx.Module:
+    """Trains ``model`` in place through every stage, resuming from ``checkpointer``.
+
+    ``val_idx``: the fold's inner validation patients, on which stages with ``select``
+    choose their epoch (`chosen_epochs` records it per fold and stage).
+    """
     log = log or MetricsLog(None)
-    model_state = sharding.replicate(nnx.state(model), self.mesh)
-    nnx.update(model, model_state)
-    resume = None
-    if checkpointer is not None and checkpointer.latest() is not None:
-      step = checkpointer.latest()
-      resume = {"step": step, **checkpointer.restore_meta(step)}
-    # Epochs logged after the last checkpoint (or with none) are about to be replayed.
+    nnx.update(model, sharding.replicate(nnx.state(model), self.mesh))
+    resume = self._resume_point(checkpointer)
+    self._rewind_log(log, fold, resume)
+    global_step = 0
+    for s_idx, stage in enumerate(self.stages):
+      if resume is not None and resume["stage"] > s_idx:
+        global_step += stage.epochs  # finished before the checkpoint; restored further on
+        continue
+      patients = self.stage_patients(stage, cohort, train_idx)
+      tx, cache_key = self._optimizer(s_idx, len(patients))
+      graphdef, trainable, rest = _split(model, stage)
+      opt_state = sharding.replicate(tx.init(trainable), self.mesh)
+      first_epoch = 0
+      selection = None
+      if resume is not None:  # the checkpoint lies inside this stage
+        selecting = stage.select is not None and val_idx is not None
+        has_best = selecting and resume.get("best_epoch") is not None
+        opt_state, best = self._restore(model, checkpointer, resume["step"], opt_state,
+                                        nnx.to_pure_dict(trainable) if has_best else None)
+        if has_best:
+          best_state = jax.device_get(trainable)
+          nnx.replace_by_pure_dict(best_state, best)
+          selection = {"epoch": resume["best_epoch"], "score": resume["best_score"],
+                       "state": best_state}
+        first_epoch, resume = resume["epoch"] + 1, None
+        graphdef, trainable, rest = _split(model, stage)
+      if first_epoch < stage.epochs:
+        selection = self._run_stage(s_idx, model, cohort, patients, bins, fold, first_epoch,
+                                    tx, cache_key, opt_state, global_step, checkpointer, log,
+                                    val_idx, selection)
+      if selection is not None:  # leave the stage with the chosen epoch's parameters
+        nnx.update(model, sharding.replicate(selection["state"], self.mesh))
+        self.chosen_epochs.setdefault(fold, {})[stage.name] = selection["epoch"]
+      global_step += stage.epochs
+    return model
+
+  def stage_patients(self, stage: Stage, cohort, train_idx) -> np.ndarray:
+    """The fold's training patients a stage trains on (see `Stage.patients`, `Stage.labels`)."""
+    patients = np.asarray(train_idx)
+    if not stage.labels:
+      patients = np.union1d(patients, np.flatnonzero(~cohort.labelled))
+    if stage.patients == "complete":
+      need = stage.requires or self.method.modalities
+      patients = patients[cohort.complete(need)[patients]]
+    return patients
+
+  def _resume_point(self, checkpointer) -> dict | None:
+    """``{"step", "stage", "epoch", ...}`` of the latest checkpoint, or None."""
+    if checkpointer is None or checkpointer.latest() is None:
+      return None
+    step = checkpointer.latest()
+    return {"step": step, **checkpointer.restore_meta(step)}
+
+  def _rewind_log(self, log, fold, resume) -> None:
+    """Drops the epochs logged after the last checkpoint (or all, with none): the run is
+    about to replay them."""
     order = {stage.name: i for i, stage in enumerate(self.stages)}
     done = (resume["stage"], resume["epoch"]) if resume is not None else (-1, -1)
     log.rewind(lambda r: r.get("fold") != fold
                or (order.get(r.get("stage"), len(order)), r.get("epoch", 0)) <= done)
-    global_step = 0
-    last_save = time.monotonic()
-    for s_idx, stage in enumerate(self.stages):
-      first_epoch = 0
-      graphdef, trainable, rest = _split(model, stage)
-      opt_state = sharding.replicate(stage.optimizer.init(trainable), self.mesh)
-      if resume is not None and resume["stage"] > s_idx:
-        global_step += stage.epochs  # finished before the checkpoint; restored further on
-        continue
-      if resume is not None and resume["stage"] == s_idx:
-        opt_state = self._restore(model, checkpointer, resume["step"], opt_state, stage)
-        if resume["epoch"] + 1 >= stage.epochs:  # the checkpoint closed this stage
-          global_step += stage.epochs
-          resume = None
-          continue
-        graphdef, trainable, rest = _split(model, stage)
-        first_epoch = resume["epoch"] + 1
-      patients = np.asarray(train_idx)
-      if stage.patients == "complete":
-        need = stage.requires or self.method.modalities
-        patients = patients[cohort.complete(need)[patients]]
-      if stage.features is not None:
-        feats = self._cache_features(s_idx, model, cohort, patients, bins)
-        if stage.prepare is not None:
-          # Deterministic in the cached features, so a resumed run sets the same values.
-          stage.prepare(model, feats)
-          # prepare() may leave host-placed arrays: re-place them like the rest of the
-          # state, or the next jitted call would see new input shardings and recompile.
-          nnx.update(model, sharding.replicate(nnx.state(model), self.mesh))
-          graphdef, trainable, rest = _split(model, stage)
-      bar = tqdm(total=stage.epochs, initial=first_epoch, desc=f"fold {fold} {stage.name}",
-                 disable=not self.progress, leave=False, unit="ep")
-      for epoch in range(first_epoch, stage.epochs):
-        t0 = time.perf_counter()
-        key = self._key(fold, s_idx, epoch)
-        if stage.features is None:
-          trainable, opt_state, losses, metrics = self._batch_epoch(
-              s_idx, graphdef, trainable, opt_state, rest, cohort, patients, bins, key,
-              fold, epoch)
-        else:
-          trainable, opt_state, losses, metrics = self._chunks[s_idx](
-              graphdef, trainable, opt_state, rest, feats, key)
-          losses = np.asarray(losses)
-          metrics = jax.tree.map(np.asarray, metrics)
-        nnx.update(model, trainable)
-        record = {"fold": fold, "stage": stage.name, "epoch": epoch,
-                  "loss": float(np.mean(losses)),
-                  **{k: float(np.mean(v)) for k, v in metrics.items()},
-                  "seconds": round(time.perf_counter() - t0, 3)}
-        if not np.all(np.isfinite(losses)):
-          bad = int(np.argmax(~np.isfinite(losses)))
-          last = checkpointer.latest() if checkpointer is not None else None
-          where = (f"{checkpointer.directory}/{last}" if last is not None else "none")
-          raise TrainingDiverged(
-              f"loss became {losses[bad]} at fold {fold}, stage {stage.name!r}, epoch {epoch}, "
-              f"step {bad}; last good checkpoint: {where}")
-        log.write(record, step=global_step + epoch)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        bar.update(1)
-        due = (epoch + 1 == stage.epochs
-               or time.monotonic() - last_save >= self.checkpoint_every_s)
-        if checkpointer is not None and due:
-          checkpointer.save(global_step + epoch + 1, _state_dict(model), opt_state,
-                            {"stage": s_idx, "epoch": epoch, "stage_name": stage.name,
-                             "fold": fold})
-          last_save = time.monotonic()
-      bar.close()
-      global_step += stage.epochs
-      resume = None
-    return model
 
-  def _restore(self, model, checkpointer, step, opt_template, stage):
-    model_state, opt_state = checkpointer.restore(step, _state_dict(model), opt_template)
+  def _run_stage(self, s_idx, model, cohort, patients, bins, fold, first_epoch, tx, cache_key,
+                 opt_state, global_step, checkpointer, log, val_idx=None, selection=None):
+    """Epochs ``first_epoch ..`` of stage ``s_idx``; checkpoints as configured.
+
+    Returns the stage's selection ``{"epoch", "score", "state"}`` (the best validation
+    epoch so far and its trainable state on the host) for a stage with ``select``, else
+    None.
+    """
+    stage = self.stages[s_idx]
+    selecting = stage.select is not None and val_idx is not None and len(val_idx) > 0
+    graphdef, trainable, rest = _split(model, stage)
+    if stage.features is not None:
+      feats = self._cache_features(s_idx, model, cohort, patients, bins)
+      if stage.prepare is not None:
+        # Deterministic in the cached features, so a resumed run sets the same values.
+        stage.prepare(model, feats)
+        # prepare() may leave host-placed arrays: re-place them like the rest of the
+        # state, or the next jitted call would see new input shardings and recompile.
+        nnx.update(model, sharding.replicate(nnx.state(model), self.mesh))
+        graphdef, trainable, rest = _split(model, stage)
+      if cache_key not in self._chunks:
+        self._chunks[cache_key] = self._make_chunk(stage, tx)
+      chunk = self._chunks[cache_key]
+    elif cache_key not in self._steps:
+      self._steps[cache_key] = self._make_step(stage, tx)
+    last_save = time.monotonic()
+    bar = tqdm(total=stage.epochs, initial=first_epoch, desc=f"fold {fold} {stage.name}",
+               disable=not self.progress, leave=False, unit="ep")
+    for epoch in range(first_epoch, stage.epochs):
+      t0 = time.perf_counter()
+      key = self._key(fold, s_idx, epoch)
+      if stage.features is None:
+        trainable, opt_state, losses, metrics = self._batch_epoch(
+            s_idx, cache_key, graphdef, trainable, opt_state, rest, cohort, patients, bins,
+            key, fold, epoch)
+      else:
+        trainable, opt_state, losses, metrics = chunk(graphdef, trainable, opt_state, rest,
+                                                      feats, key)
+        losses = np.asarray(losses)
+        metrics = jax.tree.map(np.asarray, metrics)
+      nnx.update(model, trainable)
+      record = {"fold": fold, "stage": stage.name, "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                **{k: float(np.mean(v)) for k, v in metrics.items()},
+                "seconds": round(time.perf_counter() - t0, 3)}
+      if not np.all(np.isfinite(losses)):
+        bad = int(np.argmax(~np.isfinite(losses)))
+        last = checkpointer.latest() if checkpointer is not None else None
+        where = (f"{checkpointer.directory}/{last}" if last is not None else "none")
+        raise TrainingDiverged(
+            f"loss became {losses[bad]} at fold {fold}, stage {stage.name!r}, epoch {epoch}, "
+            f"step {bad}; last good checkpoint: {where}")
+      stop = False
+      if selecting:
+        score = self.validation_score(stage, model, cohort, val_idx, bins)
+        record[f"val_{stage.select}"] = score
+        sign = 1.0 if stage.select == "c_index" else -1.0
+        if selection is None or sign * score > sign * selection["score"]:
+          selection = {"epoch": epoch, "score": score, "state": jax.device_get(trainable)}
+        stop = bool(stage.patience) and epoch - selection["epoch"] >= stage.patience
+      log.write(record, step=global_step + epoch)
+      bar.set_postfix(loss=f"{record['loss']:.4f}")
+      bar.update(1)
+      due = (stop or epoch + 1 == stage.epochs
+             or time.monotonic() - last_save >= self.checkpoint_every_s)
+      if checkpointer is not None and due:
+        meta = {"stage": s_idx, "epoch": stage.epochs - 1 if stop else epoch,
+                "stage_name": stage.name, "fold": fold}
+        if selection is not None:
+          meta.update(best_epoch=selection["epoch"], best_score=selection["score"])
+        checkpointer.save(global_step + epoch + 1, _state_dict(model), opt_state, meta,
+                          best=None if selection is None
+                          else nnx.to_pure_dict(selection["state"]))
+        last_save = time.monotonic()
+      if stop:
+        break
+    bar.close()
+    return selection
+
+  def validation_score(self, stage: Stage, model, cohort, val_idx, bins) -> float:
+    """Stage ``select`` metric on the inner validation patients (complete ones for
+    ``c_index``: the prediction sees every modality)."""
+    graphdef, state = nnx.split(model)
+    val_idx = np.asarray(val_idx)
+    spec = dataclasses.replace(self.spec, max_instances=None)
+    key = jax.random.key(self.seed + 7)
+    if stage.select == "c_index":
+      from survjax.evaluate.metrics import concordance_index
+      val_idx = val_idx[cohort.complete(self.method.modalities)[val_idx]]
+      if self._val_predict is None:
+        present = frozenset(self.method.modalities)
+
+        def predict(graphdef, state, batch, key):
+          self.traces["validation"] += 1
+          return self.method.predict(nnx.merge(graphdef, state), batch, present, key)["risk"]
+        self._val_predict = jax.jit(predict, static_argnums=0)
+      risk = np.empty(len(val_idx))
+      pos = {p: j for j, p in enumerate(val_idx)}
+      for batch in iterate_batches(cohort, val_idx, spec, bins=bins, sort_by_length=True):
+        out = sharding.to_host(self._val_predict(graphdef, state,
+                                                 sharding.shard_batch(batch, self.mesh), key))
+        risk[[pos[p] for p in batch["index"][batch["valid"]]]] = out[batch["valid"]]
+      if not np.all(np.isfinite(risk)):
+        return float("-inf")
+      return float(concordance_index(cohort.time[val_idx], cohort.event[val_idx], risk)[0])
+    if stage.select == "loss":
+      losses, weights = [], []
+      for batch in iterate_batches(cohort, val_idx, spec, bins=bins, sort_by_length=True):
+        loss, _ = self._val_loss(stage)(graphdef, state, sharding.shard_batch(batch, self.mesh),
+                                         key)
+        losses.append(float(loss))
+        weights.append(int(batch["valid"].sum()))
+      return float(np.average(losses, weights=weights))
+    raise ValueError(f"stage {stage.name}: select={stage.select!r}, expected 'c_index' or 'loss'")
+
+  def _val_loss(self, stage: Stage):
+    if stage.name not in self._val_losses:
+      def loss(graphdef, state, batch, key):
+        self.traces[f"validation_loss:{stage.name}"] += 1
+        return stage.loss_fn(nnx.merge(graphdef, state), batch, key)
+      self._val_losses[stage.name] = jax.jit(loss, static_argnums=0)
+    return self._val_losses[stage.name]
+
+  def _restore(self, model, checkpointer, step, opt_template, best_template=None):
+    """Restores the model in place; returns ``(opt_state, best)`` (best: the stored
+    best-epoch trainable state, None unless ``best_template`` is given and one was saved)."""
+    best = None
+    restored = checkpointer.restore(step, _state_dict(model), opt_template, best_template)
+    model_state, opt_state = restored[:2]
+    if len(restored) == 3:
+      best = jax.device_get(restored[2])
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, model_state)
     nnx.update(model, sharding.replicate(state, self.mesh))
-    return sharding.replicate(opt_state, self.mesh)
+    return sharding.replicate(opt_state, self.mesh), best
 
-  def _batch_epoch(self, s_idx, graphdef, trainable, opt_state, rest, cohort, patients, bins,
-                   key, fold, epoch):
+  def _batch_epoch(self, s_idx, cache_key, graphdef, trainable, opt_state, rest, cohort,
+                   patients, bins, key, fold, epoch):
     order_rng = np.random.default_rng([self.seed, fold, s_idx, epoch])
     sample_rng = np.random.default_rng([self.seed, fold, s_idx, epoch, 1])
     losses, metrics = [], []
-    for i, batch in enumerate(iterate_batches(cohort, patients, self.spec, bins=bins,
+    spec = self._batch_spec(self.stages[s_idx])
+    for i, batch in enumerate(iterate_batches(cohort, patients, spec, bins=bins,
                                               shuffle_rng=order_rng, sample_rng=sample_rng)):
       batch = sharding.shard_batch(batch, self.mesh)
-      trainable, opt_state, loss, m = self._steps[s_idx](
+      trainable, opt_state, loss, m = self._steps[cache_key](
           graphdef, trainable, opt_state, rest, batch, jax.random.fold_in(key, i))
       losses.append(loss)
       metrics.append(m)
@@ -323,5 +458,4 @@ class Trainer:
     return sharding.replicate(feats, self.mesh)
 
   def num_steps(self, n_patients: int) -> int:
-    return sum(s.epochs * (num_batches(n_patients, self.spec.batch_size) if s.features is None
-                           else s.steps_per_epoch) for s in self.stages)
+    return sum(self._total_steps(s, n_patients) for s in self.stages)

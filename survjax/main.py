@@ -6,6 +6,8 @@ Flags map onto one library call (`survjax.evaluate.cv.run_cv`):
   key such as ``--config.train.epoch=3`` is an error), with ``--config.a.b=v`` overrides;
 * ``--workdir`` output directory (default ``runs/<method>``);
 * ``--mode`` ``cv`` (train + evaluate every fold, the default), ``train``, ``eval``;
+* ``--restart`` moves an existing run in the workdir aside and starts afresh (a run
+  directory refuses a resume under a different training configuration);
 * ``--distributed`` calls ``jax.distributed.initialize()`` first (pods, SLURM).
 
 Exit status: 0 done; 2 bad input (one line on stderr naming file, patient and what was
@@ -29,6 +31,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<method>).")
 _MODE = flags.DEFINE_enum("mode", "cv", ["cv", "train", "eval"], "What to run.")
+_RESTART = flags.DEFINE_bool("restart", False, "Move an existing run in --workdir aside "
+                             "(<workdir>.old-<time>) and start afresh.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host "
                                    "without auto-detection).")
@@ -76,7 +80,7 @@ def main(argv):
     if jax.process_index() == 0:
       print(cohort.summary(), flush=True)
     workdir = _WORKDIR.value or os.path.join("runs", config.method)
-    results = run_cv(method, cohort, config, workdir, mode=_MODE.value)
+    results = run_cv(method, cohort, config, workdir, mode=_MODE.value, restart=_RESTART.value)
     if results and jax.process_index() == 0:
       for name, v in results["scenarios"].items():
         oracle = f" (oracle {v['oracle_c_index']:.3f})" if "oracle_c_index" in v else ""

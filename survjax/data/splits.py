@@ -6,11 +6,19 @@ as ``splits_<k>.csv`` in the MCAT/CLAM layout (an index column, then ``train`` a
 ``val`` columns of case ids, ragged), and every later run, whatever the method, reads the
 same files: methods are compared on identical folds, and folds can be shared with tools
 that read that layout.
+
+Beside them, ``cohort.json`` records the fingerprint of the cohort the folds were made for
+(`cohort_fingerprint`: case ids, times, events). Folds are refused for a cohort with
+another fingerprint (one "bad input" line naming both), so a changed generator or data
+file never silently reuses old folds. Split files a user drops in without ``cohort.json``
+impose their folds as they are. Only labelled patients are split.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +28,21 @@ from sklearn.model_selection import StratifiedKFold
 
 from survjax.errors import InputError
 from survjax.io import atomic_write_text
+
+
+def cohort_fingerprint(case_ids, time, event) -> str:
+  """12 hex digits of a SHA-256 over the sorted (case id, time, event) triples."""
+  rows = sorted(zip(np.asarray(case_ids).astype(str).tolist(),
+                    np.asarray(time, np.float64).tolist(), np.asarray(event, bool).tolist()))
+  text = "\n".join(f"{c}\t{t!r}\t{int(e)}" for c, t, e in rows)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def folds_fingerprint(case_ids, folds) -> str:
+  """12 hex digits of a SHA-256 over each fold's sorted held-out case ids."""
+  case_ids = np.asarray(case_ids).astype(str)
+  text = "\n".join(",".join(sorted(case_ids[va].tolist())) for _, va in folds)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def make_folds(time, event, num_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -118,6 +141,7 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
   """Folds as index arrays; read from ``splits_dir/dataset`` if present, else made and saved.
 
   Raises:
+    InputError: the folder's ``cohort.json`` records another cohort fingerprint.
     InputError: a split file names an unknown case, a case appears in both train and val
       of one fold, the folds do not cover the cohort, or a fold has no events among its
       training or its held-out patients (checked before any split file is written).
@@ -126,7 +150,16 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
   position = {c: i for i, c in enumerate(case_ids)}
   folder = None if splits_dir is None else Path(splits_dir) / dataset
   files = [] if folder is None else [folder / f"splits_{k}.csv" for k in range(num_folds)]
+  fingerprint = cohort_fingerprint(case_ids, time, event)
   if files and all(f.exists() for f in files):
+    record = folder / "cohort.json"
+    if record.exists():
+      made_for = json.loads(record.read_text()).get("fingerprint")
+      if made_for != fingerprint:
+        raise InputError(f"split files were made for cohort {made_for}, this cohort is "
+                         f"{fingerprint} (its case ids, times or events differ); expected "
+                         "folds for this cohort: delete the folder or set cv.splits_dir",
+                         path=record)
     folds = []
     for f in files:
       train, val = read_splits_csv(f)
@@ -164,4 +197,35 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
   if folder is not None:
     for f, (tr, va) in zip(files, folds):
       write_splits_csv(f, list(case_ids[tr]), list(case_ids[va]))
+    atomic_write_text(folder / "cohort.json", json.dumps(
+        {"fingerprint": fingerprint, "n_patients": int(len(case_ids)),
+         "num_folds": num_folds, "seed": seed}, indent=1) + "\n")
   return folds
+
+
+def inner_validation(train_idx, time, event, fraction: float, seed: int):
+  """Carves a stratified validation part out of a fold's training patients.
+
+  Stratified on event x (time above/below the median of the training patients): in
+  each stratum a ``fraction`` of the patients, drawn with ``seed``, become validation.
+
+  Returns:
+    ``(fit_idx, val_idx)``, sorted; ``val_idx`` empty when ``fraction`` is 0.
+  """
+  train_idx = np.sort(np.asarray(train_idx))
+  if fraction <= 0:
+    return train_idx, train_idx[:0]
+  if not 0 < fraction < 1:
+    raise InputError(f"validation fraction {fraction} is out of range, expected 0 <= f < 1",
+                     path="config.cv.val_fraction")
+  t = np.asarray(time, np.float64)[train_idx]
+  e = np.asarray(event, bool)[train_idx]
+  strata = 2 * e.astype(int) + (t > np.median(t)).astype(int)
+  rng = np.random.default_rng([seed, 104729])
+  val = []
+  for s in np.unique(strata):
+    members = train_idx[strata == s]
+    take = int(round(fraction * len(members)))
+    val.extend(rng.permutation(members)[:take].tolist())
+  val = np.sort(np.asarray(val, dtype=train_idx.dtype))
+  return np.setdiff1d(train_idx, val), val

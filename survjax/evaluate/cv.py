@@ -32,7 +32,9 @@ from flax import nnx
 
 from survjax.checkpoint import Checkpointer
 from survjax.data.batching import BatchSpec, iterate_batches, make_batch
-from survjax.data.splits import load_or_make_folds
+from survjax import rundir
+from survjax.data.splits import (cohort_fingerprint, folds_fingerprint, inner_validation,
+                                 load_or_make_folds)
 from survjax.data.timebins import assign_time_bins, fit_time_bins
 from survjax.errors import InputError
 from survjax.evaluate import scenarios as scen
@@ -59,15 +61,13 @@ class Predictor:
       self.traces += 1
       return method.predict(nnx.merge(graphdef, state), batch, present, key)
 
-    representations = getattr(method, "representations", None)
+    self.representations = getattr(method, "representations", None)
 
-    def diagnostics(graphdef, state, batch):
-      model = nnx.merge(graphdef, state)
-      reps = representations(model, batch) if representations is not None else {}
-      return method.diagnostics(model, batch), reps
+    def representations(graphdef, state, batch):
+      return self.representations(nnx.merge(graphdef, state), batch)
 
     self._predict = jax.jit(predict, static_argnums=(0, 4))
-    self._diagnostics = jax.jit(diagnostics, static_argnums=0)
+    self._representations = jax.jit(representations, static_argnums=0)
 
   def predict(self, model, cohort, idx, hidden, spec: BatchSpec, key, fill=0.0):
     """Risk variants ``{name: [len(idx)]}`` for patients ``idx`` with per-patient hidden sets."""
@@ -92,22 +92,18 @@ class Predictor:
     return out
 
   def diagnostics(self, model, cohort, idx, spec):
-    """The method's per-patient diagnostics averaged over ``idx``, then the cosines and
-    spreads of its representations over ``idx`` (`representation_diagnostics`)."""
+    """Spreads and cosines of the method's `representations` over the patients ``idx``
+    (`representation_diagnostics`); ``{}`` for a method without them."""
+    if self.representations is None:
+      return {}
     graphdef, state = nnx.split(model)
-    acc: dict[str, list] = {}
     reps: dict[str, list] = {}
     for batch in iterate_batches(cohort, idx, spec, sort_by_length=True):
-      res, rep = self._diagnostics(graphdef, state, sharding.shard_batch(batch, self.mesh))
-      for out, values in ((acc, res), (reps, rep)):
-        for k, v in values.items():
-          out.setdefault(k, []).append(sharding.to_host(v)[batch["valid"]])
-    result = {k: float(np.mean(np.concatenate(v))) for k, v in acc.items()}
-    if reps:
-      result.update(representation_diagnostics(
-          {k: np.concatenate(v) for k, v in reps.items()},
-          tuple(getattr(self.method, "representation_pairs", ()))))
-    return result
+      rep = self._representations(graphdef, state, sharding.shard_batch(batch, self.mesh))
+      for k, v in rep.items():
+        reps.setdefault(k, []).append(sharding.to_host(v)[batch["valid"]])
+    return representation_diagnostics({k: np.concatenate(v) for k, v in reps.items()},
+                                      tuple(getattr(self.method, "representation_pairs", ())))
 
   def latency(self, model, cohort, idx, present_sets, key, repeats: int = 5):
     """Batch-1 wall time per patient (ms, p50 over repeats, compile excluded)."""
@@ -128,27 +124,56 @@ class Predictor:
     return out
 
 
+def cohort_folds(cohort, config):
+  """The run's folds (index arrays into ``cohort``, labelled patients only) and
+  ``{"cohort_fingerprint", "splits_fingerprint"}``.
+
+  Folds are read from or written to ``cv.splits_dir/<dataset>`` (see
+  `survjax.data.splits`); for the embedded synthetic data the folder name carries the
+  cohort fingerprint, so every draw and knob setting has its own folds.
+  """
+  lab = np.flatnonzero(cohort.labelled)
+  ids, t, e = cohort.case_ids[lab], cohort.time[lab], cohort.event[lab]
+  fingerprint = cohort_fingerprint(ids, t, e)
+  dataset = cohort.name
+  if config.data.source == "synthetic":
+    dataset = f"{cohort.name}-{fingerprint}"
+  folds = load_or_make_folds(ids, t, e, num_folds=config.cv.num_folds, seed=config.cv.seed,
+                             splits_dir=config.cv.splits_dir or None, dataset=dataset)
+  folds = [(lab[tr], lab[va]) for tr, va in folds]
+  return folds, {"cohort_fingerprint": fingerprint,
+                 "splits_fingerprint": folds_fingerprint(cohort.case_ids, folds)}
+
+
 def _cindex(time_, event, risk):
   return float(concordance_index(time_, event, risk)[0])
 
 
-def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv") -> dict:
+def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv",
+           restart: bool = False) -> dict:
   """Cross-validates ``method`` on ``cohort``; returns the ``results.json`` dict.
 
   Args:
     mode: "cv" trains and evaluates every fold; "train" only trains (checkpoints);
       "eval" evaluates folds whose training finished (re-evaluating every fold).
 
+  Each fold's training patients give up a stratified inner validation part
+  (``cv.val_fraction``), on which stages with ``select`` choose their epoch; the test fold
+  is read once, at the end.
+
   Bad input (scenario names, reference models, a method modality the cohort lacks, folds
-  without events) raises `InputError` before anything is written. SIGTERM during the run
-  raises `Terminated` (a `SystemExit`, status 143) so that nothing is left half-written.
+  without events, an unwritable workdir, a run directory made with another configuration
+  or in use by another process) raises `InputError` before anything is written to the run
+  directory (see `survjax.rundir`; ``restart`` moves an old run aside). SIGTERM during the
+  run raises `Terminated` (a `SystemExit`, status 143) so that nothing is left
+  half-written.
   """
+  workdir = Path(workdir)
   with _terminate_as_exception():
-    return _run_cv(method, cohort, config, Path(workdir), mode)
+    return _run_cv(method, cohort, config, workdir, mode, restart)
 
 
-def _run_cv(method: Method, cohort, config, workdir: Path, mode: str) -> dict:
-  from survjax.evaluate.report import write_outputs
+def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: bool) -> dict:
 
   # Everything a user can get wrong is checked before the first file is written.
   scenario_names = scen.expand(config.eval.scenarios, method.modalities)
@@ -157,15 +182,36 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str) -> dict:
   if missing:
     raise InputError(f"method {method.name} needs modality {missing[0]!r}, cohort "
                      f"{cohort.name!r} has {list(cohort.modalities)}", path="config.data")
+  if method.time_model not in ("discrete", "cox"):
+    raise InputError(f"method {method.name} has time_model {method.time_model!r}, expected "
+                     "'discrete' or 'cox'", path="config.method")
   mesh = sharding.make_mesh(config.mesh.num_devices)
-  folds = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event,
-                             num_folds=config.cv.num_folds, seed=config.cv.seed,
-                             splits_dir=config.cv.splits_dir or None, dataset=cohort.name)
+  folds, fingerprints = cohort_folds(cohort, config)
   run_folds = list(config.cv.folds) if config.cv.folds else list(range(len(folds)))
   bad = [k for k in run_folds if not 0 <= k < len(folds)]
   if bad:
     raise InputError(f"fold {bad[0]} does not exist, expected folds 0 to {len(folds) - 1}",
                      path="config.cv.folds")
+  is_main = jax.process_index() == 0
+  if not is_main:
+    return _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh,
+                  scenario_names, ref_models, fingerprints)
+  if restart:
+    aside = rundir.restart(workdir)
+    if aside is not None:
+      log.info("moved the previous run aside to %s", aside)
+  rundir.check_writable(workdir)
+  with rundir.locked(workdir):
+    rundir.check_or_record(workdir, config, fingerprints)
+    return _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh,
+                  scenario_names, ref_models, fingerprints)
+
+
+def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenario_names,
+           ref_models, fingerprints) -> dict:
+  """Trains and evaluates the folds ``run_folds``; writes results.json (process 0)."""
+  from survjax.evaluate.report import write_outputs
+
   trainer = Trainer(method, mesh=mesh, batch_size=config.train.batch_size,
                     max_instances=config.train.max_instances or None, seed=config.seed,
                     progress=config.progress, buckets=config.data.buckets or None,
@@ -174,13 +220,11 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str) -> dict:
   eval_spec = BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
                         max_instances=config.eval.max_instances or None,
                         **({"buckets": tuple(config.data.buckets)} if config.data.buckets else {}))
-  info = cohort_info(cohort, method.modalities)
   fold_results = []
   is_main = jax.process_index() == 0
   for k in run_folds:
     tr, va = folds[k]
-    fold_dir = workdir / f"fold_{k}"
-    result_path = fold_dir / "result.json"
+    result_path = workdir / f"fold_{k}" / "result.json"
     if mode == "cv" and result_path.exists():
       fold = json.loads(result_path.read_text())
       log.info("fold %d: already evaluated, reusing %s", k, result_path)
@@ -191,61 +235,16 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str) -> dict:
           atomic_write_json(result_path, fold)
       fold_results.append(fold)
       continue
-    t0 = time.perf_counter()
-    bins = None
-    edges = None
-    if method.time_model == "discrete":
-      edges = fit_time_bins(cohort.time[tr], cohort.event[tr], method.num_bins)
-      bins = assign_time_bins(cohort.time, edges)
-    model = method.build(info, nnx.Rngs(config.seed * 1000 + k))
-    ckpt = Checkpointer(fold_dir / "checkpoints")
-    if mode == "eval" and ckpt.latest() is None:
-      raise InputError(f"fold {k} has no checkpoint, expected a trained run (use --mode=cv)",
-                       path=fold_dir / "checkpoints")
-    trainer.fit(model, cohort, tr, bins=bins, fold=k, checkpointer=ckpt,
-                log=MetricsLog(fold_dir / "metrics.jsonl" if mode != "eval" else None,
-                               Path(config.tensorboard_dir) / f"fold_{k}"
-                               if config.tensorboard_dir else None))
-    train_s = time.perf_counter() - t0
+    model, edges, train_s = _train_fold(method, cohort, config, workdir, mode, trainer, k, tr)
     if mode == "train":
       continue
-    t1 = time.perf_counter()
-    key = jax.random.fold_in(jax.random.key(config.seed + 17), k)
-    fold = {"fold": k, "n_train": int(len(tr)), "n_test": int(len(va)),
-            "time_bins": None if edges is None else edges.tolist(), "scenarios": {},
-            "timing": {"train_s": round(train_s, 2)}}
-    risks_table = {}
-    for s_i, name in enumerate(scenario_names):
-      hidden = scen.hidden_for(name, method.modalities, len(va), config.seed + k)
-      ts = time.perf_counter()
-      preds = predictor.predict(model, cohort, va, hidden, eval_spec, jax.random.fold_in(key, s_i))
-      fold["timing"][f"predict_ms_per_patient/{name}"] = round(
-          1e3 * (time.perf_counter() - ts) / len(va), 3)
-      oracle = scen.oracle_risk(cohort.true_risk, hidden, va)
-      for variant, risk in preds.items():
-        row = name if variant == "risk" else f"{name}/{variant}"
-        if not np.all(np.isfinite(risk)):
-          raise FloatingPointError(f"fold {k}, scenario {row}: non-finite predicted risk")
-        entry = {"c_index": _cindex(cohort.time[va], cohort.event[va], risk)}
-        try:
-          entry["uno_c"] = float(uno_c(cohort.time[tr], cohort.event[tr], cohort.time[va],
-                                       cohort.event[va], risk))
-        except Exception as e:  # Uno's C needs test times inside the training follow-up
-          log.debug("uno_c unavailable: %s", e)
-        if oracle is not None:
-          entry["oracle_c_index"] = _cindex(cohort.time[va], cohort.event[va], oracle)
-        fold["scenarios"][row] = entry
-        risks_table[row] = risk
-    fold["diagnostics"] = predictor.diagnostics(model, cohort, va, eval_spec)
-    if ref_models:
-      fold["reference"] = _reference(cohort, tr, va, ref_models, config, k)
-    if config.eval.latency and k == run_folds[-1]:
-      present_sets = {name: scen.hidden_for(name, method.modalities, 1, 0)[0]
-                      for name in scenario_names if "pct_mixed" not in name}
-      fold["timing"]["latency_ms_batch1"] = predictor.latency(model, cohort, va, present_sets, key)
-    fold["timing"]["eval_s"] = round(time.perf_counter() - t1, 2)
+    fold = _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model, k, tr,
+                          va, scenario_names, ref_models,
+                          latency=config.eval.latency and k == run_folds[-1])
+    fold["time_bins"] = None if edges is None else edges.tolist()
+    fold["timing"]["train_s"] = round(train_s, 2)
+    fold["chosen_epochs"] = trainer.chosen_epochs.get(k, {})
     if is_main:
-      _write_risks(fold_dir / "risks.csv", cohort, va, risks_table)
       atomic_write_json(result_path, fold)
     fold_results.append(fold)
     log.info("fold %d: %s", k, ", ".join(f"{n}={v['c_index']:.3f}"
@@ -254,11 +253,80 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str) -> dict:
     return {}
   results = write_outputs(workdir, method, cohort, config, folds, fold_results,
                           write=is_main, reference_models=ref_models)
+  results.update(fingerprints)
+  results["chosen_epochs"] = {str(f["fold"]): f.get("chosen_epochs", {}) for f in fold_results}
   results["timing"]["predict_traces"] = predictor.traces
   results["timing"]["train_traces"] = dict(trainer.traces)
   if is_main:
     atomic_write_json(workdir / "results.json", results)
   return results
+
+
+def _train_fold(method, cohort, config, workdir, mode, trainer, k, tr):
+  """Builds and trains (or, with mode "eval", restores) fold ``k``'s model on its
+  training patients less the inner validation part; returns (model, bin edges, seconds)."""
+  t0 = time.perf_counter()
+  fold_dir = workdir / f"fold_{k}"
+  fit_idx, val_idx = inner_validation(tr, cohort.time, cohort.event,
+                                      config.cv.get("val_fraction", 0.0), config.cv.seed + k)
+  edges = bins = None
+  if method.time_model == "discrete":
+    edges = fit_time_bins(cohort.time[fit_idx], cohort.event[fit_idx], method.num_bins)
+    bins = assign_time_bins(cohort.time, edges)
+  model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(config.seed * 1000 + k))
+  ckpt = Checkpointer(fold_dir / "checkpoints")
+  if mode == "eval" and ckpt.latest() is None:
+    raise InputError(f"fold {k} has no checkpoint, expected a trained run (use --mode=cv)",
+                     path=fold_dir / "checkpoints")
+  trainer.fit(model, cohort, fit_idx, bins=bins, fold=k, checkpointer=ckpt, val_idx=val_idx,
+              log=MetricsLog(fold_dir / "metrics.jsonl" if mode != "eval" else None,
+                             Path(config.tensorboard_dir) / f"fold_{k}"
+                             if config.tensorboard_dir else None))
+  return model, edges, time.perf_counter() - t0
+
+
+def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model, k, tr, va,
+                   scenario_names, ref_models, *, latency: bool) -> dict:
+  """Fold ``k``'s test patients under every scenario: C-index, Uno's C, oracle; writes
+  ``risks.csv`` (process 0) and returns the fold's result dict."""
+  t1 = time.perf_counter()
+  key = jax.random.fold_in(jax.random.key(config.seed + 17), k)
+  fold = {"fold": k, "n_train": int(len(tr)), "n_test": int(len(va)), "scenarios": {},
+          "timing": {}}
+  risks_table = {}
+  for s_i, name in enumerate(scenario_names):
+    hidden = scen.hidden_for(name, method.modalities, cohort.case_ids[va], config.cv.seed)
+    ts = time.perf_counter()
+    preds = predictor.predict(model, cohort, va, hidden, eval_spec, jax.random.fold_in(key, s_i))
+    fold["timing"][f"predict_ms_per_patient/{name}"] = round(
+        1e3 * (time.perf_counter() - ts) / len(va), 3)
+    oracle = scen.oracle_risk(cohort.true_risk, method.modalities, hidden, va,
+                              list(cohort.modalities))
+    for variant, risk in preds.items():
+      row = name if variant == "risk" else f"{name}/{variant}"
+      if not np.all(np.isfinite(risk)):
+        raise FloatingPointError(f"fold {k}, scenario {row}: non-finite predicted risk")
+      entry = {"c_index": _cindex(cohort.time[va], cohort.event[va], risk)}
+      try:
+        entry["uno_c"] = float(uno_c(cohort.time[tr], cohort.event[tr], cohort.time[va],
+                                     cohort.event[va], risk))
+      except Exception as e:  # Uno's C needs test times inside the training follow-up
+        log.debug("uno_c unavailable: %s", e)
+      if oracle is not None:
+        entry["oracle_c_index"] = _cindex(cohort.time[va], cohort.event[va], oracle)
+      fold["scenarios"][row] = entry
+      risks_table[row] = risk
+  fold["diagnostics"] = predictor.diagnostics(model, cohort, va, eval_spec)
+  if ref_models:
+    fold["reference"] = _reference(cohort, tr, va, ref_models, config, k)
+  if latency:
+    present_sets = {name: scen.hidden_for(name, method.modalities, ["-"], 0)[0]
+                    for name in scenario_names if "pct_" not in name}
+    fold["timing"]["latency_ms_batch1"] = predictor.latency(model, cohort, va, present_sets, key)
+  fold["timing"]["eval_s"] = round(time.perf_counter() - t1, 2)
+  if jax.process_index() == 0:
+    _write_risks(workdir / f"fold_{k}" / "risks.csv", cohort, va, risks_table)
+  return fold
 
 
 def _reference(cohort, tr, va, models, config, k) -> dict:

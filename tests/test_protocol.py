@@ -1,0 +1,197 @@
+"""The protocol around every number: run directories that cannot mix configurations,
+one run per directory, folds bound to their cohort, epochs chosen on inner validation."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.common import base_config
+from survjax import rundir
+from survjax.data.splits import inner_validation, load_or_make_folds
+from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
+from survjax.errors import InputError
+from survjax.evaluate.cv import run_cv
+from survjax.evaluate.metrics import concordance_index
+from survjax.train.sharding import make_mesh
+from survjax.train.trainer import Trainer
+from toy_method import ToyMethod
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = SyntheticSpec(n_patients=90, bag_min=20, bag_max=60, patch_dim=8)
+
+
+def _config(tmp_path, **model):
+  c = base_config("toy_method")
+  c.cv.num_folds = 3
+  c.cv.splits_dir = str(tmp_path / "splits")
+  c.train.batch_size = 16
+  c.train.max_instances = 32
+  c.eval.batch_size = 32
+  c.eval.latency = False
+  c.progress = False
+  c.model = dict(lr=1e-2, **model)
+  return c
+
+
+def test_a_resume_under_another_learning_rate_is_refused_naming_the_key(tmp_path):
+  cohort = make_synthetic_cohort(SPEC)
+  c = _config(tmp_path)
+  c.cv.folds = (0,)
+  run_cv(ToyMethod(epochs=(1, 1)), cohort, c, tmp_path / "run", mode="train")
+  changed = _config(tmp_path)
+  changed.model.lr = 5e-2
+  changed.cv.folds = (1,)  # another subset of folds is the same run; the lr is not
+  with pytest.raises(InputError, match=r"model\.lr 0\.01 -> 0\.05"):
+    run_cv(ToyMethod(epochs=(1, 1)), cohort, changed, tmp_path / "run", mode="train")
+  assert not (tmp_path / "run" / "fold_1").exists()
+  # Evaluation settings and another fold subset are not a different run.
+  same = _config(tmp_path)
+  same.cv.folds = (1,)
+  same.eval.batch_size = 8
+  run_cv(ToyMethod(epochs=(1, 1)), cohort, same, tmp_path / "run", mode="train")
+  # --restart moves the old run aside and records the new configuration.
+  run_cv(ToyMethod(epochs=(1, 1)), cohort, changed, tmp_path / "run", mode="train", restart=True)
+  aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+  assert len(aside) == 1 and (aside[0] / "fold_0" / "checkpoints").exists()
+  recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+  assert recorded["training_config"]["model.lr"] == 0.05
+
+
+def test_a_changed_cohort_is_refused_by_its_run_directory(tmp_path):
+  c = _config(tmp_path)
+  c.cv.folds = (0,)
+  run_cv(ToyMethod(epochs=(1, 0)), make_synthetic_cohort(SPEC), c, tmp_path / "run", mode="train")
+  other = make_synthetic_cohort(dataclasses.replace(SPEC, coupling=0.3))
+  c.cv.splits_dir = str(tmp_path / "splits2")
+  with pytest.raises(InputError, match="cohort_fingerprint"):
+    run_cv(ToyMethod(epochs=(1, 0)), other, c, tmp_path / "run", mode="train")
+
+
+def test_one_run_per_directory_and_stale_locks_are_taken_over(tmp_path):
+  work = tmp_path / "run"
+  work.mkdir()
+  with rundir.locked(work):
+    with pytest.raises(InputError, match=f"process {os.getpid()}"):
+      with rundir.locked(work):
+        pass
+  assert not (work / "run.lock").exists()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  import socket
+  (work / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+  with rundir.locked(work):
+    assert json.loads((work / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_second_cli_run_on_a_locked_directory_stops_with_one_line(tmp_path):
+  work = tmp_path / "run"
+  work.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  with rundir.locked(work):
+    p = subprocess.run([sys.executable, "-m", "survjax.main", f"--config={REPO}/configs/snn.py:smoke",
+                        f"--workdir={work}", f"--config.cv.splits_dir={tmp_path}/splits"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2
+  assert len(p.stderr.strip().splitlines()) == 1 and str(os.getpid()) in p.stderr
+  assert sorted(x.name for x in work.iterdir()) == []
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "survjax.main", f"--config={REPO}/configs/snn.py:smoke",
+                      f"--workdir={blocker}/run", f"--config.cv.splits_dir={tmp_path}/splits"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr
+  assert len(p.stderr.strip().splitlines()) == 1 and "run directory" in p.stderr
+
+
+def test_split_files_are_refused_for_another_cohort(tmp_path):
+  a = make_synthetic_cohort(SPEC)
+  b = make_synthetic_cohort(dataclasses.replace(SPEC, coupling=0.3))  # same ids, other times
+  kw = dict(num_folds=3, seed=0, splits_dir=tmp_path, dataset="x")
+  folds = load_or_make_folds(a.case_ids, a.time, a.event, **kw)
+  again = load_or_make_folds(a.case_ids, a.time, a.event, **kw)
+  assert all((f[1] == g[1]).all() for f, g in zip(folds, again))
+  with pytest.raises(InputError, match="made for cohort"):
+    load_or_make_folds(b.case_ids, b.time, b.event, **kw)
+
+
+def test_inner_validation_is_stratified_disjoint_and_reproducible():
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=400, bag_min=2, bag_max=3,
+                                               patch_dim=4))
+  tr = np.arange(0, 400, 1)[::1][:320]
+  fit, val = inner_validation(tr, cohort.time, cohort.event, 0.2, 5)
+  assert not set(fit) & set(val) and sorted(set(fit) | set(val)) == sorted(tr)
+  assert abs(len(val) - 64) <= 2
+  assert abs(cohort.event[val].mean() - cohort.event[tr].mean()) < 0.03
+  fit2, val2 = inner_validation(tr, cohort.time, cohort.event, 0.2, 5)
+  assert (val == val2).all()
+  assert len(inner_validation(tr, cohort.time, cohort.event, 0.0, 5)[1]) == 0
+
+
+class _Selecting(ToyMethod):
+  """The toy's first stage, choosing its epoch by validation C-index."""
+
+  def __init__(self, epochs, select="c_index"):
+    super().__init__(epochs=(epochs, 0))
+    self.select = select
+
+  def stages(self):
+    first, second = super().stages()
+    return [dataclasses.replace(first, select=self.select), second]
+
+
+def test_epoch_selection_matches_a_reference_loop_over_validation_scores():
+  """The chosen epoch is the argmax of the validation C-index (scikit-survival's) over
+  runs stopped after each epoch, and the model leaves the stage with that epoch's
+  parameters: the same as a run stopped there."""
+  from sksurv.metrics import concordance_index_censored
+  cohort = make_synthetic_cohort(SPEC)
+  tr, val = inner_validation(np.arange(60), cohort.time, cohort.event, 0.25, 0)
+  info = {k: {"dim": cohort.modalities[k].dim} for k in ("pathology", "genomics")}
+  epochs = 6
+
+  def train(method, **kw):
+    t = Trainer(method, mesh=make_mesh(1), batch_size=16, max_instances=32, progress=False)
+    model = method.build(info, nnx.Rngs(0))
+    t.fit(model, cohort, tr, **kw)
+    return t, model
+
+  def val_c(model):
+    import jax
+    risk = np.asarray(ToyMethod().predict(model, __import__("survjax.data.batching", fromlist=["x"])
+                                          .make_batch(cohort, val, __import__(
+                                              "survjax.data.batching", fromlist=["x"]).BatchSpec(
+                                                  batch_size=len(val))),
+                                          frozenset({"pathology", "genomics"}),
+                                          jax.random.key(0))["risk"])[:len(val)]
+    return concordance_index_censored(cohort.event[val], cohort.time[val], risk)[0]
+
+  reference = [val_c(train(ToyMethod(epochs=(e + 1, 0)))[1]) for e in range(epochs)]
+  trainer, chosen_model = train(_Selecting(epochs), val_idx=val)
+  chosen = trainer.chosen_epochs[0]["a"]
+  assert chosen == int(np.argmax(reference))
+  stopped = train(ToyMethod(epochs=(chosen + 1, 0)))[1]
+  for a, b in zip(jax_leaves(chosen_model), jax_leaves(stopped)):
+    np.testing.assert_array_equal(a, b)
+  # Patience: stop once `patience` epochs pass without improvement.
+  patient = _Selecting(epochs)
+  stages = patient.stages
+  patient.stages = lambda: [dataclasses.replace(stages()[0], patience=1), stages()[1]]
+  t2, _ = train(patient, val_idx=val)
+  assert t2.chosen_epochs[0]["a"] == int(np.argmax(reference[:next(
+      (e + 1 for e in range(1, epochs) if reference[e] <= max(reference[:e])), epochs)]))
+
+
+def jax_leaves(model):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]

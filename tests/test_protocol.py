@@ -195,3 +195,66 @@ def test_epoch_selection_matches_a_reference_loop_over_validation_scores():
 def jax_leaves(model):
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def _fake_run(path, method, folds, rows, fingerprint="abc"):
+  """A run directory as run_cv writes it: results.json + fold_<k>/risks.csv."""
+  path.mkdir(parents=True)
+  scen = {r: {"c_index_mean": 0.0, "c_index_std": 0.0} for r in rows}
+  (path / "results.json").write_text(json.dumps(
+      {"method": method, "scenarios": scen, "splits_fingerprint": fingerprint}))
+  for k, (ids, t, e, risks) in enumerate(folds):
+    (path / f"fold_{k}").mkdir()
+    lines = ["case_id,time,event," + ",".join(rows)]
+    lines += [f"{ids[i]},{float(t[i])!r},{int(e[i])}," + ",".join(repr(float(risks[r][i])) for r in rows)
+              for i in range(len(ids))]
+    (path / f"fold_{k}" / "risks.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_bootstrap_cindex_equals_the_cindex_of_the_resampled_patients():
+  from survjax.compare import bootstrap_cindex
+  rng = np.random.default_rng(0)
+  n = 40
+  t = np.round(rng.exponential(size=n), 1) + 0.1   # tied times
+  e = rng.uniform(size=n) < 0.6
+  r = np.round(rng.normal(size=n), 1)               # tied risks
+  point, draws = bootstrap_cindex([(t, e, {"a": r})], ["a"], num_draws=20, seed=3)
+  assert point["a"] == pytest.approx(concordance_index(t, e, r)[0], abs=1e-12)
+  w = np.random.default_rng(3).multinomial(n, np.full(n, 1 / n), size=20)
+  for b in range(20):
+    idx = np.repeat(np.arange(n), w[b])
+    assert draws["a"][b] == pytest.approx(concordance_index(t[idx], e[idx], r[idx])[0], abs=1e-12)
+
+
+def test_compare_pairs_rows_on_identical_folds_and_refuses_others(tmp_path):
+  from survjax.compare import compare, main
+  rng = np.random.default_rng(1)
+  folds_a, folds_b = [], []
+  for k in range(3):
+    n = 60
+    ids = np.array([f"p{k}-{i}" for i in range(n)])
+    t = rng.exponential(size=n) + 0.01
+    e = rng.uniform(size=n) < 0.6
+    signal = -np.log(t)
+    folds_a.append((ids, t, e, {"full": signal + rng.normal(size=n),
+                                "missing_x": signal + 3 * rng.normal(size=n)}))
+    perm = rng.permutation(n)   # the other run lists the same patients in another order
+    folds_b.append((ids[perm], t[perm], e[perm], {"full": rng.normal(size=n)[perm]}))
+  _fake_run(tmp_path / "a", "good", folds_a, ["full", "missing_x"])
+  _fake_run(tmp_path / "b", "noise", folds_b, ["full"])
+  table = compare([tmp_path / "a", tmp_path / "b"], reference="noise:full", num_draws=300)
+  rows = {e["row"]: e for e in table}
+  assert rows["good:full"]["verdict"] == "better" and rows["good:full"]["diff_ci95"][0] > 0
+  assert rows["noise:full"].get("diff") is None
+  lo, hi = rows["noise:full"]["ci95"]
+  assert lo < 0.5 < hi
+  same = compare([tmp_path / "a"], reference="good:full", num_draws=50)
+  assert {e["row"]: e for e in same}["good:missing_x"]["verdict"] in ("worse", "level")
+  _fake_run(tmp_path / "c", "other", folds_b, ["full"], fingerprint="zzz")
+  with pytest.raises(InputError, match="different folds"):
+    compare([tmp_path / "a", tmp_path / "c"])
+  assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--reference", "noise:full",
+               "--out", str(tmp_path / "out" / "cmp"), "--draws", "100"]) == 0
+  assert (tmp_path / "out" / "cmp.png").stat().st_size > 1000
+  assert "| `good:full` |" in (tmp_path / "out" / "cmp.md").read_text()
+  assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2

@@ -1,0 +1,205 @@
+"""TTA: unbalanced OT plan (marginals, dustbin, balanced limit, padding, structure term)
+and the model's prediction path (determinism, hidden modality never read, padding)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+with warnings.catch_warnings():
+  warnings.simplefilter("ignore", DeprecationWarning)
+  from ott.geometry import geometry
+  from ott.problems.linear import linear_problem
+  from ott.solvers.linear import sinkhorn
+
+from configs import tta as tta_config
+from survjax import ot
+from survjax.data.batching import BatchSpec, make_batch
+from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
+from survjax.method import cohort_info
+from survjax.models import get_method
+from survjax.models.tta import rho_schedule
+
+TIGHT = dict(threshold=1e-6, max_iterations=20000)
+# Jitted once per static setting (eager ott calls recompile their loop every time).
+_plan = jax.jit(ot.prototype_plan, static_argnames=(
+    "epsilon", "gamma", "dustbin", "structure_lambda", "outer_iterations", "threshold",
+    "max_iterations", "implicit"))
+
+
+def _kl(cols, b):
+  safe = np.where(cols > 0, cols / np.where(b > 0, b, 1.0), 1.0)
+  return float(np.sum(np.where(cols > 0, cols * np.log(safe), 0.0)))
+
+
+def _logits(n=40, k=8, seed=0):
+  return 3.0 * jax.random.normal(jax.random.PRNGKey(seed), (n, k))
+
+
+def test_plan_marginals_and_dustbin():
+  n_real, n, k = 30, 40, 8
+  logits = _logits(n, k)
+  mask = jnp.arange(n) < n_real
+  for rho in (0.3, 0.7, 1.0):
+    plan, converged = _plan(logits, mask, rho, **TIGHT)
+    plan = np.asarray(plan)
+    assert bool(converged)
+    # Token marginal: a hard constraint, uniform over real tokens; padding ships nothing.
+    np.testing.assert_allclose(plan[:n_real].sum(1), 1.0 / n_real, rtol=1e-4)
+    assert np.all(plan[n_real:] == 0.0)
+    # Prototype marginal: KL-relaxed, so close to but not exactly b; the dustbin ~ 1 - rho.
+    cols = plan.sum(0)
+    b = np.asarray(ot.prototype_marginal(k, rho))
+    assert abs(cols.sum() - 1.0) < 1e-4
+    assert abs(cols[-1] - (1.0 - rho)) < 0.15, (rho, cols[-1])
+    kl = _kl(cols, b)
+    # A stronger KL weight gamma pulls the columns closer to b.
+    tight, _ = _plan(logits, mask, rho, gamma=100.0, **TIGHT)
+    cols_t = np.asarray(tight).sum(0)
+    kl_t = _kl(cols_t, b)
+    assert kl_t < kl + 1e-9 and kl_t < 1e-2, (kl, kl_t)
+    assert abs(cols_t[-1] - (1.0 - rho)) < 0.02, (rho, cols_t[-1])
+
+
+def test_rho_schedule():
+  np.testing.assert_allclose(rho_schedule(jnp.array([0.0, 1.0, 2.0])),
+                             [0.1 + 0.9 * np.exp(-5.0), 1.0, 1.0], rtol=1e-6)
+
+
+def test_balanced_limit_matches_ott():
+  n, k = 40, 8
+  logits = _logits(n, k, seed=1)
+  mask = jnp.ones(n, bool)
+  ours, _ = _plan(logits, mask, 1.0, gamma=1e7, dustbin=False, **TIGHT)
+  cost = -jax.nn.log_softmax(logits, axis=-1)
+  geom = geometry.Geometry(cost_matrix=cost, epsilon=0.1)
+  prob = linear_problem.LinearProblem(geom, jnp.full(n, 1.0 / n), jnp.full(k, 1.0 / k))
+  ref = sinkhorn.Sinkhorn(threshold=1e-6, max_iterations=20000)(prob).matrix
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ours).sum(0), 1.0 / k, atol=1e-5)
+
+
+def test_padding_changes_nothing():
+  n_real, k = 25, 8
+  logits = _logits(n_real, k, seed=2)
+  feats = jax.random.normal(jax.random.PRNGKey(3), (n_real, 6))
+  pad = 1000.0 * jax.random.normal(jax.random.PRNGKey(4), (15, k))
+  padded = jnp.concatenate([logits, pad])
+  mask = jnp.arange(n_real + 15) < n_real
+  for lam in (0.0, 0.1):
+    kw = dict(structure_lambda=lam, **TIGHT)
+    a, _ = _plan(logits, jnp.ones(n_real, bool), 0.5, feats=feats, **kw)
+    b, _ = _plan(padded, mask, 0.5,
+                             feats=jnp.concatenate([feats, 50.0 * jnp.ones((15, 6))]), **kw)
+    np.testing.assert_allclose(np.asarray(b[:n_real]), np.asarray(a), atol=1e-7)
+    assert np.all(np.asarray(b[n_real:]) == 0.0)
+  # A patient with no real token (batch padding) gets an all-zero, finite plan.
+  empty, _ = _plan(logits, jnp.zeros(n_real, bool), 0.5)
+  assert np.all(np.asarray(empty) == 0.0)
+
+
+def test_structure_term_factorised_equals_dense():
+  n, k, d = 20, 5, 7
+  feats = jax.random.normal(jax.random.PRNGKey(5), (n, d))
+  feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+  plan = jax.random.uniform(jax.random.PRNGKey(6), (n, k)) / (n * k)
+  cost = jax.random.uniform(jax.random.PRNGKey(7), (n, k))
+  s = feats @ feats.T
+  np.testing.assert_allclose(ot.structure_gradient(plan, feats), s @ plan, rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(ot.structure_objective(cost, plan, feats, 0.1),
+                             ot.structure_objective_dense(cost, plan, feats, 0.1), rtol=1e-6)
+  # Majorisation-minimisation keeps the token marginal and moves the plan towards
+  # similar tokens sharing prototypes (a lower structure objective).
+  logits = _logits(n, k, seed=8)
+  mask = jnp.ones(n, bool)
+  p0, _ = _plan(logits, mask, 1.0, dustbin=False, **TIGHT)
+  p1, _ = _plan(logits, mask, 1.0, feats=feats, dustbin=False,
+                            structure_lambda=0.1, **TIGHT)
+  np.testing.assert_allclose(np.asarray(p1).sum(1), 1.0 / n, rtol=1e-4)
+  c = -jax.nn.log_softmax(logits, -1)
+  assert ot.structure_objective(c, p1, feats, 0.1) <= ot.structure_objective(c, p0, feats, 0.1) + 1e-4
+
+
+# ---- the model ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy():
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=24, seed=3, patch_dim=16,
+                                               bag_min=12, bag_max=60))
+  config = tta_config.get_config("smoke")
+  m = config.model
+  m.dim, m.num_prototypes, m.num_heads = 32, 8, 4
+  method = get_method(config)
+  model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(0))
+  return cohort, method, model
+
+
+def _predict(method, model, batch, present):
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda s, b: method.predict(nnx.merge(graphdef, s), b, present,
+                                           jax.random.PRNGKey(0)))
+  return np.asarray(fn(state, batch)["risk"])
+
+
+def test_predict_deterministic_padding_free_and_never_reads_hidden(toy):
+  cohort, method, model = toy
+  spec = BatchSpec(batch_size=16)
+  idx = np.arange(12)
+  batch = make_batch(cohort, idx, spec)
+  full = _predict(method, model, batch, frozenset(method.modalities))
+  assert np.all(np.isfinite(full))
+  np.testing.assert_array_equal(full, _predict(method, model, batch, frozenset(method.modalities)))
+  for hidden in method.modalities:
+    have = frozenset(method.modalities) - {hidden}
+    nan = make_batch(cohort, idx, spec, hide=(hidden,), fill=np.nan)
+    zero = make_batch(cohort, idx, spec, hide=(hidden,), fill=0.0)
+    out = _predict(method, model, nan, have)
+    assert np.all(np.isfinite(out)), hidden
+    np.testing.assert_array_equal(out, _predict(method, model, zero, have))
+
+
+def test_implicit_gradient_through_the_plan():
+  n, k = 12, 4
+  logits = _logits(n, k, seed=9)
+  mask = jnp.arange(n) < 10
+  weights = jax.random.normal(jax.random.PRNGKey(10), (n, k + 1))
+
+  def f(l, implicit):
+    plan, _ = _plan(l, mask, 0.6, implicit=implicit, **TIGHT)
+    return jnp.sum(plan * weights)
+
+  g = jax.grad(f)(logits, True)
+  assert np.all(np.isfinite(np.asarray(g)))
+  assert np.all(np.asarray(g)[10:] == 0.0)  # padded tokens: no gradient either
+  assert np.any(np.asarray(g) != 0.0)
+
+
+def test_train_step_finite_and_clock_ramps_rho(toy):
+  cohort, method, model = toy
+  if True:
+    batch = jax.tree.map(jnp.asarray, make_batch(cohort, np.arange(12), BatchSpec(16, max_instances=32)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = method.optimizer(10)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, key):
+      def loss(p):
+        return method.loss(nnx.merge(graphdef, p, rest), batch, key)
+      (val, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax_apply(params, updates), opt_state, val, metrics, grads
+
+    import optax
+    optax_apply = optax.apply_updates
+    for i in range(2):
+      params, opt_state, val, metrics, grads = step(params, opt_state, jax.random.PRNGKey(i))
+      assert np.isfinite(float(val))
+      assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    clock = nnx.merge(graphdef, params, rest).clock[...]
+    np.testing.assert_allclose(float(clock), 2 * method.cfg.epochs / 10, rtol=1e-6)
+    assert float(metrics["rho"]) > float(rho_schedule(0.0))

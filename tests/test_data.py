@@ -39,9 +39,9 @@ def test_censoring_rate_matches_the_target(target):
 
 def test_oracle_ordering_and_modalities(cohort):
   big = make_synthetic_cohort(SyntheticSpec(n_patients=1000, seed=1, bag_max=70))
-  full = _c(big.time, big.event, big.true_risk["full"])
-  mp = _c(big.time, big.event, big.true_risk["missing_pathology"])
-  mg = _c(big.time, big.event, big.true_risk["missing_genomics"])
+  full = _c(big.time, big.event, big.true_risk["genomics+pathology"])
+  mp = _c(big.time, big.event, big.true_risk["genomics"])
+  mg = _c(big.time, big.event, big.true_risk["pathology"])
   assert 0.72 < full < 0.9
   assert full > mp + 0.02 and full > mg + 0.02
   assert mp > 0.6 and mg > 0.6
@@ -163,8 +163,9 @@ def test_missing_modality_oracle_is_the_conditional_mean(coupling):
   # A patient's mean patch is affine in its [s, a_P] plus noise: pathology's view.
   x = np.stack([b.astype(np.float64).mean(0) for b in c.modalities["pathology"].bags])
   t = c.true_risk
-  assert _oos_r2(x, t["missing_genomics"]) > 0.98
+  full, seen = t["genomics+pathology"], t["pathology"]
+  assert _oos_r2(x, seen) > 0.98
   # 128 features fitted on 2000 patients: a useless predictor scores about -128/2000.
-  assert _oos_r2(x, t["full"] - t["missing_genomics"]) < 0.01
-  r2_full = _oos_r2(x, t["full"])
+  assert _oos_r2(x, full - seen) < 0.01
+  r2_full = _oos_r2(x, full)
   assert (r2_full > 0.8) if coupling else (r2_full < 0.75)

@@ -86,11 +86,34 @@ def _normalise(x, axis=-1):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-12))
 
 
+@dataclasses.dataclass(frozen=True)
+class _OT:
+  """The OT settings the forward pass reads (hashable: it lives in the graphdef)."""
+  epsilon: float
+  gamma: float
+  joint: bool
+  structure_lambda: float
+  outer_iterations: int
+  threshold: float
+  max_iterations: int
+  grad: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hyper:
+  dim: int
+  num_prototypes: int
+  proto_temperature: float
+  dropout: float
+  ot: _OT
+
+
 class TTAModel(nnx.Module):
 
   def __init__(self, info: dict, cfg, *, rngs: nnx.Rngs):
     d, k = cfg.dim, cfg.num_prototypes
-    self.cfg = cfg
+    self.cfg = _Hyper(d, k, float(cfg.proto_temperature), float(cfg.dropout),
+                      _OT(**{f.name: cfg.ot[f.name] for f in dataclasses.fields(_OT)}))
     self.group_sizes = tuple(int(s) for s in info[GEN]["group_sizes"])
     cols = sum(self.group_sizes)
     out = 1 if cfg.time_model == "cox" else cfg.num_bins

@@ -1,0 +1,292 @@
+"""impuTMAE: MAE masking, the masked-patch loss, imputation, padding, and the synthetic
+cohort's RNA/methylation additions (`survjax.models.imputmae`)."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.imputmae import get_config  # noqa: E402
+from survjax.data.batching import BatchSpec, make_batch  # noqa: E402
+from survjax.data.synthetic import (SyntheticSpec, make_synthetic_cohort,  # noqa: E402
+                                    reconstruction_floor)
+from survjax.method import cohort_info  # noqa: E402
+from survjax.models import get_method  # noqa: E402
+from survjax.models.imputmae import masked_mse, random_masking  # noqa: E402
+
+
+def _fingerprint(cohort) -> str:
+  """Hash of every array of a cohort except the oracle (whose keys are the core's)."""
+  h = hashlib.sha256()
+  for a in (cohort.case_ids.astype("U"), cohort.time, cohort.event):
+    h.update(np.ascontiguousarray(a).tobytes())
+  for name in sorted(cohort.modalities):
+    m = cohort.modalities[name]
+    h.update(name.encode())
+    h.update(m.available.tobytes())
+    for arr in (m.bags if m.bags is not None else [m.values]):
+      h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _small_config(**synthetic):
+  c = get_config("smoke")
+  c.data.synthetic.update(dict(n_patients=48, rna_dim=300, dnam_dim=200, bag_min=8,
+                               bag_max=40, patch_dim=16, **synthetic))
+  c.model.dim, c.model.decoder.dim = 32, 32
+  c.model.patch_size = ml_collections.ConfigDict(dict(default=64))
+  c.model.decoder.depth = 1
+  c.model.depth.default = 1
+  c.model.impute_bag_len = 8
+  c.model.modalities = ("rna", "pathology")   # one vector, one bag: small graphs to compile
+  return c
+
+
+def _setup(c, seed=0):
+  cohort = make_synthetic_cohort(SyntheticSpec(**c.data.synthetic))
+  method = get_method(c)
+  model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(seed))
+  return cohort, method, model
+
+
+def _jnp(batch):
+  return jax.tree.map(jnp.asarray, batch)
+
+
+def _jit(fn, model, *static):
+  """``fn(model, *args)`` jitted over the model's state (eager NNX calls are slow);
+  arguments at the positions ``static`` (counted after the model) are static."""
+  graphdef, state = nnx.split(model)
+  call = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a),
+                 static_argnums=tuple(i + 1 for i in static))
+  return lambda *a: call(state, *a)
+
+
+def test_default_cohort_unchanged_by_the_additions():
+  # Arrays of the default cohort (and of one with rna/dnam, radiology and missingness)
+  # as they were before missing_rna/missing_dnam and reconstruction_floor existed.
+  # (Hashes from the generator of commit a80d9de, before them.)
+  assert _fingerprint(make_synthetic_cohort(SyntheticSpec())) == "16a32f9d47603058"
+  spec = SyntheticSpec(rna_dnam=True, radiology=True, missing_pathology=0.2, seed=3,
+                       n_patients=100)
+  assert _fingerprint(make_synthetic_cohort(spec)) == "32c390c7d752514e"
+
+
+def test_natural_missingness_of_rna_and_dnam_touches_nothing_else():
+  base = SyntheticSpec(rna_dnam=True, n_patients=200)
+  a = make_synthetic_cohort(base)
+  b = make_synthetic_cohort(SyntheticSpec(rna_dnam=True, n_patients=200, missing_dnam=0.3,
+                                          missing_rna=0.1))
+  np.testing.assert_array_equal(a.time, b.time)
+  for name in ("pathology", "genomics"):
+    np.testing.assert_array_equal(a.modalities[name].available, b.modalities[name].available)
+  for name, frac in (("rna", 0.1), ("dnam", 0.3)):
+    lost = ~b.modalities[name].available
+    assert abs(lost.mean() - frac) < 0.08
+    assert np.all(b.modalities[name].values[lost] == 0)
+    np.testing.assert_array_equal(a.modalities[name].values[~lost],
+                                  b.modalities[name].values[~lost])
+  dnam = a.modalities["dnam"].values
+  assert dnam.min() > 0 and dnam.max() < 1  # beta values
+  floor = reconstruction_floor(base)
+  np.testing.assert_allclose(floor["rna"], base.gene_noise**2)
+  assert np.all(floor["dnam"] < dnam.var(axis=0).mean())
+  assert set(floor) == {"pathology", "rna", "dnam"}
+  # Every subset of the modalities has an exact oracle.
+  assert len([k for k in a.true_risk if not k.startswith("const:")]) == 2 ** 4
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_masking_hides_exactly_the_ratio_of_real_patches_and_restores_order(ratio):
+  lengths = np.array([0, 1, 2, 5, 8, 13, 16])
+  n = 16
+  real = jnp.asarray(np.arange(n)[None] < lengths[:, None])
+  real = real.at[3].set(jnp.asarray(np.random.default_rng(0).permutation(real[3])))
+  out = random_masking(real, ratio, jax.random.key(3))
+  masked = np.asarray(out["masked"])
+  length = np.asarray(real).sum(1)
+  np.testing.assert_array_equal(masked.sum(1), np.floor(ratio * length))
+  assert not np.any(masked & ~np.asarray(real))
+  k = out["keep"].shape[1]
+  assert k == n - int(np.floor(ratio * n))
+  ids = np.asarray(out["ids_shuffle"])
+  keep = np.asarray(out["keep"])
+  for b in range(len(lengths)):
+    kept_pos = set(ids[b, :k][keep[b]].tolist())
+    assert len(kept_pos) == length[b] - np.floor(ratio * length[b])
+    assert kept_pos.isdisjoint(np.flatnonzero(masked[b]))
+    assert kept_pos | set(np.flatnonzero(masked[b])) == set(np.flatnonzero(real[b]))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(len(lengths), n)))
+  shuffled = jnp.take_along_axis(x, out["ids_shuffle"], 1)
+  np.testing.assert_array_equal(jnp.take_along_axis(shuffled, out["ids_restore"], 1), x)
+
+
+def test_pretraining_masks_half_of_each_modality_per_patient():
+  c = _small_config()
+  cohort, method, model = _setup(c)
+  batch = _jnp(make_batch(cohort, np.arange(12), BatchSpec(16, max_instances=32),
+                          rng=np.random.default_rng(0)))
+  c.model.modalities = ("rna", "dnam", "pathology")
+  cohort, method, model = _setup(c)
+  patches, enc = _jit(lambda mdl, b, k: (method.patchify(mdl, b), method.encode(
+      mdl, method.patchify(mdl, b), 0.5, k)), model)(batch, jax.random.key(0))
+  for m in method.modalities:
+    length = np.asarray(patches[m]["real"]).sum(1)
+    np.testing.assert_array_equal(np.asarray(enc[m]["masked"]).sum(1), length // 2)
+  assert patches["rna"]["x"].shape[1:] == (5, 64)       # 300 values: 5 patches, last padded
+  assert int(patches["rna"]["elem"].sum()) == 300
+
+
+def test_masked_mse_counts_masked_entries_only():
+  rng = np.random.default_rng(0)
+  pred, target = (jnp.asarray(rng.normal(size=(3, 6, 4))) for _ in range(2))
+  w = jnp.asarray(rng.uniform(size=(3, 6, 1)) < 0.5) & jnp.asarray(np.arange(4) < 3)
+  loss = masked_mse(pred, target, w)
+  expect = np.sum(np.where(w, (pred - target) ** 2, 0)) / np.sum(np.broadcast_to(w, pred.shape))
+  np.testing.assert_allclose(loss, expect, rtol=1e-6)
+  changed = jnp.where(w, pred, 1e3)   # anything at unmasked entries
+  np.testing.assert_allclose(masked_mse(changed, target, w), loss, rtol=1e-6)
+  assert masked_mse(pred, target, jnp.zeros_like(w)) == 0
+
+
+def test_pretrain_loss_is_the_sum_of_masked_mses_and_ignores_missing_rows():
+  c = _small_config(missing_dnam=0.5)
+  c.model.modalities = ("rna", "dnam")
+  cohort, method, model = _setup(c)
+  idx = np.arange(16)
+  batch = _jnp(make_batch(cohort, idx, BatchSpec(16, max_instances=32),
+                          rng=np.random.default_rng(0)))
+  key = jax.random.key(5)
+  (loss, metrics), (patches, enc, pred) = _jit(
+      lambda mdl, b, k: (method.pretrain_loss(mdl, b, k), method.reconstruct(mdl, b, k)),
+      model)(batch, key)
+  np.testing.assert_allclose(loss, sum(metrics.values()), rtol=1e-6)
+  for m in method.modalities:
+    w = (enc[m]["masked"] & batch["valid"][:, None])[..., None] & patches[m]["elem"]
+    np.testing.assert_allclose(metrics[f"mse_{m}"], masked_mse(pred[m], patches[m]["x"], w),
+                               rtol=1e-6)
+  assert not np.any(np.asarray(enc["dnam"]["masked"])[~cohort.modalities["dnam"].available[idx]])
+
+
+def test_a_fully_masked_modality_gives_the_encoder_no_information():
+  c = _small_config(missing_rna=0.5, missing_pathology=0.5)
+  cohort, method, model = _setup(c)
+  idx = np.arange(16)
+  raw = make_batch(cohort, idx, BatchSpec(16, max_instances=32), rng=np.random.default_rng(0))
+  other = jax.tree.map(np.copy, raw)
+  for m in ("rna", "pathology"):   # garbage where the modality is missing
+    miss = ~raw["modalities"][m]["available"]
+    other["modalities"][m]["x"][miss] = np.nan
+  miss = ~raw["modalities"]["pathology"]["available"]
+  other["modalities"]["pathology"]["mask"][miss, :5] = True   # even a stray mask
+  key = jax.random.key(1)
+  for b in (raw, other):
+    b.update(_jnp(b))
+  loss = _jit(method.pretrain_loss, model)
+  np.testing.assert_array_equal(loss(_jnp(raw), key)[0], loss(_jnp(other), key)[0])
+  for ratio in (0.5, 0.0):
+    enc = _jit(lambda mdl, b: method.encode(mdl, method.patchify(mdl, b), ratio, key), model)
+    e1, e2 = enc(_jnp(raw)), enc(_jnp(other))
+    for m in method.modalities:
+      np.testing.assert_array_equal(e1[m]["z"], e2[m]["z"])
+  # A scenario's withheld modality (NaN everywhere) is never read.
+  hidden = _jnp(make_batch(cohort, idx, BatchSpec(16), hide=("rna",), fill=np.nan))
+  zeros = _jnp(make_batch(cohort, idx, BatchSpec(16), hide=("rna",)))
+  present = frozenset({"pathology"})
+  predict = _jit(method.predict, model, 1, 2)
+  r1, r2 = predict(hidden, present, None), predict(zeros, present, None)
+  for k in r1:
+    assert np.all(np.isfinite(r1[k]))
+    np.testing.assert_array_equal(r1[k], r2[k])
+
+
+def test_padding_never_changes_an_output():
+  c = _small_config(missing_pathology=0.3)
+  cohort, method, model = _setup(c)
+  idx = np.arange(12)
+  small = _jnp(make_batch(cohort, idx, BatchSpec(12)))
+  large = _jnp(make_batch(cohort, idx, BatchSpec(12), min_bucket={"pathology": 256}))
+  assert small["modalities"]["pathology"]["x"].shape[1] == 64
+  assert large["modalities"]["pathology"]["x"].shape[1] == 256
+  key = jax.random.key(2)
+
+  def everything(mdl, b, k):   # one compilation per bucket
+    return {"pretrain": method.pretrain_loss(mdl, b, k)[1],
+            "finetune": method.finetune_loss(mdl, b, k)[0],
+            "full": method.predict(mdl, b, frozenset(method.modalities), None),
+            "rna only": method.predict(mdl, b, frozenset({"rna"}), None)}
+
+  run = _jit(everything, model)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+               run(small, key), run(large, key))
+
+
+def test_finetuning_trains_only_the_last_encoder_layers_fusion_and_head():
+  c = _small_config()
+  c.model.depth.default = 2
+  _, method, model = _setup(c)
+  norm, pre, ft = method.stages()
+  assert norm.features is not None and norm.prepare is not None
+  assert not pre.labels and ft.labels
+  trainable = {jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_leaves_with_path(nnx.state(model, ft.trainable))}
+  assert trainable and all(("'last'" in p or "'last_norm'" in p) and "encoders" in p
+                           or "fusion" in p or "surv_head" in p for p in trainable)
+  assert not any("decoder" in p or "layers" in p and "encoders" in p for p in trainable)
+  assert any("encoders']['rna']['last']" in p for p in trainable)
+
+
+def test_decoder_imputation_beats_mean_imputation_on_held_out_patients():
+  # RNA and methylation both read [s, a_G]: each predicts the other up to the noise. A
+  # quick pretraining (800 steps of 32 patients, about 25 s) on short vectors; 30% of the
+  # patients lack each, and pretrain.hide_modality = 0.3 hides an available one entirely.
+  c = _small_config(missing_rna=0.3, missing_dnam=0.3)
+  c.data.synthetic.update(dict(n_patients=400, rna_dim=64, dnam_dim=64))
+  c.model.modalities = ("rna", "dnam")
+  c.model.patch_size.default = 16
+  cohort, method, model = _setup(c)
+  train, test = np.arange(320), np.arange(320, 400)
+  method.fit_stats(model, method.collect_stats(
+      model, _jnp(make_batch(cohort, train, BatchSpec(len(train))))))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, batch, key):
+    def loss(p):
+      return method.pretrain_loss(nnx.merge(graphdef, p, rest), batch, key)[0]
+    grads = jax.grad(loss)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  rng = np.random.default_rng(0)
+  spec = BatchSpec(32)
+  for it in range(800):
+    batch = _jnp(make_batch(cohort, rng.choice(train, 32, replace=False), spec))
+    params, opt = step(params, opt, batch, jax.random.key(it))
+  model = nnx.merge(graphdef, params, rest)
+  batch = _jnp(make_batch(cohort, test, BatchSpec(len(test))))
+  floor = reconstruction_floor(SyntheticSpec(**c.data.synthetic))
+  impute = _jit(method.impute, model, 1)
+  for target, source in (("dnam", "rna"), ("rna", "dnam")):
+    have = cohort.modalities[target].available
+    rows = have[test]   # held-out patients with the target to compare against
+    pred = np.asarray(impute(batch, frozenset({source}))[target])[rows]
+    truth = cohort.modalities[target].values[test][rows]
+    mean = cohort.modalities[target].values[train][have[train]].mean(0)
+    mse_model = np.mean((pred - truth) ** 2)
+    mse_mean = np.mean((mean - truth) ** 2)
+    lowest = floor[target][test][rows].mean()
+    print(f"{target} from {source}: decoder {mse_model:.4f}, training mean {mse_mean:.4f}, "
+          f"noise floor {lowest:.4f}")
+    assert lowest < mse_model < 0.85 * mse_mean

@@ -19,7 +19,7 @@ Variants (comma-separated): :smoke (120 patients, 2 folds, 3 epochs; 79 s wall u
 :no_dce (no LocXEmb/DCE bias); :no_gcs (plain Cox gradient); :no_dce_no_gcs (both);
 :paper_dims (1024-d radiology slices, 128-d tokens, 256-d hazard net).
 Defaults not in the paper (epochs, lr, dims, GCS constants) were set once for this CPU,
-untuned (no search on any fold). Pathology bags are mean-pooled (model option: a vector).
+untuned (no search on any fold). Pathology bags are mean-pooled; a slide-embedding vector is read as is.
 """
 
 import ml_collections

@@ -144,7 +144,11 @@ def cox_partial_nll(risk: jax.Array, time: jax.Array, event: jax.Array,
   t_sorted = time[order]
   w_sorted = weights[order]
   valid = w_sorted > 0
-  x = jnp.where(valid, risk[order] + jnp.log(jnp.where(valid, w_sorted, 1.0)), -jnp.inf)
+  # Padded rows enter the risk sets at a huge negative finite log-weight rather than -inf:
+  # exp underflows to exactly 0 either way, but -inf makes second derivatives (Hessian-
+  # vector products, PARACHUTE's curvature) NaN.
+  absent = 0.5 * jnp.finfo(risk.dtype).min
+  x = jnp.where(valid, risk[order] + jnp.log(jnp.where(valid, w_sorted, 1.0)), absent)
   tail_lse = jax.lax.cumlogsumexp(x, axis=0, reverse=True)   # log sum_{q >= p} w_q e^{r_q}
   first = jnp.searchsorted(t_sorted, t_sorted, side="left")  # first index of the tie group
   lse = tail_lse[first]

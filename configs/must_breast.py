@@ -22,36 +22,18 @@ Reference rows: `survjax.evaluate.reference` fits sksurv's CoxPHSurvivalAnalysis
 alpha = 1) and RandomSurvivalForest (100 trees) on the same features (genes + clinical,
 standardised on each training fold) and the same folds.
 
-Expected result (5 folds, a run of the command above on a 2-core AMD EPYC: 77 s of
-training, 1 min 33 s in all): C-index mean +- std over folds
+Expected result (docs/results/runs/must_breast.json; `bash scripts/reproduce_results.sh
+must_breast`, about 2 minutes):
 
-  MUST full                          0.604 +- 0.054
-  missing_genes    LDM / zeros / mean    0.554 / 0.549 / 0.569
-  missing_clinical LDM / zeros / mean    0.560 / 0.546 / 0.535
-  CoxPH (sksurv, ridge alpha 1)      0.655 +- 0.080
-  RSF (sksurv, 100 trees)            0.704 +- 0.056
-
-On 198 patients the classical models beat MUST: a 64-d transformer with a decomposition
-and two diffusion models has far more parameters than 51 events can pin down; the
-reference rows are there to say so. Decomposition diagnostics: cos(c_P<-G, c_G<-P) 0.98,
-cos(u_P, u_G) -0.09, cos(g, u + c) 0.998 / 0.998 (P = clinical, G = genes). The diffusion
-fill is above zeros in both missing scenarios and above the mean when the clinical
-variables are missing, by at most 0.025, well within the spread over folds (0.04-0.08), so
-these rows do not tell the fills apart. (With the denoiser conditioned on the projected
-P c~, ``--config.model.ldm.project_condition=True``: missing genes 0.558 / 0.549 /
-0.569, missing clinical 0.548 / 0.546 / 0.535. A 256-d latent trained on c^: missing
-genes 0.627 / 0.551 / 0.569, missing clinical 0.509 / 0.545 / 0.540;
-``--config.model.ldm.latent_dim=0 --config.model.ldm.condition_source=c_hat``.)
-
-Eq. 13-14 stay as the paper writes them here (``model.decomp_relative = False``; the
-synthetic main job divides them by the between-patient variance, see configs/must.py).
-The diagnostics above are those of a collapse (``spread`` 0.0003-0.035 in
-``results.json``; centred on the held-out mean, cos(c_P<-G, c_G<-P) 0.06 and cos(g, u +
-c) 0.34 / 0.07). With the relative form (``--config.model.decomp_relative=True``,
-1 min 44 s) nothing collapses (centred cos(c_P<-G, c_G<-P) 0.83, cos(g, u + c) 0.92 /
-0.83) and the full C-index is 0.633 +- 0.041, but both fills fall below zeros and the
-mean: missing genes 0.532 / 0.591 / 0.590, missing clinical 0.528 / 0.628 / 0.621 (LDM /
-zeros / mean).
+<!-- generated: scenarios.must_breast -->
+(no committed result for `must_breast`: run `bash scripts/reproduce_results.sh must_breast`)
+<!-- end generated -->
+On 198 patients with 51 events the classical reference rows are there to say whether
+a 64-d transformer with a decomposition and two diffusion models can be pinned down.
+Eq. 13-14 stay as the paper writes them here (``model.decomp_relative = False``), and
+they collapse as on the synthetic cohort (``spread`` in ``results.json``); with the
+relative form (``--config.model.decomp_relative=True``) nothing collapses, but an
+earlier session measured both fills below zeros that way.
 """
 
 import ml_collections

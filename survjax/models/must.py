@@ -37,41 +37,36 @@ Training (Sec. 3.4, supp. 7.1), three stages:
    similarities in L_orth. With an orthonormal B the two intra-modal terms of eq. 15 are
    identically zero (u^ and c^ live in complementary subspaces); they are kept so the
    loss is the paper's. Eq. 13-14 are squared errors through which the gradient also
-   reaches g and c; on the synthetic cohort the main stage satisfies them by making
-   every component nearly the same vector for all patients (the `representations`
-   diagnostics ``spread`` and ``cos_centred`` show it; see `configs/must.py`). Config
-   ``decomp_relative`` (the default there) divides each by the between-patient variance
-   of what it fits (`decomposition_losses`), which collapse does not lower: the
-   decomposition then holds per patient. ``decomp_stop_gradient`` instead makes g a
-   fixed target of eq. 13 (the paper does not say which);
+   reaches g and c, and collapse (every component nearly one vector for all patients)
+   satisfies them; config ``decomp_relative`` divides each by the between-patient
+   variance of what it fits (`decomposition_losses`), which collapse does not lower.
+   ``decomp_stop_gradient`` instead makes g a fixed target of eq. 13 (the paper does
+   not say which). The `representations` diagnostics ``spread`` and ``cos_centred``
+   show collapse; docs/results/must.md has the measurements;
 3. latent diffusion (Sec. 3.5, supp. 7.2): the main network frozen, one conditional
    denoiser per modality learns ``u^_m`` from ``cond = [c; CLS_um]`` with the
    epsilon-prediction loss (eq. 19). Conditions are standardised with training
-   statistics (raw, their per-dimension spread of about 0.01 vanished beside the
+   statistics (raw, their small per-dimension spread vanished beside the
    denoiser's token-type embeddings); the diffused variable is ``u^`` in whitened
    principal coordinates, ``z = ((u^ - mu) V_k) / s`` with k = ``ldm.latent_dim`` = 8
    (`fit_latent`; 0 = all 256 dimensions standardised, the paper's setting), and the
    denoiser maps it to and from its 256-d tokens. The denoiser trains on cached
    features, a `lax.scan` per chunk of steps. Its condition is by default the
    surrogate ``c~ = g - u^`` (supp. 8.2), computed from each modality alone as at
-   inference, rather than the paper's ``c^``: on held-out patients of a trained fold
-   the two correlate (centred, per patient) at only 0.08-0.11 with eq. 13-14 as written
-   (0.71-0.83 with ``decomp_relative``; see `configs/must.py`), so a denoiser trained on
-   ``c^`` samples from conditions it never saw.
+   inference, rather than the paper's ``c^``, so that the denoiser is trained on the
+   conditions it is sampled with.
 
 Missing-modality inference (Sec. 3.6). With only P: ``c~ = g_P - u^_P`` (eq. 20),
 ``u~_G`` by DDIM (eq. 21; 50 steps, eta = 0, 5 samples averaged), risk from
 ``phi([u^_P; c~; u~_G])`` (eq. 22); symmetric for missing P. The two uses of c~ differ
 by default. In the head's c slot it is projected onto the shared subspace, ``P c~``
-(config ``project_recovered_shared``): the head was trained on c^ = P c (eq. 9), and
-``g - u^`` adds the decomposition's residual outside the subspace (equal when eq. 10
-holds exactly; on a trained fold the unprojected c~ lay 26x farther out than c^ in
-standardised units, the projected one 2.8x). The denoiser, trained on the same c~ of the
-training patients, is conditioned on eq. 20 as written, ``g - u^`` (``ldm.
+(config ``project_recovered_shared``): the head was trained on c^ = P c (eq. 9), which
+lives in the subspace, while ``g - u^`` adds the decomposition's residual outside it
+(the two are equal when eq. 10 holds exactly). The denoiser, trained on the same c~ of
+the training patients, is conditioned on eq. 20 as written, ``g - u^`` (``ldm.
 project_condition = False``): the residual is where the available modality's own
-information lies, and it predicts the missing u^ better (held-out R^2 of a ridge fit of
-u^_G: 0.40 / 0.35 on folds 1 / 0 from ``g_P - u^_P``, 0.28 / 0.11 from its projection;
-see `configs/must.py`). The alternative rows
+information lies (`scripts/must_ldm_probe.py` measures how well each predicts the
+missing u^). The alternative rows
 ``zeros`` and ``mean`` replace ``u~`` with zeros or the training mean of ``u^`` (the
 ablation "missing component filled by the LDM vs zeros vs the training mean").
 Training-time missingness (supp. 8.2): unpaired patients use a zero ``u^`` for the
@@ -354,9 +349,9 @@ class MUSTModel(nnx.Module):
   def standardize_condition(self, modality, c):
     """``(c - mean) / std`` with the training statistics of the condition of ``modality``.
 
-    Like the latents, the shared components are small (per-dimension spread of about
-    0.01 here); fed raw, they vanish beside the denoiser's token-type embeddings and the
-    denoiser learns the marginal of u instead of its distribution given c.
+    Like the latents, the shared components are small; fed raw, they vanish beside the
+    denoiser's token-type embeddings and the denoiser learns the marginal of u instead of
+    its distribution given c.
     """
     return (c - self.cond_mean[modality][...]) / self.cond_std[modality][...]
 
@@ -378,10 +373,9 @@ def fit_latent(u: jax.Array, latent_dim: int = 0, min_scale: float = 1e-3):
   ``decode(encode(u))`` is the projection of ``u`` on the top-k principal subspace.
 
   Why (our choice; the paper diffuses the 256-d u^ and is silent on scaling): a trained
-  u^ varies along a few directions (on the synthetic cohort, 79-96% of its variance in 4 of
-  256), and a 600-step denoiser fitted to 320 standardised 256-d latents produced samples
-  with 2.2-2.3x the data's per-dimension spread, pinned at the +-3 clip (held-out fold,
-  see `configs/must.py`); on 8 whitened coordinates, 0.95-1.2x.
+  u^ varies along a few directions, and a short-trained denoiser on all 256 standardised
+  dimensions over-disperses its samples (they pin at the clip); a few whitened
+  coordinates do not.
   """
   mean = jnp.mean(u, 0)
   if not latent_dim:
@@ -501,8 +495,7 @@ class MUST:
     (eq. 20), by default projected onto the shared subspace, ``P (g - u^)``.
 
     The head is trained on c^ = P c, which lives in the subspace (eq. 9); ``g - u^`` also
-    holds the decomposition's residual outside it, which the head never sees (measured on
-    a trained fold: 26x the spread of c^ in standardised units, 2.8x once projected).
+    holds the decomposition's residual outside it, which the head never sees.
     ``P c~ = c~`` when eq. 10 holds exactly. Config ``project_recovered_shared = False``
     gives eq. 20 as written. The denoiser's condition is `diffusion_condition`.
     """

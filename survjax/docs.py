@@ -1,0 +1,186 @@
+"""Generated result tables: README and ``docs/results/<name>.md`` from committed JSON.
+
+  python -m survjax.docs            # rewrite the generated parts
+  python -m survjax.docs --check    # exit 1 if a generated part is out of date (a test)
+
+Every result a document quotes lives in ``docs/results/runs/<name>.json`` (a run's
+``results.json``) or ``docs/results/compare/<name>.json`` (a `survjax.compare` table),
+written by ``scripts/reproduce_results.sh``, which reruns them from a fresh clone.
+A document marks each generated part with ``<!-- generated: NAME -->`` ... ``<!-- end
+generated -->``; this module owns the text between the markers and nothing else, so no
+number in a table can drift from the JSON it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "docs" / "results" / "runs"
+_BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)",
+                    re.S)
+
+
+def load_runs(directory: Path = RUNS) -> dict[str, dict]:
+  return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+def _cell(runs, run: str, row: str, std: bool = True) -> str:
+  """``mean +- std`` of a scenario row's C-index ('' when the run or row is absent)."""
+  scen = runs.get(run, {}).get("scenarios", {}).get(row)
+  if scen is None:
+    return ""
+  if std:
+    return f"{scen['c_index_mean']:.3f} +- {scen['c_index_std']:.3f}"
+  return f"{scen['c_index_mean']:.3f}"
+
+
+def _fills(runs, run, row):
+  """``fill / zeros / mean`` of a MUST missing scenario."""
+  parts = [_cell(runs, run, r, std=False) for r in (row, f"{row}/zeros", f"{row}/mean")]
+  return " / ".join(parts) if all(parts) else ""
+
+
+def _oracle(runs, run, row):
+  scen = runs.get(run, {}).get("scenarios", {}).get(row, {})
+  return "" if "oracle_c_index" not in scen else f"{scen['oracle_c_index']:.3f}"
+
+
+def _reference(runs, run, model):
+  ref = runs.get(run, {}).get("reference_rows", {}).get(model)
+  if not ref:
+    return ""
+  return f"{ref['c_index_mean']:.3f} +- {ref['c_index_std']:.3f}"
+
+
+def _table(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows if any(r[1:])]
+  return "\n".join(lines) + "\n"
+
+
+def synthetic_table(runs) -> str:
+  """MUST and the unimodal baselines on the embedded cohort (README)."""
+  full, mp, mg = "full", "missing_pathology", "missing_genomics"
+  rows = [
+      ["MUST, LDM fill (`configs/must.py`)", _cell(runs, "must", full),
+       _cell(runs, "must", mp), _cell(runs, "must", mg)],
+      ["MUST, zeros fill", "", _cell(runs, "must", f"{mp}/zeros"),
+       _cell(runs, "must", f"{mg}/zeros")],
+      ["MUST, training-mean fill", "", _cell(runs, "must", f"{mp}/mean"),
+       _cell(runs, "must", f"{mg}/mean")],
+      ["MUST `:paper_decomp`, LDM / zeros / mean fill", _cell(runs, "must_paper_decomp", full),
+       _fills(runs, "must_paper_decomp", mp), _fills(runs, "must_paper_decomp", mg)],
+      ["SNN, genomics only (`configs/snn.py`)", _cell(runs, "snn", full), "", ""],
+      ["TransMIL, pathology only (`configs/transmil.py`)", _cell(runs, "transmil", full), "", ""],
+      ["gated ABMIL, pathology only (`configs/abmil.py`)", _cell(runs, "abmil", full), "", ""],
+      ["oracle (mean over the folds)", _oracle(runs, "must", full), _oracle(runs, "must", mp),
+       _oracle(runs, "must", mg)],
+  ]
+  return _table(["model", "full", "missing pathology", "missing genomics"], rows)
+
+
+def breast_table(runs) -> str:
+  rows = [
+      ["MUST (clinical tokens + gene tokens)", _cell(runs, "must_breast", "full"),
+       _fills(runs, "must_breast", "missing_genes"),
+       _fills(runs, "must_breast", "missing_clinical")],
+      ["Cox PH (sksurv, same folds)", _reference(runs, "must_breast", "coxph"), "", ""],
+      ["random survival forest (sksurv, same folds)", _reference(runs, "must_breast", "rsf"),
+       "", ""],
+  ]
+  return _table(["model", "full", "missing genes (LDM / zeros / mean)",
+                 "missing clinical (LDM / zeros / mean)"], rows)
+
+
+def scenarios_table(runs, run: str) -> str:
+  """Every scenario row of one run with its oracle (docs/results/<method>.md, configs)."""
+  res = runs.get(run)
+  if res is None:
+    return f"(no committed result for `{run}`: run `bash scripts/reproduce_results.sh {run}`)\n"
+  rows = []
+  for row, s in res["scenarios"].items():
+    oracle = f"{s['oracle_c_index']:.3f}" if "oracle_c_index" in s else ""
+    rows.append([f"`{row}`", f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
+                 ", ".join(f"{v:.3f}" for v in s["per_fold"]), oracle])
+  for model, s in res.get("reference_rows", {}).items():
+    rows.append([f"`{model}` (sksurv)", f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
+                 ", ".join(f"{v:.3f}" for v in s.get("per_fold", [])), ""])
+  text = _table(["scenario", "C-index", "per fold", "oracle"], rows)
+  timing = res.get("timing", {})
+  if "train_s_total" in timing:
+    text += (f"\nTraining {timing['train_s_total']:.0f} s, evaluation "
+             f"{timing.get('eval_s_total', 0):.0f} s in all folds; cohort "
+             f"`{res.get('cohort_fingerprint', '?')}`, splits `{res.get('splits_fingerprint', '?')}`.\n")
+  return text
+
+
+def diagnostics_table(runs, run: str) -> str:
+  diag = runs.get(run, {}).get("diagnostics", {})
+  if not diag:
+    return "(none)\n"
+  return _table(["quantity", "held-out mean over folds"],
+                [[f"`{k}`", f"{v:.3f}"] for k, v in diag.items()])
+
+
+def compare_table(name: str) -> str:
+  """A committed `survjax.compare` result (docs/results/compare/<name>.json)."""
+  from survjax.compare import to_markdown
+  path = REPO / "docs" / "results" / "compare" / f"{name}.json"
+  if not path.exists():
+    return f"(no committed comparison `{name}`: run `bash scripts/reproduce_results.sh`)\n"
+  data = json.loads(path.read_text())
+  return to_markdown(data["rows"], data.get("reference"), data.get("command", ""))
+
+
+def render(name: str, runs) -> str:
+  """The text of generated block ``name``."""
+  if name == "synthetic":
+    return synthetic_table(runs)
+  if name == "breast":
+    return breast_table(runs)
+  kind, _, run = name.partition(".")
+  if kind == "scenarios":
+    return scenarios_table(runs, run)
+  if kind == "diagnostics":
+    return diagnostics_table(runs, run)
+  if kind == "compare":
+    return compare_table(run)
+  raise KeyError(f"unknown generated block {name!r}")
+
+
+def documents() -> list[Path]:
+  """README, docs/results/*.md and the configs' docstrings."""
+  docs = ([REPO / "README.md"] + sorted((REPO / "docs" / "results").glob("*.md"))
+          + sorted((REPO / "configs").glob("*.py")))
+  return [p for p in docs if p.exists()]
+
+
+def update(text: str, runs) -> str:
+  return _BLOCK.sub(lambda m: m.group(1) + render(m.group("name"), runs) + m.group(4), text)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m survjax.docs", description=__doc__.split("\n\n")[0])
+  p.add_argument("--check", action="store_true", help="exit 1 if a document is out of date")
+  args = p.parse_args(argv)
+  runs = load_runs()
+  stale = []
+  for path in documents():
+    text = path.read_text()
+    new = update(text, runs)
+    if new != text:
+      stale.append(path)
+      if not args.check:
+        path.write_text(new)
+  for path in stale:
+    print(f"{'out of date' if args.check else 'updated'}: {path.relative_to(REPO)}")
+  return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,243 @@
+"""One impuTMAE pretraining step (forward, backward, AdamW): JAX (jitted) vs PyTorch eager.
+
+    PYTHONPATH=. python -m benchmarks.mae_pretrain --torch-python /work/torchenv/bin/python
+
+The JAX side is `survjax.models.imputmae` itself (``pretrain_loss`` of the default
+config, ``hide_modality = 0``) under one ``jax.jit`` of the whole step; the PyTorch side
+(``--torch-worker``, numpy + torch only, run in the Python that has torch) is the same
+encoder-decoder written as a PyTorch user would: per-modality linear patch embedding,
+sinusoidal positions, CLS, pre-LN ``nn.TransformerEncoderLayer`` (GELU, no dropout),
+MAE argsort masking of 50% of the patches, a multimodal decoder over the concatenated
+modalities, per-modality linear heads, MSE on the masked patches, AdamW. Shapes are
+the default config's training batch: 32 patients, RNA and methylation 2048 values in
+512-value patches, WSI bags of 16 patch features of 128, every modality present. Compile
+time is reported apart; steps are timed after warm-up (p50 / p90 ms). Writes
+``benchmarks/results/mae_pretrain_cpu.json`` (``--out``). The JAX parameter count also
+holds the fine-tuning fusion block and head (206k at 128-d), which get zero gradients
+here; the encoder-decoder parameters are the same in both.
+
+Measured (128-d, 2 + 3 layers, 2-core Xeon shared with other jobs, load average 7.6):
+JAX 202 ms p50 (273 p90, compile 21 s), PyTorch 2.13 eager 1225 ms p50 (1949 p90): 6.1x.
+Under that load the ratio is rough (DESIGN.md: up to 25% run-to-run drift when idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {"batch": 32, "vector_dim": 2048, "patch": 512, "bag": 16, "bag_dim": 128}
+
+
+def _torch_worker(args) -> dict:
+  import numpy as np
+  import torch
+  from torch import nn
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  sh, d, dd, heads = SHAPES, args.dim, args.dim, 4
+
+  def sincos(n, dim):
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    ang = torch.arange(1, n + 1)[:, None] * freq
+    return torch.cat([torch.sin(ang), torch.cos(ang)], -1)
+
+  def layer(width, mlp):
+    return nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, activation="gelu",
+                                      batch_first=True, norm_first=True)
+
+  class Encoder(nn.Module):
+    def __init__(self, p, depth):
+      super().__init__()
+      self.embed = nn.Linear(p, d)
+      self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d))
+      self.layers = nn.ModuleList([layer(d, 4 * d) for _ in range(depth)])
+      self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, pos):
+      h = self.embed(x) + (pos if pos is not None else 0)
+      h = torch.cat([self.cls.expand(len(x), -1, -1), h], 1)
+      for lyr in self.layers:
+        h = lyr(h)
+      return self.norm(h)
+
+  mods = {"rna": (sh["patch"], sh["vector_dim"] // sh["patch"], True),
+          "dnam": (sh["patch"], sh["vector_dim"] // sh["patch"], True),
+          "pathology": (sh["bag_dim"], sh["bag"], False)}
+
+  class MAE(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.enc = nn.ModuleDict({m: Encoder(p, args.depth) for m, (p, _, _) in mods.items()})
+      self.proj = nn.ModuleDict({m: nn.Linear(d, dd) for m in mods})
+      self.mask_token = nn.ParameterDict({m: nn.Parameter(0.02 * torch.randn(1, 1, dd))
+                                          for m in mods})
+      self.type_embed = nn.ParameterDict({m: nn.Parameter(0.02 * torch.randn(1, 1, dd))
+                                          for m in mods})
+      self.dec = nn.ModuleList([layer(dd, 2 * dd) for _ in range(args.decoder_depth)])
+      self.norm = nn.LayerNorm(dd)
+      self.out = nn.ModuleDict({m: nn.Linear(dd, p) for m, (p, _, _) in mods.items()})
+
+    def forward(self, xs):
+      seqs, info = [], []
+      for m, (p, n, positional) in mods.items():
+        x = xs[m]
+        b = len(x)
+        k = n - n // 2
+        ids_shuffle = torch.argsort(torch.rand(b, n), 1)
+        ids_restore = torch.argsort(ids_shuffle, 1)
+        keep = ids_shuffle[:, :k]
+        kept = torch.gather(x, 1, keep[..., None].expand(-1, -1, p))
+        pos = sincos(n, d)[keep] if positional else None
+        z = self.proj[m](self.enc[m](kept, pos))
+        full = torch.cat([z[:, 1:], self.mask_token[m].expand(b, n - k, -1)], 1)
+        full = torch.gather(full, 1, ids_restore[..., None].expand(-1, -1, dd))
+        if positional:
+          full = full + sincos(n, dd)
+        seqs.append(torch.cat([z[:, :1], full], 1) + self.type_embed[m])
+        info.append((m, n, ids_restore >= k))
+      h = torch.cat(seqs, 1)
+      for lyr in self.dec:
+        h = lyr(h)
+      h = self.norm(h)
+      loss, start = 0.0, 0
+      for m, n, masked in info:
+        pred = self.out[m](h[:, start + 1:start + 1 + n])
+        err = ((pred - xs[m]) ** 2).mean(-1)
+        loss = loss + (err * masked).sum() / masked.sum()
+        start += n + 1
+      return loss
+
+  model = MAE()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+  rng = np.random.default_rng(0)
+  xs = {m: torch.tensor(rng.normal(size=(sh["batch"], n, p)), dtype=torch.float32)
+        for m, (p, n, _) in mods.items()}
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(xs)
+    loss.backward()
+    opt.step()
+    return loss.detach().item()
+
+  times = []
+  for i in range(args.warmup + args.repeats):
+    t0 = time.perf_counter()
+    step()
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t0)
+  t = np.asarray(times) * 1e3
+  return {"framework": "torch-eager", "torch_version": torch.__version__,
+          "threads": args.threads,
+          "params": sum(p.numel() for p in model.parameters()),
+          "step": {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
+                   "min_ms": float(t.min()), "repeats": int(t.size),
+                   "times_ms": [round(float(x), 3) for x in t]}}
+
+
+def _jax_side(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  from benchmarks import common
+  from configs.imputmae import get_config
+  from survjax.models import get_method
+
+  c = get_config()
+  c.model.dim = c.model.decoder.dim = args.dim
+  c.model.depth.default = args.depth
+  c.model.decoder.depth = args.decoder_depth
+  c.model.pretrain.hide_modality = 0.0
+  method = get_method(c)
+  sh = SHAPES
+  info = {"rna": {"kind": "vector", "dim": sh["vector_dim"], "group_sizes": ()},
+          "dnam": {"kind": "vector", "dim": sh["vector_dim"], "group_sizes": ()},
+          "pathology": {"kind": "bag", "dim": sh["bag_dim"], "group_sizes": ()}}
+  model = method.build(info, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  b = sh["batch"]
+  ones = np.ones(b, bool)
+  batch = {"valid": ones, "labelled": ones, "index": np.arange(b, dtype=np.int32),
+           "time": np.ones(b, np.float32), "event": np.zeros(b, np.float32),
+           "bin": np.zeros(b, np.int32), "modalities": {
+               "rna": {"x": rng.normal(size=(b, sh["vector_dim"])).astype(np.float32),
+                       "available": ones},
+               "dnam": {"x": rng.normal(size=(b, sh["vector_dim"])).astype(np.float32),
+                        "available": ones},
+               "pathology": {"x": rng.normal(size=(b, sh["bag"], sh["bag_dim"])).astype(
+                   np.float16), "mask": np.ones((b, sh["bag"]), bool), "available": ones}}}
+  batch = jax.tree.map(jnp.asarray, batch)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(1e-3, weight_decay=1e-2)
+  opt = tx.init(params)
+
+  def step(params, opt, batch, key):
+    def loss(p):
+      return method.pretrain_loss(nnx.merge(graphdef, p, rest), batch, key)[0]
+    val, grads = jax.value_and_grad(loss)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, val
+
+  key = jax.random.key(0)
+  compiled, compile_s = common.compile_timed(jax.jit(step), params, opt, batch, key)
+  state = {"params": params, "opt": opt}
+
+  def run(k):
+    state["params"], state["opt"], val = compiled(state["params"], state["opt"], batch, k)
+    return val
+
+  stats = common.time_calls(run, repeats=args.repeats, warmup=args.warmup,
+                            make_args=lambda i: (jax.random.key(i),))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return {"framework": "jax-jit", "compile_s": compile_s, "params": n_params, "step": stats}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--torch-python", default=None)
+  p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--dim", type=int, default=128)
+  p.add_argument("--depth", type=int, default=2)
+  p.add_argument("--decoder-depth", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=15)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--threads", type=int, default=0)
+  p.add_argument("--out", default="benchmarks/results/mae_pretrain_cpu.json")
+  args = p.parse_args()
+  if args.torch_worker:
+    print(json.dumps(_torch_worker(args)))
+    return
+  from benchmarks import common
+  args.threads = args.threads or common.num_cpu_threads()
+  result = {"benchmark": "mae_pretrain", "shapes": SHAPES,
+            "model": {"dim": args.dim, "heads": 4, "encoder_depth": args.depth,
+                      "decoder_depth": args.decoder_depth},
+            "device": common.device_info(), "git": common.git_state()}
+  result["jax"] = _jax_side(args)
+  torch_py = common.torch_python(args.torch_python)
+  if torch_py is None:
+    result["torch"] = None
+    result["torch_reason"] = "no --torch-python and no $SURVJAX_TORCH_PYTHON"
+  else:
+    cmd = [torch_py, str(Path(__file__).resolve()), "--torch-worker", "--dim", str(args.dim),
+           "--depth", str(args.depth), "--decoder-depth", str(args.decoder_depth),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
+    result["torch"], result["torch_reason"] = common.run_json_subprocess(cmd, 1200)
+  if result["torch"]:
+    result["torch_over_jax_p50"] = (result["torch"]["step"]["p50_ms"]
+                                    / result["jax"]["step"]["p50_ms"])
+  common.emit(args.out, result)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

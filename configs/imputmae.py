@@ -9,20 +9,29 @@ from the paper, each a field: 128-d, 2 encoder layers, pretraining 20 epochs at 
 fine-tuning lr 1e-3, last epoch kept (no early stopping), 16 patches per bag in training,
 64 at evaluation, and pretrain.hide_modality = 0.3 (an available modality fully hidden,
 its loss kept; with 0, the paper, the decoder never learns cross-modal imputation).
-Expected: 6 min 19 s on the shared 2-core CPU (training 284 s, evaluation 87 s); C-index
-mean +- std over 5 folds (imputed = the decoder fills what is missing, masked = left
-masked; oracle = conditional expectation of the true risk given the scenario):
+Expected: 6 min 19 s on the shared 2-core CPU. C-index over 5 folds; rows `<scenario>` =
+the decoder imputes what is missing, `<scenario>/masked` = left masked; oracle = the
+conditional expectation of the true risk given the scenario (docs/results/runs/imputmae.json):
 
-  scenario              imputed         masked          oracle
-  full                  0.721 +- 0.024  0.716 +- 0.012  0.794
-  missing_rna           0.720 +- 0.009  0.678 +- 0.051  0.794
-  missing_dnam          0.709 +- 0.033  0.687 +- 0.053  0.794
-  missing_pathology     0.702 +- 0.040  0.722 +- 0.049  0.779
-  missing_50pct_mixed   0.710 +- 0.029  0.690 +- 0.056  0.783
+<!-- generated: scenarios.imputmae -->
+| scenario | C-index | per fold | oracle |
+|---|---|---|---|
+| `full/masked` | 0.716 +- 0.012 | 0.707, 0.738, 0.719, 0.706, 0.709 | 0.794 |
+| `full` | 0.721 +- 0.024 | 0.697, 0.741, 0.719, 0.754, 0.695 | 0.794 |
+| `missing_rna/masked` | 0.678 +- 0.051 | 0.737, 0.588, 0.685, 0.665, 0.717 | 0.794 |
+| `missing_rna` | 0.720 +- 0.009 | 0.716, 0.705, 0.729, 0.730, 0.719 | 0.794 |
+| `missing_dnam/masked` | 0.687 +- 0.053 | 0.595, 0.753, 0.688, 0.675, 0.724 | 0.794 |
+| `missing_dnam` | 0.709 +- 0.033 | 0.680, 0.738, 0.713, 0.748, 0.664 | 0.794 |
+| `missing_pathology/masked` | 0.722 +- 0.049 | 0.649, 0.688, 0.791, 0.732, 0.747 | 0.779 |
+| `missing_pathology` | 0.702 +- 0.040 | 0.654, 0.714, 0.691, 0.772, 0.677 | 0.779 |
+| `missing_50pct_mixed/masked` | 0.690 +- 0.056 | 0.606, 0.734, 0.708, 0.646, 0.758 | 0.783 |
+| `missing_50pct_mixed` | 0.710 +- 0.029 | 0.663, 0.745, 0.712, 0.736, 0.694 | 0.783 |
 
+Training 284 s, evaluation 87 s in all folds; cohort `40d77375fdbf`, splits `ea6c60522e9b`.
+<!-- end generated -->
 Variants: :smoke (2 folds of 120 patients, 64-d, 3 + 2 epochs; 51 s, a pipeline check,
-C-index about 0.5), :large (Table 1 large:
-756-d, 12 heads, 6/12 layers, decoder 8), :paper_dims (256-d, 6/4 layers), :paper_schedule
+C-index about 0.5), :large (Table 1 large: 756-d, 12 heads, 6/12 layers, decoder 8),
+:paper_dims (256-d, 6/4 layers), :paper_schedule
 (800 pretraining epochs, warm-up 50, lr 1e-4, batch 256), :select (early stopping on the
 inner-validation C-index, as the paper), :masked (missing modalities left masked).
 """

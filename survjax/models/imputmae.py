@@ -37,6 +37,15 @@ modality only:
     L = sum_m MSE^(m),   MSE^(m) = (1 / N_m) sum_{masked real entries i} (y_i - y^_i)^2.
 
 A missing WSI bag has no patches; the decoder imputes ``impute_bag_len`` slots for it.
+Departure (``pretrain.hide_modality``, 0 = the paper): each available modality of a
+patient is also hidden entirely with that probability, its loss kept, so that the
+decoder learns to rebuild a modality from the others alone (`ImpuTMAE.reconstruct`).
+
+Inputs are standardised per entry (vectors) or per feature dimension (bags) with the
+training patients' statistics, fitted by a first no-op feature stage ``normalise``
+(its ``prepare`` stores them in non-trainable `Stats` variables, carried in
+checkpoints); the loss is therefore in standardised units, every modality on one scale
+(the paper quantile- and min-max-normalises each modality beforehand).
 
 Fine-tuning (Sec. 3.3). Encoders frozen except their last transformer layer and final
 norm; decoder frozen. A modality a patient lacks (or a scenario withholds) is imputed:
@@ -387,8 +396,9 @@ class ImpuTMAE:
     loss still counts): the only way the decoder learns to rebuild a modality from the
     others alone, which imputation at fine-tuning and inference asks of it. With 0 (the
     paper) a fully masked modality is only ever one the patient lacks, which has no
-    target, and on the synthetic cohort the decoder then learns within-modality
-    reconstruction only (cross-modal imputation no better than the training mean).
+    target, and on the synthetic cohort the decoder then learns mostly within-modality
+    reconstruction (cross-modal imputation at or near the training mean; see
+    docs/results/imputmae.md).
     """
     patches = self.patchify(model, batch)
     ratio = self.cfg.mask_ratio if ratio is None else ratio

@@ -5,7 +5,13 @@ Flags map onto one library call (`survjax.evaluate.cv.run_cv`):
 * ``--config=configs/<x>.py[:variant]`` an ml_collections config file (locked: an unknown
   key such as ``--config.train.epoch=3`` is an error), with ``--config.a.b=v`` overrides;
 * ``--workdir`` output directory (default ``runs/<method>``);
-* ``--mode`` ``cv`` (train + evaluate every fold, the default), ``train``, ``eval``;
+* ``--mode`` ``cv`` (train + evaluate every fold, the default), ``train``, ``eval``,
+  ``predict`` (use the trained run in ``--workdir`` on a new cohort: `survjax.predict`);
+* ``--predict.data=<config.py>[:variant]`` (that config's ``data`` section) or
+  ``--predict.clinical_csv=... --predict.features_dir=... [--predict.signatures_csv=...]``
+  (the training ``data`` section with these files) names the new cohort;
+  ``--predict.out`` (default ``<workdir>/predictions/<cohort>``), ``--predict.attention``
+  (MIL attention per slide), ``--predict.bootstrap`` (resamples for the intervals);
 * ``--restart`` moves an existing run in the workdir aside and starts afresh (a run
   directory refuses a resume under a different training configuration);
 * ``--distributed`` calls ``jax.distributed.initialize()`` first (pods, SLURM).
@@ -30,7 +36,19 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<method>).")
-_MODE = flags.DEFINE_enum("mode", "cv", ["cv", "train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "cv", ["cv", "train", "eval", "predict"], "What to run.")
+
+
+def _predict_defaults():
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      data="", clinical_csv="", features_dir="", signatures_csv="", radiology_dir="",
+      name="", out="", attention=False, bootstrap=200))
+
+
+_PREDICT = config_flags.DEFINE_config_dict("predict", _predict_defaults(),
+                                           "--mode=predict: the new cohort and outputs.",
+                                           lock_config=True)
 _RESTART = flags.DEFINE_bool("restart", False, "Move an existing run in --workdir aside "
                              "(<workdir>.old-<time>) and start afresh.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
@@ -75,6 +93,8 @@ def main(argv):
     from survjax.evaluate.cv import run_cv
     from survjax.models import get_method
 
+    if _MODE.value == "predict":
+      return _predict(config)
     method = get_method(config)
     cohort = load_cohort(config.data)
     if jax.process_index() == 0:
@@ -92,6 +112,30 @@ def main(argv):
   except TrainingDiverged as e:
     print(f"survjax: training diverged: {e}", file=sys.stderr)
     return 3
+  return 0
+
+
+def _predict(config):
+  from survjax.predict import data_section, predict_run
+  p = _PREDICT.value
+  workdir = _WORKDIR.value or os.path.join("runs", config.method)
+  res = predict_run(config, workdir, data_section(config, p), out_dir=p.out or None,
+                    attention=p.attention, bootstrap=p.bootstrap)
+  print(f"predicted {res['n_patients']} patients of {res['cohort']} with folds "
+        f"{res['folds']} of {workdir}")
+  ev = res.get("external_validation")
+  if ev:
+    m, ci = ev["metrics"], ev["bootstrap_ci95"]
+    for key, label in (("c_index", "C-index (Harrell)"), ("uno_c", "C-index (Uno)"),
+                       ("td_auc_mean", "td-AUC (mean)"), ("ibs", "integrated Brier")):
+      if key in m:
+        interval = f" [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else ""
+        print(f"{label:20s} {m[key]:.3f}{interval}")
+    p_value = ev["logrank_p"]
+    print(f"log-rank p (training cut-off) {p_value:.3g}" if p_value is not None
+          else "log-rank p (training cut-off) n/a")
+  print(f"wrote {os.path.join(res['out_dir'], 'predictions.csv')} and predictions.json"
+        + (", report.md, km_external.png" if ev else ""))
   return 0
 
 

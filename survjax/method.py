@@ -95,6 +95,13 @@ class Method(Protocol):
     complete data, with ``representation_pairs``: a tuple of ``(name, name)``. The
     evaluation reports each vector's between-patient spread and each pair's cosine, raw
     and centred, over the held-out patients (`survjax.evaluate.representations`).
+  * ``survival(model, batch, present, key) -> [B, K]``: discrete-time methods, the
+    predicted ``S(k)`` at the end of each time bin; `survjax.predict` reports survival
+    curves at the bin edges with it.
+  * ``attention(model, batch) -> {modality: [B, N]}``: MIL methods, the attention weights
+    over each bag's instances (sum 1 over real instances, 0 at padding);
+    ``--mode=predict --predict.attention=true`` writes them per slide
+    (`survjax.predict`, rendered by `survjax.heatmap`). May be None.
   """
 
   name: str

@@ -215,7 +215,8 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
   trainer = Trainer(method, mesh=mesh, batch_size=config.train.batch_size,
                     max_instances=config.train.max_instances or None, seed=config.seed,
                     progress=config.progress, buckets=config.data.buckets or None,
-                    checkpoint_every_s=config.train.get("checkpoint_every_s", 0.0))
+                    checkpoint_every_s=config.train.get("checkpoint_every_s", 0.0),
+                    eval_max_instances=config.eval.max_instances or None)
   predictor = Predictor(method, mesh)
   eval_spec = BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
                         max_instances=config.eval.max_instances or None,
@@ -244,7 +245,13 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
     fold["time_bins"] = None if edges is None else edges.tolist()
     fold["timing"]["train_s"] = round(train_s, 2)
     fold["chosen_epochs"] = trainer.chosen_epochs.get(k, {})
+    # What --mode=predict needs from this fold (survjax.predict): out-of-fold risk
+    # statistics and cut-off, bin edges, Breslow baseline. Written before result.json.
+    from survjax.predict import PREDICT_INFO, fold_predict_info
+    predict_info = fold_predict_info(method, cohort, predictor, eval_spec, model, k, tr, va,
+                                     edges, jax.random.fold_in(jax.random.key(config.seed + 17), k))
     if is_main:
+      atomic_write_json(workdir / f"fold_{k}" / PREDICT_INFO, predict_info)
       atomic_write_json(result_path, fold)
     fold_results.append(fold)
     log.info("fold %d: %s", k, ", ".join(f"{n}={v['c_index']:.3f}"
@@ -300,7 +307,12 @@ def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model,
     preds = predictor.predict(model, cohort, va, hidden, eval_spec, jax.random.fold_in(key, s_i))
     fold["timing"][f"predict_ms_per_patient/{name}"] = round(
         1e3 * (time.perf_counter() - ts) / len(va), 3)
-    oracle = scen.oracle_risk(cohort.true_risk, method.modalities, hidden, va,
+    # The oracle sees what the model sees: the scenario's withheld modalities and the
+    # ones a patient lacks in the data (natural missingness).
+    lacking = [frozenset(m for m in method.modalities if not cohort.modalities[m].available[i])
+               for i in va]
+    oracle = scen.oracle_risk(cohort.true_risk, method.modalities,
+                              [h | l for h, l in zip(hidden, lacking)], va,
                               list(cohort.modalities))
     for variant, risk in preds.items():
       row = name if variant == "risk" else f"{name}/{variant}"

@@ -54,7 +54,17 @@ def median_split_logrank(time, event, risk) -> dict:
   if time.size == 0:
     raise InputError("Kaplan-Meier split of 0 patients, expected at least one")
   threshold = float(np.median(risk))
-  high = risk > threshold
+  return split_logrank(time, event, risk > threshold, threshold=threshold)
+
+
+def split_logrank(time, event, high, threshold: float | None = None) -> dict:
+  """Kaplan-Meier per group and the log-rank test of a given split ``high`` (bool ``[n]``),
+  e.g. risk groups defined by a cut-off fitted elsewhere (a training cohort). Returns the
+  dict of `median_split_logrank` (``threshold`` as given)."""
+  time, event = _check_time_event(time, event)
+  high = np.asarray(high, bool)
+  if high.shape != time.shape:
+    raise InputError(f"split has shape {high.shape}, expected {time.shape}")
   n_high = int(high.sum())
   n_low = int(time.size - n_high)
   chi2 = p_value = float("nan")

@@ -119,6 +119,24 @@ class Unimodal:
     logits = model(batch["modalities"][self.modality])
     return {"risk": survival.discrete_time_risk(logits)}
 
+  def survival(self, model, batch, present, key):
+    """Optional hook (`survjax.method.Method`): ``S(k)`` ``[B, K]`` at the end of each bin."""
+    return survival.survival_curve(model(batch["modalities"][self.modality]))
+
+  @property
+  def attention(self):
+    """Optional hook (`survjax.method.Method`), ABMIL only (None otherwise):
+    ``(model, batch) -> {modality: [B, N]}``, the gated attention over the bag's patches
+    (sums to 1 over real patches, 0 at padding)."""
+    if self.name != "abmil":
+      return None
+
+    def attention(model, batch):
+      m = batch["modalities"][self.modality]
+      _, attn = model.pool(m["x"].astype(jnp.float32), m["mask"])
+      return {self.modality: attn}
+    return attention
+
 
 def make(config) -> Unimodal:
   name = config.method

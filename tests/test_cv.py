@@ -225,3 +225,25 @@ def test_stage_bag_cap_overrides_the_runs(tmp_path):
                          __import__("flax").nnx.Rngs(0))
   t.fit(model, cohort, np.arange(40))
   assert set(seen) == {256}   # whole bags of 100-200 patches: the 256 bucket, traced once
+
+
+def test_oracle_sees_only_what_each_patient_has(tmp_path):
+  """With natural missingness the 'full' oracle of a patient without pathology is the
+  expectation given genomics alone."""
+  from survjax.evaluate.metrics import concordance_index
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=90, bag_min=20, bag_max=60,
+                                               patch_dim=8, missing_pathology=0.4))
+  c = _config(tmp_path)
+  c.cv.folds = (0,)
+  c.eval.scenarios = ("full",)
+  c.eval.latency = False
+  run_cv(ToyMethod(epochs=(1, 0)), cohort, c, tmp_path / "run")
+  fold = json.loads((tmp_path / "run" / "fold_0" / "result.json").read_text())
+  ids = [r.split(",")[0] for r in
+         (tmp_path / "run" / "fold_0" / "risks.csv").read_text().splitlines()[1:]]
+  va = np.array([np.flatnonzero(cohort.case_ids == i)[0] for i in ids])
+  has_p = cohort.modalities["pathology"].available[va]
+  assert 0 < has_p.sum() < len(va)
+  want = np.where(has_p, cohort.true_risk["genomics+pathology"][va], cohort.true_risk["genomics"][va])
+  assert fold["scenarios"]["full"]["oracle_c_index"] == pytest.approx(
+      concordance_index(cohort.time[va], cohort.event[va], want)[0], abs=1e-12)

@@ -107,6 +107,8 @@ class Trainer:
     max_instances: per-bag instance cap during training (None = whole bags).
     seed: run seed.
     progress: show a progress bar.
+    eval_max_instances: per-bag cap when scoring the inner validation split (the run's
+      ``eval.max_instances``; None = whole bags, evenly spaced instances otherwise).
     checkpoint_every_s: save a checkpoint after an epoch once this many seconds have
       passed since the last save, and always after a stage's last epoch (0: after every
       epoch). A killed run resumes from the last save and, since every epoch's data order
@@ -117,9 +119,10 @@ class Trainer:
 
   def __init__(self, method: Method, *, mesh, batch_size: int, max_instances: int | None,
                seed: int = 0, progress: bool = True, buckets=None,
-               checkpoint_every_s: float = 0.0):
+               checkpoint_every_s: float = 0.0, eval_max_instances: int | None = None):
     self.method = method
     self.checkpoint_every_s = float(checkpoint_every_s)
+    self.eval_max_instances = eval_max_instances
     self.stages = method.stages()
     self.mesh = mesh
     self.spec = BatchSpec(batch_size=sharding.round_up_batch(batch_size, mesh),
@@ -378,7 +381,7 @@ class Trainer:
     ``c_index``: the prediction sees every modality)."""
     graphdef, state = nnx.split(model)
     val_idx = np.asarray(val_idx)
-    spec = dataclasses.replace(self.spec, max_instances=None)
+    spec = dataclasses.replace(self.spec, max_instances=self.eval_max_instances)
     key = jax.random.key(self.seed + 7)
     if stage.select == "c_index":
       from survjax.evaluate.metrics import concordance_index

@@ -6,7 +6,9 @@ Not an experiment itself. Fields:
   seed              run seed (init, data order, sampling)
   data.source       "synthetic" (embedded, default) | "files" | "tfds" | "sksurv_breast"
   data.synthetic    knobs of survjax.data.synthetic.SyntheticSpec
-  data.files        clinical_csv, features_dir, signatures_csv, radiology_dir, ...
+  data.files        clinical_csv, features_dir, signatures_csv, radiology_dir, ...;
+                    impute: partly empty gene/tabular rows, "error" (default) |
+                    "train_mean" | "train_median" (fitted on each training fold)
   data.buckets      padded bag lengths (default powers of 4: 64 ... 262144)
   cv                num_folds, seed (of the split), splits_dir (folds reused from here),
                     folds (subset to run; empty = all), val_fraction (share of each
@@ -49,7 +51,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticSpec()))
   c.data.files = ml_collections.ConfigDict(dict(
       clinical_csv="", features_dir="", signatures_csv="", radiology_dir="",
-      feature_dim=0, allow_missing=(), tabular=ml_collections.ConfigDict()))
+      feature_dim=0, allow_missing=(), tabular=ml_collections.ConfigDict(),
+      impute="error"))
   c.data.tfds = ml_collections.ConfigDict(dict(data_dir="", name=""))
 
   c.cv = ml_collections.ConfigDict(dict(num_folds=5, seed=0, splits_dir="splits", folds=(),

@@ -14,7 +14,8 @@ Flags map onto one library call (`survjax.evaluate.cv.run_cv`):
   (MIL attention per slide), ``--predict.bootstrap`` (resamples for the intervals);
 * ``--restart`` moves an existing run in the workdir aside and starts afresh (a run
   directory refuses a resume under a different training configuration);
-* ``--distributed`` calls ``jax.distributed.initialize()`` first (pods, SLURM).
+* ``--distributed`` calls ``jax.distributed.initialize()`` first (pods, SLURM);
+* ``--verbosity=1`` also shows JAX's INFO lines at start-up (hidden by default).
 
 Exit status: 0 done; 2 bad input (one line on stderr naming file, patient and what was
 expected); 3 training diverged.
@@ -78,6 +79,10 @@ def main(argv):
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if flags.FLAGS.verbosity < 1:
+    # Quiet start: JAX's INFO lines (backends it could not initialise: tpu, proxy, ...)
+    # only with --verbosity=1 (or -v 1); survjax's own progress lines stay.
+    logging.getLogger("jax").setLevel(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     print("survjax: --config is required, e.g. --config=configs/must.py", file=sys.stderr)
@@ -98,7 +103,9 @@ def main(argv):
     method = get_method(config)
     cohort = load_cohort(config.data)
     if jax.process_index() == 0:
-      print(cohort.summary(), flush=True)
+      from survjax.data.formats import imputation_summary
+      print("\n".join(filter(None, [cohort.summary(), imputation_summary(cohort)])),
+            flush=True)
     workdir = _WORKDIR.value or os.path.join("runs", config.method)
     results = run_cv(method, cohort, config, workdir, mode=_MODE.value, restart=_RESTART.value)
     if results and jax.process_index() == 0:

@@ -60,6 +60,7 @@ from flax import nnx
 from survjax import rundir
 from survjax.data.batching import BatchSpec, iterate_batches
 from survjax.data.cohort import Cohort, Modality
+from survjax.data.formats import impute_fold
 from survjax.errors import InputError
 from survjax.evaluate.metrics import concordance_index
 from survjax.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -233,8 +234,11 @@ def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
     raise InputError(f"none of the method's modalities {list(method.modalities)} is "
                      "available, expected at least one per patient", path=source,
                      case_id=new.case_ids[i])
-  return Cohort(name=new.name, case_ids=new.case_ids, time=new.time, event=new.event,
-                modalities=mods, true_risk=None)
+  out = Cohort(name=new.name, case_ids=new.case_ids, time=new.time, event=new.event,
+               modalities=mods, true_risk=None)
+  if getattr(new, "imputation", None):
+    out.imputation = new.imputation
+  return out
 
 
 # --------------------------------------------------------------------------- hooks
@@ -331,27 +335,30 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
   attn = {}
   for k in done:
     tr, va = folds[k]
-    model, edges, _ = _train_fold(method, train, config, workdir, "eval", trainer, k, tr)
+    # data.files.impute: the training fold's column means / medians, for both cohorts.
+    train_k = impute_fold(train, tr)
+    new_k = impute_fold(new, tr, reference=train)
+    model, edges, _ = _train_fold(method, train_k, config, workdir, "eval", trainer, k, tr)
     key = jax.random.fold_in(jax.random.key(config.seed + 17), k)
     info_path = workdir / f"fold_{k}" / PREDICT_INFO
     if info_path.is_file():
       info = json.loads(info_path.read_text())
     else:
-      info = fold_predict_info(method, train, predictor, spec, model, k, tr, va, edges, key,
+      info = fold_predict_info(method, train_k, predictor, spec, model, k, tr, va, edges, key,
                                source="recomputed at predict time (run trained before "
                                "fold_<k>/predict.json existed)")
     infos[k] = info
-    risk = predictor.predict(model, new, all_idx, hidden, spec, key)["risk"]
+    risk = predictor.predict(model, new_k, all_idx, hidden, spec, key)["risk"]
     entry = {"risk": risk}
     if method.time_model == "discrete" and survival_hook is not None and info["time_bins"]:
-      s = _run_hook(lambda m, b, p: survival_hook(m, b, p, None), model, new, all_idx,
+      s = _run_hook(lambda m, b, p: survival_hook(m, b, p, None), model, new_k, all_idx,
                     hidden, spec, mesh, method)
       entry["surv_at_edges"] = np.stack(s)[:, :len(info["time_bins"])]
     elif method.time_model == "cox":
       b = info["breslow"]
       entry["breslow"] = b
     if attention:
-      attn[k] = _run_hook(lambda m, b, p: method.attention(m, b), model, new, all_idx,
+      attn[k] = _run_hook(lambda m, b, p: method.attention(m, b), model, new_k, all_idx,
                           hidden, spec, mesh, method)
     fold_out[k] = entry
 

@@ -44,6 +44,7 @@ def load_cohort(data) -> Cohort:
         f.clinical_csv, name=data.name or "cohort", features_dir=f.features_dir or None,
         signatures_csv=f.signatures_csv or None, radiology_dir=f.radiology_dir or None,
         expected_dim=f.feature_dim or None, allow_missing=tuple(f.allow_missing),
+        impute=f.get("impute", "error"),
         tabular=dict(f.get("tabular", {})) or None)
   elif source == "tfds":
     from survjax.data.tfds_builder import load_tfds_cohort

@@ -191,11 +191,13 @@ class ClinicalTable:
   case_rows: list[np.ndarray]
 
 
-def read_clinical_csv(path) -> ClinicalTable:
+def read_clinical_csv(path, *, slides: bool = True) -> ClinicalTable:
   """Reads an MCAT/SurvPath clinical CSV (layout in the module docstring).
 
   Args:
     path: the CSV file.
+    slides: whether a ``slide_id`` column is required (only with a features directory;
+      a tabular-only cohort needs none).
 
   Returns:
     A `ClinicalTable`, one entry per case.
@@ -208,8 +210,11 @@ def read_clinical_csv(path) -> ClinicalTable:
   """
   path = str(path)
   rows = _read_csv_frame(path)
-  for col in ("case_id", "slide_id", "survival_months"):
+  for col in ("case_id", "slide_id", "survival_months") if slides else ("case_id",
+                                                                          "survival_months"):
     _require_column(rows, col, path)
+  if "slide_id" not in rows:
+    rows["slide_id"] = ""
   if "censorship" not in rows and "event" not in rows:
     raise InputError("missing column 'censorship' (1 = censored) or 'event' (1 = death), "
                      f"found {list(rows.columns)[:8]}", path=path)
@@ -443,6 +448,7 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
                      feature_ext: Sequence[str] = FEATURE_EXTENSIONS,
                      expected_dim: int | None = None,
                      allow_missing: Sequence[str] = (),
+                     impute: str = "error",
                      progress: bool = False) -> Cohort:
   """Loads a cohort from a clinical CSV and feature directories (module docstring).
 
@@ -461,7 +467,8 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
     one token per column; ``{"clinical": {"demo": ["age", "sex"], "tumor": ["stage"]}}``
     makes one token per group. Non-numeric columns are one-hot encoded (columns
     ``stage=II``, ... sorted by category). Values are kept raw (no scaling). A case with
-    every cell of the modality empty is unavailable; a partly empty row is an error.
+    every cell of the modality empty is unavailable; a partly empty row is an error
+    unless ``impute`` says otherwise.
 
   Args:
     clinical_csv: the clinical CSV.
@@ -476,6 +483,12 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
       of raising: ``"pathology"`` (no slide id, or no file for any of its slides) and
       ``"genomics"``; radiology and tabular modalities may always be missing (naming
       them is accepted and changes nothing).
+    impute: partly empty rows of the genomics and tabular modalities: ``"error"``
+      (default), or ``"train_mean"`` / ``"train_median"``: the row stays available, its
+      empty cells are recorded in ``cohort.imputation`` (value 0 until imputed) and filled
+      per column with the mean / median of the observed cells of each training fold
+      (`impute_fold`, called by the cross-validation harness and by predict mode). A row
+      with every cell empty stays unavailable, never imputed.
     progress: show a tqdm progress bar over cases on stderr while reading features.
 
   Returns:
@@ -484,14 +497,18 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
   Raises:
     InputError: any bad input, naming the file and the case.
   """
-  table = read_clinical_csv(clinical_csv)
+  if impute not in IMPUTE_POLICIES:
+    raise InputError(f"impute is {impute!r}, expected one of {list(IMPUTE_POLICIES)}",
+                     path="config.data.files.impute")
+  table = read_clinical_csv(clinical_csv, slides=features_dir is not None)
   path = table.path
   allow = _check_allow_missing(allow_missing, tabular, path)
+  gaps: dict[str, np.ndarray] = {}
   modalities = {}
   if features_dir is not None:
     modalities["pathology"] = _pathology(table, Path(features_dir), tuple(feature_ext),
                                          expected_dim, "pathology" in allow, progress)
-  genomics = _genomics(table, signatures_csv, "genomics" in allow)
+  genomics = _genomics(table, signatures_csv, "genomics" in allow, impute, gaps)
   if genomics is not None:
     modalities["genomics"] = genomics
   if radiology_dir is not None:
@@ -500,11 +517,81 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
     if mod_name in modalities or mod_name in ("pathology", "genomics", "radiology"):
       raise InputError(f"tabular modality name {mod_name!r} is taken, expected a new name",
                        path=path)
-    modalities[mod_name] = _tabular(table, mod_name, spec)
+    modalities[mod_name] = _tabular(table, mod_name, spec, impute, gaps)
   cohort = Cohort(name=name, case_ids=table.case_ids, time=table.time, event=table.event,
                   modalities=modalities)
   cohort.validate(source=path)
+  if impute != "error":
+    cohort.imputation = {"policy": impute, "cells": gaps}
   return cohort
+
+
+# --------------------------------------------------------------------------- imputation
+
+IMPUTE_POLICIES = ("error", "train_mean", "train_median")
+
+
+def imputation_summary(cohort) -> str | None:
+  """One line for the load summary: cells to impute per modality, or None."""
+  imp = getattr(cohort, "imputation", None)
+  if not imp:
+    return None
+  counts = ", ".join(f"{m} {int(c.sum())}" for m, c in imp["cells"].items())
+  return (f"  imputed cells ({imp['policy']}, fitted on each training fold): "
+          f"{counts or 'none'}")
+
+
+def impute_fold(cohort, train_idx, *, reference=None):
+  """``cohort`` with its recorded empty cells filled from training patients ``train_idx``.
+
+  Per column, the mean (``train_mean``) or median (``train_median``) of the observed cells
+  of ``reference`` (default ``cohort``) at rows ``train_idx`` (available rows whose cell
+  is not empty), so held-out patients never influence the values. Returns ``cohort``
+  itself when it has nothing to impute; otherwise a shallow copy (bags shared) whose
+  imputed modalities have new ``values``. ``reference`` is the training cohort when
+  ``cohort`` is a new one (predict mode); its policy is used.
+
+  Raises:
+    InputError: a column with empty cells to fill and no observed value in the
+      training patients.
+  """
+  import dataclasses as dc
+  imp = getattr(cohort, "imputation", None)
+  if not imp or not any(c.any() for c in imp["cells"].values()):
+    return cohort
+  ref = reference if reference is not None else cohort
+  ref_imp = getattr(ref, "imputation", None) or imp
+  policy = ref_imp["policy"]
+  if policy not in ("train_mean", "train_median"):
+    raise InputError(f"the cohort has empty cells and the run's impute policy is {policy!r}, "
+                     "expected train_mean or train_median", path="config.data.files.impute")
+  idx = np.asarray(train_idx)
+  mods = dict(cohort.modalities)
+  for name, cells in imp["cells"].items():
+    if not cells.any():
+      continue
+    rmod = ref.modalities[name]
+    rcells = ref_imp["cells"].get(name, np.zeros_like(rmod.values, bool))
+    rows = idx[rmod.available[idx]]
+    vals = rmod.values[rows].astype(np.float64)
+    observed = ~rcells[rows]
+    fill = np.empty(vals.shape[1])
+    for j in range(vals.shape[1]):
+      col = vals[observed[:, j], j]
+      if cells[:, j].any() and col.size == 0:
+        raise InputError(f"{name} column {rmod.columns[j] if rmod.columns else j!r} has empty "
+                         "cells and no value among the training patients, expected at least "
+                         "one", path="config.data.files.impute")
+      fill[j] = 0.0 if col.size == 0 else (np.mean(col) if policy == "train_mean"
+                                           else np.median(col))
+    values = cohort.modalities[name].values.copy()
+    values[cells] = np.broadcast_to(fill, values.shape)[cells].astype(values.dtype)
+    mods[name] = dc.replace(cohort.modalities[name], values=values)
+  out = Cohort(name=cohort.name, case_ids=cohort.case_ids, time=cohort.time,
+               event=cohort.event, modalities=mods, true_risk=cohort.true_risk)
+  out.imputation = {"policy": policy, "cells": {k: np.zeros_like(v) for k, v in
+                                                imp["cells"].items()}, "filled": True}
+  return out
 
 
 def _check_allow_missing(allow_missing, tabular, path) -> frozenset:
@@ -610,7 +697,8 @@ def _case_slide_files(table, cid, slides, features_dir, exts, allow) -> list[Pat
   return None if missing else files
 
 
-def _genomics(table: ClinicalTable, signatures_csv, allow) -> Modality | None:
+def _genomics(table: ClinicalTable, signatures_csv, allow, impute="error",
+              gaps=None) -> Modality | None:
   columns = table.gene_columns
   if not columns:
     if signatures_csv is not None:
@@ -626,22 +714,29 @@ def _genomics(table: ClinicalTable, signatures_csv, allow) -> Modality | None:
     used = list(range(len(columns)))
     groups = suffix_groups(columns)
   values = table.genes[:, used]
-  available = _rows_available(values, table, "genomics", [columns[i] for i in used], allow)
-  values = np.where(available[:, None], values, 0).astype(np.float32)
+  available = _rows_available(values, table, "genomics", [columns[i] for i in used], allow,
+                              impute != "error")
+  if gaps is not None:
+    gaps["genomics"] = np.isnan(values) & available[:, None]
+  values = np.where(available[:, None] & ~np.isnan(values), values, 0).astype(np.float32)
   return Modality(kind="tokens", available=available, values=values, groups=groups,
                   columns=tuple(columns[i] for i in used))
 
 
-def _rows_available(values, table, what, names, allow_empty) -> np.ndarray:
-  """True where a row is complete; all-empty rows are unavailable if allowed, else error."""
+def _rows_available(values, table, what, names, allow_empty, allow_partial=False
+                    ) -> np.ndarray:
+  """True where a row has a value (complete, or partly empty with ``allow_partial``);
+  all-empty rows are unavailable if allowed, else an error; partly empty rows an error
+  unless ``allow_partial`` (imputation)."""
   nan = np.isnan(values)
   empty = nan.all(axis=1) if values.shape[1] else np.zeros(len(values), bool)
-  partial = nan.any(axis=1) & ~empty
+  partial = nan.any(axis=1) & ~empty & (not allow_partial)
   bad = partial | (empty & (not allow_empty))
   if bad.any():
     i = int(np.argmax(bad))
     col = names[int(np.argmax(nan[i]))]
-    hint = "" if partial[i] else f" (or allow_missing=('{what}',))"
+    hint = (" (or data.files.impute='train_mean' / 'train_median')" if partial[i]
+            else f" (or allow_missing=('{what}',))")
     raise InputError(f"{what} column {col!r} is empty, expected a number{hint}",
                      path=table.path, case_id=table.case_ids[i])
   return ~empty
@@ -661,7 +756,8 @@ def _radiology(table: ClinicalTable, radiology_dir: Path, exts) -> Modality:
       missing_msg=f"no radiology file for any case, expected <case_id>{exts[0]} files")
 
 
-def _tabular(table: ClinicalTable, mod_name: str, spec) -> Modality:
+def _tabular(table: ClinicalTable, mod_name: str, spec, impute="error", gaps=None
+             ) -> Modality:
   if hasattr(spec, "to_dict"):  # an ml_collections ConfigDict from a config file
     spec = spec.to_dict()
   if isinstance(spec, str) or not isinstance(spec, (Mapping, Sequence)) or not spec:
@@ -683,8 +779,11 @@ def _tabular(table: ClinicalTable, mod_name: str, spec) -> Modality:
   for cid, idx in zip(table.case_ids, table.case_rows):
     _check_case_agrees(cid, idx, values, mod_name, table.path, rows, names=names)
   values = values[first]
-  available = _rows_available(values, table, mod_name, names, allow_empty=True)
-  values = np.where(available[:, None], values, 0).astype(np.float32)
+  available = _rows_available(values, table, mod_name, names, allow_empty=True,
+                              allow_partial=impute != "error")
+  if gaps is not None:
+    gaps[mod_name] = np.isnan(values) & available[:, None]
+  values = np.where(available[:, None] & ~np.isnan(values), values, 0).astype(np.float32)
   return Modality(kind="tokens", available=available, values=values, groups=tuple(groups),
                   columns=tuple(names))
 

@@ -32,6 +32,7 @@ from flax import nnx
 
 from survjax.checkpoint import Checkpointer
 from survjax.data.batching import BatchSpec, iterate_batches, make_batch
+from survjax.data.formats import impute_fold
 from survjax import rundir
 from survjax.data.splits import (cohort_fingerprint, folds_fingerprint, inner_validation,
                                  load_or_make_folds)
@@ -225,21 +226,22 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
   is_main = jax.process_index() == 0
   for k in run_folds:
     tr, va = folds[k]
+    cohort_k = impute_fold(cohort, tr)   # data.files.impute: fitted on the training fold
     result_path = workdir / f"fold_{k}" / "result.json"
     if mode == "cv" and result_path.exists():
       fold = json.loads(result_path.read_text())
       log.info("fold %d: already evaluated, reusing %s", k, result_path)
       todo = [m for m in ref_models if m not in fold.get("reference", {})]
       if todo:  # asked for after the fold was evaluated
-        fold.setdefault("reference", {}).update(_reference(cohort, tr, va, todo, config, k))
+        fold.setdefault("reference", {}).update(_reference(cohort_k, tr, va, todo, config, k))
         if is_main:
           atomic_write_json(result_path, fold)
       fold_results.append(fold)
       continue
-    model, edges, train_s = _train_fold(method, cohort, config, workdir, mode, trainer, k, tr)
+    model, edges, train_s = _train_fold(method, cohort_k, config, workdir, mode, trainer, k, tr)
     if mode == "train":
       continue
-    fold = _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model, k, tr,
+    fold = _evaluate_fold(method, cohort_k, config, workdir, predictor, eval_spec, model, k, tr,
                           va, scenario_names, ref_models,
                           latency=config.eval.latency and k == run_folds[-1])
     fold["time_bins"] = None if edges is None else edges.tolist()
@@ -248,7 +250,7 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
     # What --mode=predict needs from this fold (survjax.predict): out-of-fold risk
     # statistics and cut-off, bin edges, Breslow baseline. Written before result.json.
     from survjax.predict import PREDICT_INFO, fold_predict_info
-    predict_info = fold_predict_info(method, cohort, predictor, eval_spec, model, k, tr, va,
+    predict_info = fold_predict_info(method, cohort_k, predictor, eval_spec, model, k, tr, va,
                                      edges, jax.random.fold_in(jax.random.key(config.seed + 17), k))
     if is_main:
       atomic_write_json(workdir / f"fold_{k}" / PREDICT_INFO, predict_info)

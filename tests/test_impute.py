@@ -1,0 +1,101 @@
+"""data.files.impute: partly empty gene / tabular rows, filled from each training fold only.
+
+A tabular-only clinical CSV (no slide_id column, no features) with a clinical modality and
+RNA columns, some rows partly empty and one clinical row entirely empty. The imputed values
+are checked against the training fold's mean / median computed by hand from the CSV
+text, and the held-out fold's values are shown not to matter.
+"""
+
+import csv
+
+import numpy as np
+import pytest
+
+from survjax.data.formats import imputation_summary, impute_fold, load_file_cohort
+from survjax.errors import InputError
+
+N = 12
+
+
+def _write(path, rng, test_rows=(), test_value=None):
+  """Rows: case_id, survival_months, censorship, age, grade, A_rnaseq, B_rnaseq."""
+  rows = []
+  for i in range(N):
+    age = f"{40 + 3 * i + rng.integers(0, 3)}"
+    grade = f"{1 + i % 3}"
+    a, b = f"{rng.normal():.4f}", f"{rng.normal():.4f}"
+    if i in test_rows and test_value is not None:
+      age, a = str(test_value), str(test_value)
+    if i in (2, 7):
+      age = ""            # partly empty clinical row
+    if i in (3, 8):
+      a = ""              # partly empty gene row
+    if i == 5:
+      age, grade = "", ""  # clinical entirely empty: unavailable, not imputed
+    rows.append([f"P{i:02d}", f"{5 + 2 * i}", str(i % 2), age, grade, a, b])
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["case_id", "survival_months", "censorship", "age", "grade", "A_rnaseq",
+                "B_rnaseq"])
+    w.writerows(rows)
+  return rows
+
+
+def _load(path, impute):
+  return load_file_cohort(path, name="gaps", tabular={"clinical": ["age", "grade"]},
+                          impute=impute)
+
+
+def test_error_policy_is_todays_behaviour(tmp_path):
+  _write(tmp_path / "c.csv", np.random.default_rng(0))
+  with pytest.raises(InputError, match="is empty, expected a number"):
+    _load(tmp_path / "c.csv", "error")
+  with pytest.raises(InputError, match="expected one of"):
+    _load(tmp_path / "c.csv", "train_mode")
+
+
+@pytest.mark.parametrize("policy", ["train_mean", "train_median"])
+def test_imputed_values_are_the_training_folds(tmp_path, policy):
+  rows = _write(tmp_path / "c.csv", np.random.default_rng(0))
+  cohort = _load(tmp_path / "c.csv", policy)
+  assert "slide_id" not in open(tmp_path / "c.csv").readline()   # tabular only
+  assert set(cohort.modalities) == {"genomics", "clinical"}
+  clin, gen = cohort.modalities["clinical"], cohort.modalities["genomics"]
+  assert not clin.available[5] and clin.available.sum() == N - 1
+  line = imputation_summary(cohort)
+  assert "genomics 2" in line and "clinical 2" in line and policy in line
+
+  train = np.array([0, 1, 2, 3, 4, 5, 6, 9, 10])      # 7 and 8 are held out
+  stat = np.mean if policy == "train_mean" else np.median
+  ages = [float(rows[i][3]) for i in train if rows[i][3]]
+  a_vals = [float(rows[i][5]) for i in train if rows[i][5]]
+  out = impute_fold(cohort, train)
+  c_age = list(clin.columns).index("age")
+  c_a = list(gen.columns).index("A_rnaseq")
+  for i in (2, 7):      # training and held-out patients alike get the training value
+    assert out.modalities["clinical"].values[i, c_age] == pytest.approx(stat(ages), rel=1e-6)
+  for i in (3, 8):
+    assert out.modalities["genomics"].values[i, c_a] == pytest.approx(stat(a_vals), rel=1e-5)
+  # Observed cells untouched; the empty row stays unavailable with zeros.
+  np.testing.assert_array_equal(out.modalities["genomics"].values[0], gen.values[0])
+  assert not out.modalities["clinical"].available[5]
+  assert (out.modalities["clinical"].values[5] == 0).all()
+  # The original cohort is not modified (each fold imputes afresh).
+  assert clin.values[2, c_age] == 0.0
+
+  # Held-out values have no influence: change them wildly, same imputation.
+  rows2 = _write(tmp_path / "d.csv", np.random.default_rng(0), test_rows=(11,),
+                 test_value=1e4)
+  assert rows2[11][3] == "10000.0"
+  out2 = impute_fold(_load(tmp_path / "d.csv", policy), train)
+  for name in ("clinical", "genomics"):
+    np.testing.assert_array_equal(out2.modalities[name].values[:11],
+                                  out.modalities[name].values[:11])
+
+
+def test_slide_id_needed_only_with_features(tmp_path):
+  _write(tmp_path / "c.csv", np.random.default_rng(0))
+  (tmp_path / "feats").mkdir()
+  with pytest.raises(InputError, match="missing column 'slide_id'"):
+    load_file_cohort(tmp_path / "c.csv", name="x", features_dir=tmp_path / "feats",
+                     impute="train_mean")

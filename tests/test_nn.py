@@ -638,3 +638,82 @@ def test_group_tokenizer_shapes_and_group_locality():
   assert np.abs(out_drop - out).max() > 1e-4
   with pytest.raises(ValueError, match="columns"):
     tok(jnp.zeros((1, 5)))
+
+
+class _PerGroupTokenizer(nnx.Module):
+  """The GroupTokenizer as it was before the groups were stacked (one `SNN` per group, a
+  Python loop): the slow reference the stacked one must reproduce."""
+
+  def __init__(self, group_sizes, dim, *, rngs, hidden=256, dropout=0.25):
+    self.group_sizes = tuple(group_sizes)
+    self.encoders = nnx.List([
+        SNN(size, hidden, 2, dropout, rngs=rngs, out_dim=dim) for size in group_sizes])
+
+  def __call__(self, x, key=None):
+    keys = [None] * len(self.group_sizes) if key is None else list(
+        jax.random.split(key, len(self.group_sizes)))
+    tokens, start = [], 0
+    for size, enc, k in zip(self.group_sizes, self.encoders, keys):
+      tokens.append(enc(x[..., start:start + size], key=k))
+      start += size
+    return jnp.stack(tokens, axis=-2)
+
+
+def _stacked_as_per_group(tok):
+  """The stacked tokenizer's parameters as per-group ``[(w1, b1, w2, b2), ...]``."""
+  out = [None] * len(tok.group_sizes)
+  for kernel, members in zip(tok.kernels1, tok.buckets):
+    for i, g in enumerate(members):
+      out[g] = (kernel[i, :tok.group_sizes[g]], tok.bias1[g], tok.kernel2[g], tok.bias2[g])
+  return out
+
+
+def test_group_tokenizer_stacked_equals_per_group_snns():
+  # Sizes in several buckets and out of order, a size-1 group, a group alone in its bucket.
+  sizes = (3, 5, 1, 4, 9, 7)
+  new = GroupTokenizer(sizes, 8, rngs=nnx.Rngs(3), hidden=16)
+  old = _PerGroupTokenizer(sizes, 8, rngs=nnx.Rngs(3), hidden=16)
+  assert len(new.kernels1) == 4  # buckets (0,1], (2,4], (4,8], (8,16]
+  # Same initial values, group by group (the same keys drawn in the same order).
+  for g, (w1, b1, w2, b2) in enumerate(_stacked_as_per_group(new)):
+    l1, l2 = old.encoders[g].layers
+    np.testing.assert_array_equal(w1, l1.kernel[...])
+    np.testing.assert_array_equal(b1, l1.bias[...])
+    np.testing.assert_array_equal(w2, l2.kernel[...])
+    np.testing.assert_array_equal(b2, l2.bias[...])
+  # Train-like weights: nonzero biases, so that they are checked too.
+  rng = np.random.default_rng(0)
+  for layer in (l for enc in old.encoders for l in enc.layers):
+    layer.bias[...] = rng.normal(0.0, 0.3, layer.bias.shape).astype(np.float32)
+  new.bias1[...] = jnp.stack([e.layers[0].bias[...] for e in old.encoders])
+  new.bias2[...] = jnp.stack([e.layers[1].bias[...] for e in old.encoders])
+  x = _normal(1, (4, sum(sizes)))
+  gd_new, st_new = nnx.split(new)
+  gd_old, st_old = nnx.split(old)
+  w = _normal(2, (4, len(sizes), 8))
+
+  @jax.jit
+  def run(st_new, st_old, x, key):
+    def loss(gd, st, x):
+      return jnp.sum(w * nnx.merge(gd, st)(x, key=key))
+    outs = [nnx.merge(gd_new, st_new)(x, key=key), nnx.merge(gd_old, st_old)(x, key=key)]
+    grads = [jax.grad(loss, argnums=(1, 2))(gd_new, st_new, x),
+             jax.grad(loss, argnums=(1, 2))(gd_old, st_old, x)]
+    return outs, grads
+
+  for key in (None, jax.random.key(5)):
+    (y_new, y_old), ((gs_new, gx_new), (gs_old, gx_old)) = run(st_new, st_old, x, key)
+    np.testing.assert_allclose(y_new, y_old, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx_new, gx_old, rtol=1e-5, atol=1e-6)
+    g_new = _stacked_as_per_group(nnx.merge(gd_new, gs_new))
+    g_old = nnx.merge(gd_old, gs_old)
+    for g, grads in enumerate(g_new):
+      ref = [p[...] for layer in g_old.encoders[g].layers for p in (layer.kernel, layer.bias)]
+      for a, b in zip(grads, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The zero padding of a bucket's shorter groups gets exactly zero gradient.
+    for kernel, members in zip(nnx.merge(gd_new, gs_new).kernels1, new.buckets):
+      for i, g in enumerate(members):
+        np.testing.assert_array_equal(kernel[i, sizes[g]:], 0.0)
+  assert np.abs(np.asarray(run(st_new, st_old, x, jax.random.key(5))[0][0])
+                - np.asarray(run(st_new, st_old, x, None)[0][0])).max() > 1e-3

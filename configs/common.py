@@ -78,7 +78,8 @@ def unimodal_config(method: str, variant: str = "", *, dim: int = 256,
 
   Variants (comma-separated): ``smoke`` = 120 patients, 3 folds, 3 epochs, training bags
   of at most 128 patches; ``select`` = the epoch chosen by validation C-index on 20% of
-  each training fold.
+  each training fold; ``parachute_cohort`` = PARACHUTE's cohort (radiology slices with
+  their own risk share), ``radiology`` = the same, reading the radiology slices.
 
   Args:
     method: which models/<method>.py.
@@ -104,6 +105,7 @@ def unimodal_config(method: str, variant: str = "", *, dim: int = 256,
   m.weight_decay = 1e-5
   m.epochs = 20
   m.select = ""   # "c_index" | "loss": choose the epoch on the inner validation split
+  m.modality = ""  # the modality it reads ("": pathology for MIL models, else genomics)
   # The reported baseline numbers were trained on whole training folds with a fixed epoch
   # count; :select trains on 80% of each and picks the epoch on the rest.
   c.cv.val_fraction = 0.0
@@ -113,6 +115,11 @@ def unimodal_config(method: str, variant: str = "", *, dim: int = 256,
     if v == "select":
       c.cv.val_fraction = 0.2
       m.select = "c_index"
+    elif v in ("parachute_cohort", "radiology"):  # PARACHUTE's cohort (its folds too)
+      from configs.parachute import radiology_cohort
+      radiology_cohort(c)
+      if v == "radiology":
+        m.modality = "radiology"
     elif v == "smoke":
       c.data.synthetic.n_patients = 120
       c.cv.num_folds = 3

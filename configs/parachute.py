@@ -30,11 +30,18 @@ SCENARIOS = ("full", "missing_radiology", "missing_pathology") + tuple(
     f"missing_{p}pct_{m}" for m in ("radiology", "pathology", "mixed") for p in (5, 15, 30))
 
 
-def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = base_config("parachute")
+def radiology_cohort(c: ml_collections.ConfigDict) -> None:
+  """The embedded cohort with radiology slices carrying their own risk share (PARACHUTE's
+  cohort; the unimodal baselines' :parachute_cohort variants use it too)."""
   s = c.data.synthetic
   s.radiology, s.radiology_dim = True, 64
   s.share_shared, s.share_pathology, s.share_radiology, s.share_genomics = 0.4, 0.3, 0.3, 0.0
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = base_config("parachute")
+  radiology_cohort(c)
+  s = c.data.synthetic
   m = c.model = ml_collections.ConfigDict()
   m.dim = 64                 # f_dim = 64 (paper)
   m.num_heads = 4            # paper
@@ -52,6 +59,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.grad_clip = 1.0
   m.warmup_frac = 0.05
   m.epochs = 30
+  m.select = "c_index"       # the epoch with the best inner-validation C-index
   m.gcs = ml_collections.ConfigDict(dict(enabled=True, num_probes=4, a_curv=1.0, a_grad=1.0,
                                          a_missing=1.0, bias=0.0, gamma=1.0))
   c.train.batch_size = 32

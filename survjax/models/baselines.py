@@ -141,5 +141,5 @@ class Unimodal:
 def make(config) -> Unimodal:
   name = config.method
   modality = "pathology" if name in ("abmil", "transmil") else "genomics"
-  return Unimodal(name=name, modality=config.model.get("modality", modality), cfg=config.model,
+  return Unimodal(name=name, modality=config.model.get("modality") or modality, cfg=config.model,
                   accumulate=config.train.accumulate)

@@ -375,7 +375,8 @@ class Parachute:
                             warmup_steps=int(cfg.warmup_frac * total_steps),
                             decay_mask=matrices_only)
 
-    return [Stage("train", self.loss, optimizer, epochs=cfg.epochs, patients="any")]
+    return [Stage("train", self.loss, optimizer, epochs=cfg.epochs, patients="any",
+                  select=cfg.get("select") or None)]
 
   def predict(self, model, batch, present, key):
     b = batch["valid"].shape[0]

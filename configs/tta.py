@@ -59,6 +59,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.grad_clip = 5.0
   m.warmup_fraction = 0.05
   m.epochs = 6
+  m.select = "c_index"   # the epoch with the best inner-validation C-index
   c.train.batch_size = 32
   c.train.max_instances = 128  # the reference samples 4096 patches per bag (GPU)
   for v in filter(None, variant.split(",")):

@@ -360,7 +360,8 @@ class TTA:
     stats = Stage("gene_stats", no_step, optax.set_to_zero(), epochs=1,
                   features=self.gene_features, prepare=prepare, steps_per_epoch=1,
                   batch_size=1)
-    main = Stage("train", self.loss, self.optimizer, epochs=c.epochs)
+    main = Stage("train", self.loss, self.optimizer, epochs=c.epochs,
+                  select=c.get("select") or None)
     return [stats, main] if c.standardize_genomics else [main]
 
   def predict(self, model, batch, present, key):

@@ -4,22 +4,19 @@ Command:
 
   python -m survjax.main --config=configs/parachute.py --workdir=runs/parachute
 
-Expected result (5 folds, 400 patients; a run of the command above, 4 min 11 s wall of
-which 200 s training, on the 2-core CPU shared with other jobs, load average about 7):
+Expected result (5 folds, 400 patients, about 4-6 min on 2 CPU cores;
+docs/results/runs/parachute.json, `bash scripts/reproduce_results.sh parachute`):
 
-  scenario                 C-index        oracle
-  full                     0.764 +- 0.041 0.797
-  missing_radiology        0.738 +- 0.057 0.771
-  missing_pathology        0.744 +- 0.026 0.788
-  missing_{5,15,30}pct_radiology  0.762 / 0.757 / 0.758 (+- 0.036-0.047)
-  missing_{5,15,30}pct_pathology  0.763 / 0.757 / 0.760 (+- 0.035-0.041)
-  missing_{5,15,30}pct_mixed      0.762 / 0.764 / 0.757 (+- 0.037-0.052)
-
-Variants (comma-separated): :smoke (120 patients, 2 folds, 3 epochs; 79 s wall under the same load);
+<!-- generated: scenarios.parachute -->
+(no committed result for `parachute`: run `bash scripts/reproduce_results.sh parachute`)
+<!-- end generated -->
+Variants (comma-separated): :smoke (120 patients, 2 folds, 3 epochs; about a minute);
 :no_dce (no LocXEmb/DCE bias); :no_gcs (plain Cox gradient); :no_dce_no_gcs (both);
 :paper_dims (1024-d radiology slices, 128-d tokens, 256-d hazard net).
 Defaults not in the paper (epochs, lr, dims, GCS constants) were set once for this CPU,
-untuned (no search on any fold). Pathology bags are mean-pooled; a slide-embedding vector is read as is.
+untuned (no search on any fold); the epoch is chosen on the inner validation split.
+Ablations and unimodal baselines on the same folds: docs/results/parachute.md.
+Pathology bags are mean-pooled; a slide-embedding vector is read as is.
 """
 
 import ml_collections

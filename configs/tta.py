@@ -5,28 +5,23 @@ Command:
   python -m survjax.main --config=configs/tta.py --workdir=runs/tta
 
 Cox loss, AdamW lr 1e-4 (cosine, 5% warm-up), weight decay 1e-5 on matrices only, clip 5,
-batch 32, 6 epochs (rho ramped over 3), training bags of 128 patches, whole bags at
-evaluation; ott-jax Sinkhorn eps 0.1, gamma 1, threshold 1e-3. Runtime: 6 min 51 s
-(305 s training, 99 s evaluation) on the shared 2-core CPU at load average ~7.5;
-``:smoke`` 1 min 47 s there.
+batch 32, 6 epochs (rho ramped over 3; the epoch chosen on the inner validation split),
+training bags of 128 patches, whole bags at evaluation; ott-jax Sinkhorn eps 0.1, gamma 1,
+threshold 1e-3. About 7 min on 2 CPU cores (the Sinkhorn solves dominate).
 
-Expected result (the command above, 5 folds of the default synthetic cohort, seed 0):
+Expected result (5 folds of the default synthetic cohort, MUST's folds;
+docs/results/runs/tta.json, `bash scripts/reproduce_results.sh tta`):
 
-  scenario            C-index          oracle
-  full                0.740 +- 0.032   0.799
-  missing_pathology   0.660 +- 0.048   0.791
-  missing_genomics    0.711 +- 0.045   0.781
-
-With ``--config.model.epochs=10 --config.model.rho_ramp_epochs=5``
-(10 min 53 s): 0.753 +- 0.026 / 0.683 +- 0.047 / 0.716 +- 0.039.
-
+<!-- generated: scenarios.tta -->
+(no committed result for `tta`: run `bash scripts/reproduce_results.sh tta`)
+<!-- end generated -->
 Variants (comma-separated): ``smoke`` = 120 patients, 3 folds, 2 epochs, bags of 64;
 ``discrete`` = discrete-time NLL with 4 bins instead of Cox; ``structure`` = the
 structure-aware plan (lambda 0.1, 3 MM steps); ``separate`` = one OT problem per
 modality instead of the joint one; ``implicit`` = gradients through the plan by implicit
 differentiation; ``moddrop`` = training-time modality dropout 0.3 (not in the reference).
-``:smoke,structure,discrete,separate,moddrop`` runs end to end (4 min 56 s, smoke-sized:
-no meaningful C-index); ``implicit`` is exercised by tests/test_tta.py only.
+``implicit`` is exercised by tests/test_tta.py only. TTA beside MUST and the unimodal
+baselines on the same folds: docs/results/tta.md.
 """
 
 import ml_collections

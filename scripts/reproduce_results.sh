@@ -16,10 +16,16 @@ declare -A CONFIGS=(
   [snn]="configs/snn.py"
   [must_breast]="configs/must_breast.py"
   [parachute]="configs/parachute.py"
+  [parachute_no_dce]="configs/parachute.py:no_dce"
+  [parachute_no_gcs]="configs/parachute.py:no_gcs"
+  [parachute_no_dce_no_gcs]="configs/parachute.py:no_dce_no_gcs"
+  [abmil_radiology]="configs/abmil.py:radiology"
+  [abmil_parachute_cohort]="configs/abmil.py:parachute_cohort"
   [tta]="configs/tta.py"
   [imputmae]="configs/imputmae.py"
 )
-ORDER=(must abmil transmil snn must_paper_decomp must_breast parachute tta imputmae)
+ORDER=(must abmil transmil snn must_paper_decomp must_breast tta parachute parachute_no_dce
+       parachute_no_gcs parachute_no_dce_no_gcs abmil_radiology abmil_parachute_cohort imputmae)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do
@@ -38,5 +44,7 @@ compare must_vs_pathology_only abmil:full runs/must runs/abmil runs/transmil
 compare must_vs_genomics_only snn:full runs/must runs/snn
 compare must_fill_pathology must:missing_pathology runs/must
 compare must_fill_genomics must:missing_genomics runs/must
-compare parachute_vs_full parachute:full runs/parachute
+compare tta_vs_must must:full runs/tta runs/must runs/abmil runs/snn
+compare parachute_ablations parachute:full runs/parachute runs/parachute_no_dce \
+  runs/parachute_no_gcs runs/parachute_no_dce_no_gcs runs/abmil_radiology runs/abmil_parachute_cohort
 "$PY" -m survjax.docs

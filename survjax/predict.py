@@ -118,7 +118,7 @@ def _stats(r: np.ndarray) -> dict:
 
 
 def fold_predict_info(method, cohort, predictor, spec, model, k, tr, va, edges, key,
-                      source: str = "training") -> dict:
+                      source: str = "training", scenarios=(), scenario_seed: int = 0) -> dict:
   """What predicting a new cohort needs from fold ``k``, fitted on the training cohort.
 
   Risks of the fold model on its training patients ``tr`` and held-out patients ``va``,
@@ -127,7 +127,14 @@ def fold_predict_info(method, cohort, predictor, spec, model, k, tr, va, edges, 
   ``oof_risk``: the ensemble cut-off pools them), the time-bin edges (discrete-time) and
   Breslow's baseline from the training patients (Cox). Written by the CV harness to
   ``fold_<k>/predict.json``.
+
+  With ``scenarios`` (the CV run's), also for the report: ``train_cutoff[row]``, the median
+  risk of the fold's training patients under each scenario row (the KM risk groups of the
+  held-out patients use it), and ``calibration``: the predicted survival of the held-out
+  patients at the cohort's median follow-up time (discrete-time methods with a
+  ``survival`` hook, Cox methods).
   """
+  from survjax.evaluate import scenarios as scen
   tr, va = np.asarray(tr), np.asarray(va)
   risks = {}
   for name, idx, sub in (("train", tr, 0), ("oof", va, 1)):
@@ -141,6 +148,30 @@ def fold_predict_info(method, cohort, predictor, spec, model, k, tr, va, edges, 
           "oof_risk": [float(x) for x in risks["oof"]]}
   if method.time_model == "cox":
     info["breslow"] = breslow(cohort.time[tr], cohort.event[tr], risks["train"])
+  cut = {}
+  for s_i, name in enumerate(scenarios):
+    hidden = scen.hidden_for(name, method.modalities, cohort.case_ids[tr], scenario_seed)
+    preds = predictor.predict(model, cohort, tr, hidden, spec,
+                              jax.random.fold_in(key, 2000 + s_i))
+    for variant, r in preds.items():
+      cut[name if variant == "risk" else f"{name}/{variant}"] = float(np.median(r))
+  if cut:
+    info["train_cutoff"] = cut
+  if scenarios:
+    lab = cohort.labelled
+    horizon = float(np.median(cohort.time[lab]))
+    surv = None
+    hidden = natural_hidden(cohort, method.modalities, va)
+    if method.time_model == "cox":
+      h0 = _step(info["breslow"]["times"], info["breslow"]["cumhaz"], [horizon], 0.0)[0]
+      surv = np.exp(-h0 * np.exp(risks["oof"]))
+    elif getattr(method, "survival", None) is not None and edges is not None:
+      s = _run_hook(lambda m, b, p: method.survival(m, b, p, None), model, cohort, va,
+                    hidden, spec, predictor.mesh, method)
+      s = np.stack(s)[:, :len(edges)]
+      surv = _step(edges, s, [horizon], 1.0)[:, 0]
+    if surv is not None:
+      info["calibration"] = {"time": horizon, "oof_survival": [float(x) for x in surv]}
   return info
 
 
@@ -379,7 +410,7 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
     plot_km(ev["km"], out_dir / "km_external.png",
             title=f"{method.name}: {new.name}, training-defined risk groups")
     ev["km"] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                for k, v in ev["km"].items() if k != "curves"}
+                for k, v in ev["km"].items() if k not in ("curves", "bands", "groups")}
     ev["km_figure"] = "km_external.png"
     atomic_write_text(out_dir / "report.md", render_external_report(result))
   atomic_write_json(out_dir / "predictions.json", result)

@@ -68,6 +68,31 @@ def _read_csv(path):
     return list(csv.DictReader(f))
 
 
+def test_training_report_plots(run):
+  """The CV report: KM groups from training-fold cut-offs, calibration, C-index dots."""
+  work = run["work"]
+  results = json.loads((work / "results.json").read_text())
+  report = (work / "report.md").read_text()
+  assert (work / "cindex_folds.png").stat().st_size > 1000 and "cindex_folds.png" in report
+  assert (work / "km_full.png").stat().st_size > 1000
+  cal = results["calibration"]
+  assert sum(g["n"] for g in cal["groups"]) == 40 and len(cal["groups"]) == 10
+  preds = [g["predicted"] for g in cal["groups"]]
+  assert preds == sorted(preds) and all(0 <= p <= 1 for p in preds)
+  assert "Kaplan-Meier S(t)" in report and (work / "calibration.png").stat().st_size > 1000
+  # The log-rank p of the KM figure: held-out risks split at the training-fold median.
+  from survjax.evaluate.km import split_logrank
+  t, e, high = [], [], []
+  for k in range(3):
+    info = json.loads((work / f"fold_{k}" / "predict.json").read_text())
+    for x in _read_csv(work / f"fold_{k}" / "risks.csv"):
+      t.append(float(x["time"]))
+      e.append(x["event"] == "1")
+      high.append(float(x["full"]) > info["train_cutoff"]["full"])
+  p = split_logrank(np.array(t), np.array(e), np.array(high))["p_value"]
+  assert results["scenarios"]["full"]["km_logrank_p"] == pytest.approx(p, rel=1e-4)
+
+
 def test_predict_second_cohort(run):
   root, work = run["root"], run["work"]
   new = write_file_cohort(root / "external", n_patients=30, dim=16, bag=(20, 60), seed=1)

@@ -251,7 +251,8 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
     # statistics and cut-off, bin edges, Breslow baseline. Written before result.json.
     from survjax.predict import PREDICT_INFO, fold_predict_info
     predict_info = fold_predict_info(method, cohort_k, predictor, eval_spec, model, k, tr, va,
-                                     edges, jax.random.fold_in(jax.random.key(config.seed + 17), k))
+                                     edges, jax.random.fold_in(jax.random.key(config.seed + 17), k),
+                                     scenarios=scenario_names, scenario_seed=config.cv.seed)
     if is_main:
       atomic_write_json(workdir / f"fold_{k}" / PREDICT_INFO, predict_info)
       atomic_write_json(result_path, fold)

@@ -78,7 +78,28 @@ def split_logrank(time, event, high, threshold: float | None = None) -> dict:
       pass
   return {"threshold": threshold, "n_high": n_high, "n_low": n_low, "chi2": chi2,
           "p_value": p_value,
-          "curves": {"high": _km(time[high], event[high]), "low": _km(time[~high], event[~high])}}
+          "curves": {"high": _km(time[high], event[high]), "low": _km(time[~high], event[~high])},
+          "bands": {"high": _km_band(time[high], event[high]),
+                    "low": _km_band(time[~high], event[~high])},
+          "groups": {"high": (time[high], event[high]), "low": (time[~high], event[~high])}}
+
+
+def _km_band(time: np.ndarray, event: np.ndarray):
+  """Pointwise 95 % band of the Kaplan-Meier curve (log-log, Greenwood), at its times."""
+  if time.size == 0 or not event.any():
+    return None
+  from sksurv.nonparametric import kaplan_meier_estimator
+  try:
+    _, _, ci = kaplan_meier_estimator(event, time.astype(np.float64), conf_type="log-log")
+  except Exception:  # a band is not defined (e.g. a single patient)
+    return None
+  return np.nan_to_num(np.asarray(ci[0]), nan=0.0), np.nan_to_num(np.asarray(ci[1]), nan=1.0)
+
+
+def number_at_risk(time: np.ndarray, ticks) -> list[int]:
+  """Patients still at risk (``time >= t``) at each tick."""
+  time = np.asarray(time, np.float64)
+  return [int(np.sum(time >= t)) for t in ticks]
 
 
 def plot_km(result: dict, path, title: str | None = None) -> Path:
@@ -99,9 +120,10 @@ def plot_km(result: dict, path, title: str | None = None) -> Path:
   from matplotlib.figure import Figure
 
   path = Path(path)
-  fig = Figure(figsize=(5.5, 4.0), dpi=120)
+  fig = Figure(figsize=(5.5, 4.6), dpi=120)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
+  fig.subplots_adjust(bottom=0.28)
   for name, color in (("high", "tab:red"), ("low", "tab:blue")):
     t, s = result["curves"][name]
     n = result[f"n_{name}"]
@@ -109,6 +131,10 @@ def plot_km(result: dict, path, title: str | None = None) -> Path:
       continue
     ax.step(np.r_[0.0, t], np.r_[1.0, s], where="post", color=color,
             label=f"{name} risk (n={n})")
+    band = result.get("bands", {}).get(name)
+    if band is not None:   # 95 % pointwise band (log-log)
+      ax.fill_between(np.r_[0.0, t], np.r_[1.0, band[0]], np.r_[1.0, band[1]], step="post",
+                      color=color, alpha=0.15, linewidth=0)
   p = result["p_value"]
   p_text = "n/a (degenerate split)" if not np.isfinite(p) else f"{p:.3g}"
   ax.legend(title=f"log-rank p = {p_text}", loc="best", frameon=False)
@@ -118,7 +144,18 @@ def plot_km(result: dict, path, title: str | None = None) -> Path:
   ax.set_xlim(left=0.0)
   ax.set_title(title if title is not None else f"median risk split, log-rank p = {p_text}",
                fontsize=9)
-  fig.tight_layout()
+  groups = result.get("groups")
+  if groups:   # number-at-risk table under the axis, at the x ticks
+    ticks = [x for x in ax.get_xticks() if x >= 0 and x <= ax.get_xlim()[1]]
+    ax.set_xticks(ticks)
+    ax.text(0.0, -0.2, "at risk", transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    for row, (name, color) in enumerate((("high", "tab:red"), ("low", "tab:blue"))):
+      counts = number_at_risk(groups[name][0], ticks)
+      for x, c in zip(ticks, counts):
+        ax.text(x, -0.27 - 0.07 * row, str(c), transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color=color)
+  else:
+    fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(str(path) + ".tmp")
   try:

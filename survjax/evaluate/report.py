@@ -1,11 +1,20 @@
 """``results.json``, ``report.md`` and Kaplan-Meier figures from the fold results.
 
-Kaplan-Meier stratification follows the MUST protocol (supp. 7.4): the median predicted
+Kaplan-Meier stratification follows the MUST protocol (supp. 7.4): a median predicted
 risk splits patients into high- and low-risk groups and a log-rank test compares them.
 Risks of different folds come from different models and are not on one scale, so each
-fold's risks are centred on that fold's median before the out-of-fold predictions are
-pooled: every patient is thereby split by the median of its own fold, and one log-rank
-test is run on the pooled cohort.
+fold's held-out risks are split at a cut-off fitted on that fold's *training* patients:
+the median risk the fold model gives them under the same scenario
+(``fold_<k>/predict.json``, ``train_cutoff``); the held-out patients never set their own
+threshold. The groups of all folds are pooled and one log-rank test is run on the pooled
+cohort. (Runs without ``predict.json`` fall back to each fold's held-out median.) The
+figures show 95 % pointwise bands (log-log) and the number at risk under the axis.
+
+Calibration (``calibration.png``): at the cohort's median follow-up time, the held-out
+patients' predicted survival (fold models' survival curves: discrete-time methods with a
+``survival`` hook, Cox with a Breslow baseline) is compared with the Kaplan-Meier
+survival observed in each decile of predicted survival. The C-index per fold is drawn as
+a dot plot with the mean ± std over folds (``cindex_folds.png``).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from survjax.evaluate.km import median_split_logrank, plot_km
+from survjax.evaluate.km import plot_km, split_logrank
 from survjax.io import atomic_write_text
 
 
@@ -36,10 +45,71 @@ def _pooled_risks(workdir: Path, fold_results, row: str, cohort):
       return None
     r = np.array([float(x[row]) for x in rows])
     idx = [pos[x["case_id"]] for x in rows]
-    risks.append(r - np.median(r))
+    info = _predict_info(workdir, fold["fold"])
+    cut = (info or {}).get("train_cutoff", {}).get(row)
+    risks.append(r - (np.median(r) if cut is None else cut))
     times.append(cohort.time[idx])
     events.append(cohort.event[idx])
   return np.concatenate(times), np.concatenate(events), np.concatenate(risks)
+
+
+def _predict_info(workdir: Path, k: int) -> dict | None:
+  path = workdir / f"fold_{k}" / "predict.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def calibration(workdir: Path, fold_results, cohort, bins: int = 10) -> dict | None:
+  """Predicted vs Kaplan-Meier-observed survival at the median follow-up time, by decile
+  of the held-out patients' predicted survival (pooled over folds); None without curves."""
+  from survjax.evaluate.km import _km
+  pos = {c: i for i, c in enumerate(cohort.case_ids)}
+  pred, idx, horizon = [], [], None
+  for fold in fold_results:
+    info = _predict_info(workdir, fold["fold"])
+    if not info or "calibration" not in info:
+      return None
+    horizon = info["calibration"]["time"]
+    pred.append(np.asarray(info["calibration"]["oof_survival"]))
+    idx += [pos[c] for c in info["oof_case_ids"]]
+  pred = np.concatenate(pred)
+  idx = np.asarray(idx)
+  order = np.argsort(pred, kind="stable")
+  out = []
+  for group in np.array_split(order, min(bins, len(order))):
+    t, e = cohort.time[idx[group]], cohort.event[idx[group]]
+    kt, ks = _km(t, e)
+    observed = float(ks[kt <= horizon][-1]) if (kt <= horizon).any() else 1.0
+    out.append({"n": int(len(group)), "predicted": float(pred[group].mean()),
+                "observed_km": observed})
+  return {"time": float(horizon), "groups": out}
+
+
+def plot_calibration(cal: dict, path, title: str) -> Path:
+  import os
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(4.2, 4.0), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  p = [g["predicted"] for g in cal["groups"]]
+  o = [g["observed_km"] for g in cal["groups"]]
+  ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+  ax.plot(p, o, "o-", color="tab:blue", markersize=4)
+  ax.set_xlim(-0.02, 1.02)
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel(f"predicted S(t = {cal['time']:.3g})")
+  ax.set_ylabel("Kaplan-Meier observed S(t)")
+  ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path
 
 
 def _summary(values):
@@ -70,11 +140,13 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
       entry["oracle_c_index_std"] = round(o_std, 4)
     pooled = _pooled_risks(workdir, fold_results, row, cohort)
     if pooled is not None:
-      km = median_split_logrank(*pooled)
+      t_, e_, r_ = pooled   # risks relative to each fold's cut-off: high = above it
+      km = split_logrank(t_, e_, r_ > 0, threshold=0.0)
       entry["km_logrank_p"] = None if not np.isfinite(km["p_value"]) else float(km["p_value"])
       if write and "/" not in row:
         plot_km(km, workdir / f"km_{row}.png",
-                title=f"{method.name} on {cohort.name}: {row} (median split, pooled folds)")
+                title=f"{method.name} on {cohort.name}: {row} (training-fold median cut-off, "
+                      "pooled folds)")
         entry["km_figure"] = f"km_{row}.png"
     scenarios[row] = entry
   diagnostics = {}
@@ -114,9 +186,51 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
       "config": json.loads(config.to_json_best_effort()),
       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
   })
+  cal = calibration(workdir, fold_results, cohort)
+  if cal is not None:
+    results["calibration"] = cal
   if write:
+    if scenarios:
+      plot_cindex_per_fold(results, workdir / "cindex_folds.png")
+      results["cindex_figure"] = "cindex_folds.png"
+    if cal is not None:
+      plot_calibration(cal, workdir / "calibration.png",
+                       f"{method.name} on {cohort.name}: calibration, held-out deciles")
     atomic_write_text(workdir / "report.md", render_report(results, cohort))
   return results
+
+
+def plot_cindex_per_fold(results: dict, path) -> Path:
+  """Dot plot of the C-index per fold for every scenario row, with the mean ± std over
+  folds (the numbers of ``results["scenarios"]``); written atomically."""
+  import os
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  rows = list(results["scenarios"])
+  fig = Figure(figsize=(6.0, 0.9 + 0.35 * len(rows)), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for y, name in enumerate(rows):
+    v = results["scenarios"][name]
+    ax.scatter(v["per_fold"], [y] * len(v["per_fold"]), s=14, color="tab:blue", zorder=2)
+    ax.errorbar([v["c_index_mean"]], [y], xerr=[v["c_index_std"]], fmt="D", color="black",
+                markersize=4, capsize=3, zorder=3)
+  ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels(rows, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel("C-index (dots: folds; diamond: mean ± std)")
+  ax.set_title(f"{results['method']} on {results['dataset']}", fontsize=9)
+  fig.tight_layout()
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path
 
 
 def render_report(results: dict, cohort=None) -> str:
@@ -140,6 +254,19 @@ def render_report(results: dict, cohort=None) -> str:
     cells.append(", ".join(f"{x:.3f}" for x in v["per_fold"]))
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
+  if results.get("cindex_figure"):
+    lines += [f"C-index per fold: [{results['cindex_figure']}]({results['cindex_figure']}). "
+              "KM figures: median split with 95 % bands (log-log) and the number at risk "
+              "under the axis.", ""]
+  cal = results.get("calibration")
+  if cal:
+    lines += [f"Calibration at the median follow-up time t = {cal['time']:.3g} (held-out "
+              "patients by decile of predicted survival, pooled over folds; "
+              "[calibration.png](calibration.png)):", "",
+              "| decile | n | predicted S(t) | Kaplan-Meier S(t) |", "|---|---|---|---|"]
+    lines += [f"| {i + 1} | {g['n']} | {g['predicted']:.3f} | {g['observed_km']:.3f} |"
+              for i, g in enumerate(cal["groups"])]
+    lines.append("")
   lines.append("Rows `scenario/variant` are alternative predictions for the same scenario "
                "(for example the missing part filled with zeros or the training mean "
                "instead of the generative model).")

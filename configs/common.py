@@ -4,6 +4,9 @@ Not an experiment itself. Fields:
 
   method            which models/<method>.py
   seed              run seed (init, data order, sampling)
+  compilation_cache_dir  persistent XLA compilation cache, so that a second run of a config
+                    skips compiling (default $SURVJAX_COMPILATION_CACHE_DIR, else
+                    ~/.cache/survjax/xla; "" or "none" = off)
   data.source       "synthetic" (embedded, default) | "files" | "tfds" | "sksurv_breast"
   data.synthetic    knobs of survjax.data.synthetic.SyntheticSpec
   data.files        clinical_csv, features_dir, signatures_csv, radiology_dir, ...;
@@ -29,6 +32,7 @@ baselines (abmil, snn, transmil) share.
 """
 
 import dataclasses
+import os
 
 import ml_collections
 
@@ -40,7 +44,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.method = method
   c.seed = 0
   c.progress = True
-  c.compilation_cache_dir = ""
+  c.compilation_cache_dir = os.environ.get("SURVJAX_COMPILATION_CACHE_DIR",
+                                           "~/.cache/survjax/xla")
   c.tensorboard_dir = ""
 
   c.data = ml_collections.ConfigDict()

@@ -91,9 +91,23 @@ def main(argv):
     if _DISTRIBUTED.value:
       from survjax.train.sharding import initialize_distributed
       initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if config.get("compilation_cache_dir"):
-      jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # Persistent XLA compilation cache (a second run of a config skips compiling); off
+    # with compilation_cache_dir "" or "none". results.json's config names the directory.
+    cache_dir = str(config.get("compilation_cache_dir") or "").strip()
+    if cache_dir.lower() in ("", "none"):
+      cache_dir = ""
+    else:
+      cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+      try:
+        os.makedirs(cache_dir, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+      except OSError as e:
+        print(f"survjax: compilation cache off, cannot create {cache_dir}: {e}",
+              file=sys.stderr)
+        cache_dir = ""
+    if "compilation_cache_dir" in config:
+      config.compilation_cache_dir = cache_dir
     from survjax.data import load_cohort
     from survjax.evaluate.cv import run_cv
     from survjax.models import get_method

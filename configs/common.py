@@ -69,6 +69,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.eval.reference_models = ()
   c.eval.reference_coxph_alpha = 1.0
   c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
+  # --mode=tune: (("dotted.key", (values...)), ...) scored on the inner validation splits.
+  c.tune = ml_collections.ConfigDict(dict(grid=()))
   return c
 
 

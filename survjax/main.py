@@ -37,7 +37,8 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<method>).")
-_MODE = flags.DEFINE_enum("mode", "cv", ["cv", "train", "eval", "predict"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "cv", ["cv", "train", "eval", "predict", "tune"],
+                          "What to run.")
 
 
 def _predict_defaults():
@@ -122,7 +123,11 @@ def main(argv):
             flush=True)
     workdir = _WORKDIR.value or os.path.join("runs", config.method)
     results = run_cv(method, cohort, config, workdir, mode=_MODE.value, restart=_RESTART.value)
-    if results and jax.process_index() == 0:
+    if _MODE.value == "tune" and jax.process_index() == 0:
+      for point in results["points"]:
+        print(f"{point['overrides']}: validation C-index {point['val_c_index_mean']:.4f}")
+      print(f"chosen: {results['cv_flags']}\nwrote {os.path.join(workdir, 'tune.json')}")
+    elif results and jax.process_index() == 0:
       for name, v in results["scenarios"].items():
         oracle = f" (oracle {v['oracle_c_index']:.3f})" if "oracle_c_index" in v else ""
         print(f"{name:32s} C-index {v['c_index_mean']:.3f} ± {v['c_index_std']:.3f}{oracle}")

@@ -258,3 +258,50 @@ def test_compare_pairs_rows_on_identical_folds_and_refuses_others(tmp_path):
   assert (tmp_path / "out" / "cmp.png").stat().st_size > 1000
   assert "| `good:full` |" in (tmp_path / "out" / "cmp.md").read_text()
   assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+
+
+def test_tuning_never_reads_a_test_fold(tmp_path):
+  """Scrambling the labels of fold 0's test patients leaves fold 0's tuning scores and
+  choice unchanged (the folds imposed by split files, so both cohorts share them)."""
+  from survjax.data.splits import make_folds, write_splits_csv
+  from survjax.evaluate.tune import run_tune
+  from survjax.evaluate.cv import cohort_folds
+
+  cohort = make_synthetic_cohort(SPEC)
+  splits = tmp_path / "splits"
+  for k, (tr, va) in enumerate(make_folds(cohort.time, cohort.event, 3, 0)):
+    write_splits_csv(splits / f"x/splits_{k}.csv", list(cohort.case_ids[tr]),
+                     list(cohort.case_ids[va]))
+  c = _config(tmp_path)
+  c.data.source = "files"   # split folder named by data, not by fingerprint
+  c.cv.splits_dir = str(splits)
+  c.cv.val_fraction = 0.25
+  c.tune = dict(grid=(("model.lr", (1e-2, 1e-3)),))
+  c.model.epochs = (3, 1)
+  cohort.name = "x"
+  folds, _ = cohort_folds(cohort, c)
+  test0 = folds[0][1]
+  rng = np.random.default_rng(0)
+  scrambled = dataclasses.replace(cohort, time=cohort.time.copy(), event=cohort.event.copy())
+  scrambled.time[test0] = rng.permutation(cohort.time[test0]) * 3.0
+  scrambled.event[test0] = ~cohort.event[test0]
+  folds_s, _ = cohort_folds(scrambled, c)
+  assert all((a[1] == b[1]).all() for a, b in zip(folds, folds_s))
+
+  import toy_method
+
+  def make(cfg):
+    return _Selecting(epochs=cfg.model.epochs[0])
+
+  a = run_tune(cohort, c, tmp_path / "a", folds=folds, run_folds=[0], make_method=make)
+  b = run_tune(scrambled, c, tmp_path / "b", folds=folds_s, run_folds=[0], make_method=make)
+  assert [p["val_c_index_per_fold"] for p in a["points"]] == \
+      [p["val_c_index_per_fold"] for p in b["points"]]
+  assert a["chosen"] == b["chosen"] and a["cv_flags"].startswith("--config.model.lr=")
+  assert json.loads((tmp_path / "a" / "tune.json").read_text())["chosen"] == a["chosen"]
+  # Without the blanking the scores would move: the scrambled labels enter fold 1 and 2
+  # through their training patients.
+  c1 = run_tune(scrambled, c, tmp_path / "c", folds=folds_s, run_folds=[1], make_method=make)
+  d1 = run_tune(cohort, c, tmp_path / "d", folds=folds, run_folds=[1], make_method=make)
+  assert [p["val_c_index_per_fold"] for p in c1["points"]] != \
+      [p["val_c_index_per_fold"] for p in d1["points"]]

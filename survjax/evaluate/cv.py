@@ -156,7 +156,9 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv",
 
   Args:
     mode: "cv" trains and evaluates every fold; "train" only trains (checkpoints);
-      "eval" evaluates folds whose training finished (re-evaluating every fold).
+      "eval" evaluates folds whose training finished (re-evaluating every fold); "tune"
+      scores the config's ``tune.grid`` on the inner validation splits
+      (`survjax.evaluate.tune`; ``method`` is rebuilt for every grid point).
 
   Each fold's training patients give up a stratified inner validation part
   (``cv.val_fraction``), on which stages with ``select`` choose their epoch; the test fold
@@ -193,10 +195,18 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: b
   if bad:
     raise InputError(f"fold {bad[0]} does not exist, expected folds 0 to {len(folds) - 1}",
                      path="config.cv.folds")
-  is_main = jax.process_index() == 0
-  if not is_main:
+
+  def run():
+    if mode == "tune":
+      from survjax.evaluate.tune import run_tune
+      from survjax.models import get_method
+      return run_tune(cohort, config, workdir, folds=folds, run_folds=run_folds,
+                      make_method=get_method)
     return _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh,
                   scenario_names, ref_models, fingerprints)
+
+  if jax.process_index() != 0:
+    return run()
   if restart:
     aside = rundir.restart(workdir)
     if aside is not None:
@@ -204,8 +214,7 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: b
   rundir.check_writable(workdir)
   with rundir.locked(workdir):
     rundir.check_or_record(workdir, config, fingerprints)
-    return _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh,
-                  scenario_names, ref_models, fingerprints)
+    return run()
 
 
 def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenario_names,

@@ -243,6 +243,11 @@ def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
     if mod.kind == "tokens" and mod.group_sizes != ref.group_sizes:
       raise InputError(f"modality {name!r} has tokens of sizes {list(mod.group_sizes)}, the "
                        f"run was trained on {list(ref.group_sizes)}", path=source)
+    if mod.columns and ref.columns and tuple(mod.columns) != tuple(ref.columns):
+      j = next(j for j, (a, b) in enumerate(zip(mod.columns, ref.columns)) if a != b)
+      raise InputError(f"modality {name!r} column {j} is {mod.columns[j]!r}, the run was "
+                       f"trained with {ref.columns[j]!r} there (same columns and categories "
+                       "expected, in the same order)", path=source)
   mods = dict(new.modalities)
   n = len(new)
   for name in method.modalities:
@@ -270,6 +275,22 @@ def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
   if getattr(new, "imputation", None):
     out.imputation = new.imputation
   return out
+
+
+def _check_run(workdir: Path, config, fingerprints: dict) -> None:
+  """The run in ``workdir`` was trained with this config and cohort (`survjax.rundir`'s
+  record), except that config keys added or removed since (by a newer survjax) are
+  ignored: predict trains nothing, and a field the run never had cannot have changed it."""
+  recorded = json.loads((workdir / "run.json").read_text())
+  diffs = [f"{k} {recorded.get(k)} -> {fingerprints[k]}" for k in fingerprints
+           if k in recorded and recorded[k] != fingerprints[k]]
+  old, new = recorded.get("training_config", {}), rundir.training_config(config)
+  diffs += [f"{k} {old[k]} -> {new[k]}" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+  if diffs:
+    shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+    raise InputError(f"the run here was trained with another configuration or cohort ({shown}), "
+                     "expected the --config (and its data) the run was trained with",
+                     path=workdir)
 
 
 # --------------------------------------------------------------------------- hooks
@@ -333,14 +354,16 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
   method = get_method(config)
   train = load_cohort(config.data)
   folds, fingerprints = cohort_folds(train, config)
-  rundir.check_or_record(workdir, config, fingerprints)   # exists: checks, never writes
+  _check_run(workdir, config, fingerprints)
   done = [k for k in range(len(folds))
           if (workdir / f"fold_{k}" / "result.json").is_file()]
   if not done:
     raise InputError("no evaluated fold (fold_<k>/result.json), expected a run trained and "
                      "evaluated with --mode=cv", path=workdir)
   source = getattr(data.files, "clinical_csv", "") if data.source == "files" else data.source
-  new = check_compatible(train, load_cohort(data), method, source or "predict data")
+  tab = {k: m.columns for k, m in train.modalities.items() if m.kind == "tokens"}
+  new = check_compatible(train, load_cohort(data, labels=False, tabular_columns=tab), method,
+                         source or "predict data")
   if attention and getattr(method, "attention", None) is None:
     raise InputError(f"method {method.name} has no attention hook, expected a MIL method "
                      "(abmil, ...) for --predict.attention", path="--predict.attention")

@@ -99,3 +99,23 @@ def test_slide_id_needed_only_with_features(tmp_path):
   with pytest.raises(InputError, match="missing column 'slide_id'"):
     load_file_cohort(tmp_path / "c.csv", name="x", features_dir=tmp_path / "feats",
                      impute="train_mean")
+
+
+def test_new_cohort_uses_the_training_categories(tmp_path):
+  """Predict mode: one-hot columns over the training cohort's categories, same order."""
+  head = "case_id,survival_months,event,stage\n"
+  (tmp_path / "train.csv").write_text(head + "A,5,1,II\nB,6,0,I\nC,7,1,III\nD,8,0,II\n")
+  train = load_file_cohort(tmp_path / "train.csv", name="t", tabular={"clinical": ["stage"]})
+  cols = train.modalities["clinical"].columns
+  assert cols == ("stage=I", "stage=II", "stage=III")
+  (tmp_path / "new.csv").write_text(head + "E,5,1,III\nF,6,0,III\n")   # one category only
+  alone = load_file_cohort(tmp_path / "new.csv", name="n", tabular={"clinical": ["stage"]})
+  assert alone.modalities["clinical"].columns == ("stage=III",)        # would not match
+  new = load_file_cohort(tmp_path / "new.csv", name="n", tabular={"clinical": ["stage"]},
+                         tabular_columns={"clinical": cols})
+  assert new.modalities["clinical"].columns == cols
+  np.testing.assert_array_equal(new.modalities["clinical"].values, [[0, 0, 1], [0, 0, 1]])
+  (tmp_path / "bad.csv").write_text(head + "G,5,1,IV\n")
+  with pytest.raises(InputError, match="'IV', a category the training cohort never had"):
+    load_file_cohort(tmp_path / "bad.csv", name="b", tabular={"clinical": ["stage"]},
+                     tabular_columns={"clinical": cols})

@@ -246,3 +246,25 @@ def test_attention_padding_gets_none():
   assert (a[~mask] == 0).all()
   np.testing.assert_allclose(a.sum(axis=1), 1.0, rtol=1e-6)
   assert Unimodal(name="snn", modality="genomics", cfg=cfg).attention is None
+
+
+def test_predict_unlabelled_cohort(run):
+  """A CSV without survival columns: predictions for everyone, no validation report."""
+  root = run["root"]
+  new = write_file_cohort(root / "unlabelled", n_patients=10, dim=16, bag=(10, 30), seed=5)
+  with open(new["csv"], newline="") as f:
+    rows = list(csv.reader(f))
+  drop = {rows[0].index("survival_months"), rows[0].index("censorship")}
+  with open(new["csv"], "w", newline="") as f:
+    csv.writer(f, lineterminator="\n").writerows(
+        [[v for j, v in enumerate(r) if j not in drop] for r in rows])
+  out = root / "unlabelled_out"
+  _cli(run["config"] + ["--mode=predict", f"--predict.out={out}",
+                        f"--predict.clinical_csv={new['csv']}",
+                        f"--predict.features_dir={new['features']}",
+                        f"--predict.signatures_csv={new['signatures']}"])
+  pred = _read_csv(out / "predictions.csv")
+  assert [r["case_id"] for r in pred] == new["case_ids"] and "time" not in pred[0]
+  assert {r["risk_group"] for r in pred} <= {"high", "low"}
+  assert not (out / "report.md").exists() and not (out / "km_external.png").exists()
+  assert "external_validation" not in json.loads((out / "predictions.json").read_text())

@@ -14,8 +14,11 @@ from survjax.errors import InputError
 logging.getLogger("numexpr.utils").setLevel(logging.WARNING)
 
 
-def load_cohort(data) -> Cohort:
+def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
   """The cohort a config's ``data`` block names, validated.
+
+  ``labels=False`` (predict mode): a files cohort may come without survival columns;
+  ``tabular_columns``: the training cohort's encoded tabular columns (one-hot categories).
 
   Raises:
     InputError: unknown source or any bad input in the files.
@@ -44,7 +47,7 @@ def load_cohort(data) -> Cohort:
         f.clinical_csv, name=data.name or "cohort", features_dir=f.features_dir or None,
         signatures_csv=f.signatures_csv or None, radiology_dir=f.radiology_dir or None,
         expected_dim=f.feature_dim or None, allow_missing=tuple(f.allow_missing),
-        impute=f.get("impute", "error"),
+        impute=f.get("impute", "error"), labels=labels, tabular_columns=tabular_columns,
         tabular=dict(f.get("tabular", {})) or None)
   elif source == "tfds":
     from survjax.data.tfds_builder import load_tfds_cohort
@@ -57,5 +60,6 @@ def load_cohort(data) -> Cohort:
   else:
     raise InputError(f"unknown data.source {source!r}, expected synthetic, files, tfds or "
                      "sksurv_breast", path="config")
-  cohort.validate(source=getattr(data.files, "clinical_csv", "") or source)
+  from survjax.data.formats import validate_cohort
+  validate_cohort(cohort, getattr(data.files, "clinical_csv", "") or source, labels)
   return cohort

@@ -191,13 +191,15 @@ class ClinicalTable:
   case_rows: list[np.ndarray]
 
 
-def read_clinical_csv(path, *, slides: bool = True) -> ClinicalTable:
+def read_clinical_csv(path, *, slides: bool = True, labels: bool = True) -> ClinicalTable:
   """Reads an MCAT/SurvPath clinical CSV (layout in the module docstring).
 
   Args:
     path: the CSV file.
     slides: whether a ``slide_id`` column is required (only with a features directory;
       a tabular-only cohort needs none).
+    labels: False accepts a file without ``survival_months`` (and without ``censorship``
+      / ``event``): every case is then unlabelled (time NaN; predict mode).
 
   Returns:
     A `ClinicalTable`, one entry per case.
@@ -210,6 +212,11 @@ def read_clinical_csv(path, *, slides: bool = True) -> ClinicalTable:
   """
   path = str(path)
   rows = _read_csv_frame(path)
+  unlabelled = not labels and "survival_months" not in rows
+  if unlabelled:
+    rows["survival_months"] = ""
+    if "censorship" not in rows and "event" not in rows:
+      rows["event"] = "0"
   for col in ("case_id", "slide_id", "survival_months") if slides else ("case_id",
                                                                           "survival_months"):
     _require_column(rows, col, path)
@@ -224,8 +231,8 @@ def read_clinical_csv(path, *, slides: bool = True) -> ClinicalTable:
     if not cid:
       raise InputError(f"line {rows.index[r]}: empty case_id, expected a patient id",
                        path=path)
-  time = _parse_times(rows, path)
-  event = _parse_events(rows, path)
+  time = np.full(len(rows), np.nan) if unlabelled else _parse_times(rows, path)
+  event = _parse_events(rows, path) & ~np.isnan(time)
   gene_columns = tuple(c for c in rows.columns if c.endswith(GENE_SUFFIXES))
   genes = _parse_numeric_block(rows, gene_columns, path)
   _check_duplicate_slides(rows, path)
@@ -449,6 +456,8 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
                      expected_dim: int | None = None,
                      allow_missing: Sequence[str] = (),
                      impute: str = "error",
+                     labels: bool = True,
+                     tabular_columns: Mapping[str, Sequence[str]] | None = None,
                      progress: bool = False) -> Cohort:
   """Loads a cohort from a clinical CSV and feature directories (module docstring).
 
@@ -489,6 +498,12 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
       per column with the mean / median of the observed cells of each training fold
       (`impute_fold`, called by the cross-validation harness and by predict mode). A row
       with every cell empty stays unavailable, never imputed.
+    labels: False: survival columns are optional (`read_clinical_csv`); a cohort without
+      them is validated as if labelled and returned unlabelled (predict mode).
+    tabular_columns: optional ``{modality: encoded column names}`` of another cohort
+      (the training one, predict mode): text columns are one-hot encoded over *its*
+      categories, in its order, so both cohorts get the same columns; a category it never
+      had is an error.
     progress: show a tqdm progress bar over cases on stderr while reading features.
 
   Returns:
@@ -500,7 +515,7 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
   if impute not in IMPUTE_POLICIES:
     raise InputError(f"impute is {impute!r}, expected one of {list(IMPUTE_POLICIES)}",
                      path="config.data.files.impute")
-  table = read_clinical_csv(clinical_csv, slides=features_dir is not None)
+  table = read_clinical_csv(clinical_csv, slides=features_dir is not None, labels=labels)
   path = table.path
   allow = _check_allow_missing(allow_missing, tabular, path)
   gaps: dict[str, np.ndarray] = {}
@@ -517,13 +532,24 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
     if mod_name in modalities or mod_name in ("pathology", "genomics", "radiology"):
       raise InputError(f"tabular modality name {mod_name!r} is taken, expected a new name",
                        path=path)
-    modalities[mod_name] = _tabular(table, mod_name, spec, impute, gaps)
+    modalities[mod_name] = _tabular(table, mod_name, spec, impute, gaps,
+                                    (tabular_columns or {}).get(mod_name))
   cohort = Cohort(name=name, case_ids=table.case_ids, time=table.time, event=table.event,
                   modalities=modalities)
-  cohort.validate(source=path)
+  validate_cohort(cohort, path, labels)
   if impute != "error":
     cohort.imputation = {"policy": impute, "cells": gaps}
   return cohort
+
+
+def validate_cohort(cohort, source, labels: bool = True) -> None:
+  """`Cohort.validate`; with ``labels=False`` a cohort without any survival label is
+  validated as if every patient had one (everything but the labels is checked)."""
+  if labels or cohort.labelled.any():
+    cohort.validate(source=source)
+    return
+  Cohort(name=cohort.name, case_ids=cohort.case_ids, time=np.ones(len(cohort)),
+         event=np.zeros(len(cohort), bool), modalities=cohort.modalities).validate(source)
 
 
 # --------------------------------------------------------------------------- imputation
@@ -756,8 +782,8 @@ def _radiology(table: ClinicalTable, radiology_dir: Path, exts) -> Modality:
       missing_msg=f"no radiology file for any case, expected <case_id>{exts[0]} files")
 
 
-def _tabular(table: ClinicalTable, mod_name: str, spec, impute="error", gaps=None
-             ) -> Modality:
+def _tabular(table: ClinicalTable, mod_name: str, spec, impute="error", gaps=None,
+             reference_columns=None) -> Modality:
   if hasattr(spec, "to_dict"):  # an ml_collections ConfigDict from a config file
     spec = spec.to_dict()
   if isinstance(spec, str) or not isinstance(spec, (Mapping, Sequence)) or not spec:
@@ -771,7 +797,10 @@ def _tabular(table: ClinicalTable, mod_name: str, spec, impute="error", gaps=Non
     start = len(names)
     for col in cols:
       _require_column(rows, col, table.path)
-      block, col_names = _encode_column(table, col)
+      cats = None
+      if reference_columns:
+        cats = [c.split("=", 1)[1] for c in reference_columns if c.startswith(col + "=")]
+      block, col_names = _encode_column(table, col, cats or None)
       blocks.append(block)
       names.extend(col_names)
     groups.append((str(token), tuple(range(start, len(names)))))
@@ -788,14 +817,16 @@ def _tabular(table: ClinicalTable, mod_name: str, spec, impute="error", gaps=Non
                   columns=tuple(names))
 
 
-def _encode_column(table: ClinicalTable, col: str) -> tuple[np.ndarray, list[str]]:
-  """Numeric column -> ``[rows, 1]``; text column -> one-hot ``[rows, n_categories]``."""
+def _encode_column(table: ClinicalTable, col: str, categories=None
+                   ) -> tuple[np.ndarray, list[str]]:
+  """Numeric column -> ``[rows, 1]``; text column -> one-hot ``[rows, n_categories]``
+  (over ``categories`` when given: the training cohort's)."""
   series = table.rows[col]
   num = pd.to_numeric(series, errors="coerce")
   text = series.astype(object).where(series.notna(), None)
   text = text.map(lambda v: None if v is None or str(v).strip() in _NA_STRINGS
                   else str(v).strip())
-  if (num.notna() | text.isna()).all():
+  if categories is None and (num.notna() | text.isna()).all():
     vals = num.to_numpy(dtype=np.float64)
     if np.isinf(vals).any():
       r = int(np.argmax(np.isinf(vals)))
@@ -804,6 +835,15 @@ def _encode_column(table: ClinicalTable, col: str) -> tuple[np.ndarray, list[str
                        case_id=table.rows["case_id"].iat[r])
     return vals[:, None], [col]
   cats = sorted(set(text.dropna()))
+  if categories is not None:
+    unseen = sorted(set(cats) - set(categories))
+    if unseen:
+      r = int(np.argmax((text == unseen[0]).to_numpy()))
+      raise InputError(f"line {table.rows.index[r]}: column {col!r} is {unseen[0]!r}, a "
+                       f"category the training cohort never had, expected one of "
+                       f"{list(categories)}", path=table.path,
+                       case_id=table.rows["case_id"].iat[r])
+    cats = list(categories)
   onehot = np.stack([(text == c).to_numpy(dtype=np.float64) for c in cats], axis=1)
   onehot[text.isna().to_numpy()] = np.nan
   return onehot, [f"{col}={c}" for c in cats]

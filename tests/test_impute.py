@@ -7,6 +7,7 @@ text, and the held-out fold's values are shown not to matter.
 """
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -119,3 +120,36 @@ def test_new_cohort_uses_the_training_categories(tmp_path):
   with pytest.raises(InputError, match="'IV', a category the training cohort never had"):
     load_file_cohort(tmp_path / "bad.csv", name="b", tabular={"clinical": ["stage"]},
                      tabular_columns={"clinical": cols})
+
+
+def test_cross_validation_imputes_each_fold_from_its_training_patients(tmp_path, monkeypatch):
+  """The CV harness calls `impute_fold` per fold with that fold's training patients."""
+  from configs.common import base_config
+  from survjax.evaluate import cv
+  from toy_method import ToyMethod
+  rows = _write(tmp_path / "c.csv", np.random.default_rng(1))
+  cohort = _load(tmp_path / "c.csv", "train_median")
+  calls = []
+
+  def spy(c, tr, **kw):
+    out = impute_fold(c, tr, **kw)
+    calls.append((np.asarray(tr).copy(), out))
+    return out
+
+  monkeypatch.setattr(cv, "impute_fold", spy)
+  cfg = base_config("toy")
+  cfg.cv.num_folds, cfg.cv.val_fraction = 3, 0.0
+  cfg.cv.splits_dir = str(tmp_path / "splits")
+  cfg.eval.scenarios, cfg.eval.latency, cfg.progress = ("full",), False, False
+  cfg.train.batch_size = 8
+  cfg.compilation_cache_dir = ""
+  cv.run_cv(ToyMethod(modalities=("genomics", "clinical"), epochs=(2, 1)), cohort, cfg,
+            tmp_path / "run")
+  assert len(calls) == 3
+  c_age = list(cohort.modalities["clinical"].columns).index("age")
+  for k, (tr, out) in enumerate(calls):
+    ages = [float(rows[i][3]) for i in tr if rows[i][3]]
+    assert out.modalities["clinical"].values[2, c_age] == pytest.approx(np.median(ages))
+    info = json.loads((tmp_path / "run" / f"fold_{k}" / "predict.json").read_text())
+    assert info["time_model"] == "cox" and len(info["breslow"]["times"]) > 0
+    assert len(info["calibration"]["oof_survival"]) == len(info["oof_case_ids"])

@@ -18,10 +18,10 @@ from survjax.errors import InputError
 N = 12
 
 
-def _write(path, rng, test_rows=(), test_value=None):
+def _write(path, rng, test_rows=(), test_value=None, n=N):
   """Rows: case_id, survival_months, censorship, age, grade, A_rnaseq, B_rnaseq."""
   rows = []
-  for i in range(N):
+  for i in range(n):
     age = f"{40 + 3 * i + rng.integers(0, 3)}"
     grade = f"{1 + i % 3}"
     a, b = f"{rng.normal():.4f}", f"{rng.normal():.4f}"
@@ -153,3 +153,48 @@ def test_cross_validation_imputes_each_fold_from_its_training_patients(tmp_path,
     info = json.loads((tmp_path / "run" / f"fold_{k}" / "predict.json").read_text())
     assert info["time_model"] == "cox" and len(info["breslow"]["times"]) > 0
     assert len(info["calibration"]["oof_survival"]) == len(info["oof_case_ids"])
+
+
+def test_predict_with_a_cox_method_and_gaps(tmp_path):
+  """A tabular-only Cox run predicts a gappy cohort: Breslow survival curves, the ensemble
+  curve the mean of the fold curves (recomputed from fold_<k>/predict.json), metrics."""
+  import copy
+  from configs.common import base_config
+  from survjax.data import load_cohort
+  from survjax.evaluate.cv import run_cv
+  from survjax.models import get_method
+  from survjax.predict import predict_run
+  _write(tmp_path / "train.csv", np.random.default_rng(1), n=40)
+  _write(tmp_path / "new.csv", np.random.default_rng(2), n=20)
+  cfg = base_config("toy_method")
+  with cfg.unlocked():
+    cfg.model = {"modalities": ("genomics", "clinical"), "epochs": (2, 1)}
+  cfg.data.source = "files"
+  cfg.data.files.clinical_csv = str(tmp_path / "train.csv")
+  cfg.data.files.tabular = {"clinical": ["age", "grade"]}
+  cfg.data.files.impute = "train_mean"
+  cfg.cv.num_folds, cfg.cv.val_fraction = 3, 0.0
+  cfg.cv.splits_dir = str(tmp_path / "splits")
+  cfg.eval.scenarios, cfg.eval.latency, cfg.progress = ("full",), False, False
+  cfg.train.batch_size = 8
+  cfg.compilation_cache_dir = ""
+  run_cv(get_method(cfg), load_cohort(cfg.data), cfg, tmp_path / "run")
+  data = copy.deepcopy(cfg.data)
+  data.files.clinical_csv = str(tmp_path / "new.csv")
+  data.name = "new"
+  res = predict_run(cfg, tmp_path / "run", data, bootstrap=20)
+  grid = np.asarray(res["survival_times"])
+  assert res["time_model"] == "cox" and grid.size > 0 and len(res["patients"]) == 20
+  infos = [json.loads((tmp_path / "run" / f"fold_{k}" / "predict.json").read_text())
+           for k in range(3)]
+  for p in res["patients"]:
+    fold_s = []
+    for k, info in enumerate(infos):
+      b = info["breslow"]
+      j = np.searchsorted(b["times"], grid, side="right") - 1
+      h0 = np.where(j >= 0, np.asarray(b["cumhaz"])[np.clip(j, 0, None)], 0.0)
+      fold_s.append(np.exp(-h0 * np.exp(p["risk"][str(k)])))
+    np.testing.assert_allclose(p["survival"], np.mean(fold_s, axis=0), rtol=1e-9)
+  m = res["external_validation"]["metrics"]
+  assert 0 <= m["c_index"] <= 1 and ("ibs" in m or "ibs_unavailable" in m)
+  assert (tmp_path / "run" / "predictions" / "new" / "predictions.csv").is_file()

@@ -674,6 +674,10 @@ def test_group_tokenizer_stacked_equals_per_group_snns():
   new = GroupTokenizer(sizes, 8, rngs=nnx.Rngs(3), hidden=16)
   old = _PerGroupTokenizer(sizes, 8, rngs=nnx.Rngs(3), hidden=16)
   assert len(new.kernels1) == 4  # buckets (0,1], (2,4], (4,8], (8,16]
+  # The one-draw-per-bucket initialisation is the path tested here (not the fallback).
+  from survjax.nn import genomic as genomic_lib
+  assert genomic_lib._fast_kernels_match(nnx.initializers.variance_scaling(1.0, "fan_in",
+                                                                           "normal"))
   # Same initial values, group by group (the same keys drawn in the same order).
   for g, (w1, b1, w2, b2) in enumerate(_stacked_as_per_group(new)):
     l1, l2 = old.encoders[g].layers

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 B, N, DR, DP, D = 32, 64, 64, 128, 64
 PROBES = (0, 1, 4, 16)   # 0 = no GCS

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from survjax.errors import InputError
-from survjax.io import atomic_write_bytes, atomic_write_text
+from survjax.io import atomic_save_figure, atomic_write_text
 
 
 def _read_fold_risks(path: Path):
@@ -175,7 +175,6 @@ def to_markdown(table, reference=None, command: str = "") -> str:
 
 
 def forest_plot(table, reference, path) -> None:
-  import io
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -193,10 +192,8 @@ def forest_plot(table, reference, path) -> None:
   else:
     ax.set_xlabel("C-index (95% bootstrap CI)")
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
+  atomic_save_figure(fig, path, dpi=120)
   plt.close(fig)
-  atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv=None) -> int:

@@ -15,13 +15,13 @@ Exit status 2 with one line on stderr on a bad input file.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from survjax.errors import InputError
+from survjax.io import atomic_save_figure
 
 
 def read_attention(path) -> tuple[np.ndarray, np.ndarray]:
@@ -95,16 +95,7 @@ def render(coords, scores, out, *, thumbnail=None, alpha: float = 0.5, title: st
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp")
-  try:
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return out
+  return atomic_save_figure(fig, out)
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,15 @@ def atomic_write_text(path, text: str) -> None:
   atomic_write_bytes(path, text.encode())
 
 
+def atomic_save_figure(fig, path, **savefig_kw) -> Path:
+  """Saves a matplotlib figure as PNG through `atomic_write_bytes`; returns the path."""
+  import io
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", **savefig_kw)
+  atomic_write_bytes(path, buf.getvalue())
+  return Path(path)
+
+
 def atomic_write_json(path, obj) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n")
 

@@ -288,7 +288,6 @@ def test_tuning_never_reads_a_test_fold(tmp_path):
   folds_s, _ = cohort_folds(scrambled, c)
   assert all((a[1] == b[1]).all() for a, b in zip(folds, folds_s))
 
-  import toy_method
 
   def make(cfg):
     return _Selecting(epochs=cfg.model.epochs[0])

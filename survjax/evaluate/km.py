@@ -16,13 +16,13 @@ summed over distinct event times ``t`` (``d_t`` events among ``n_t`` at risk,
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from survjax.errors import InputError
 from survjax.evaluate.metrics import _check_risk, _check_time_event
+from survjax.io import atomic_save_figure
 
 
 def _km(time: np.ndarray, event: np.ndarray):
@@ -105,7 +105,7 @@ def number_at_risk(time: np.ndarray, ticks) -> list[int]:
 def plot_km(result: dict, path, title: str | None = None) -> Path:
   """Plots the two Kaplan-Meier curves of `median_split_logrank` to a PNG.
 
-  Written atomically (to ``path + ".tmp"``, then ``os.replace``) with matplotlib's Agg
+  Written atomically (`survjax.io.atomic_save_figure`) with matplotlib's Agg
   canvas (no display, no pyplot state). The log-rank p-value is in the legend title.
 
   Args:
@@ -156,12 +156,4 @@ def plot_km(result: dict, path, title: str | None = None) -> Path:
                 ha="center", va="top", fontsize=7, color=color)
   else:
     fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(str(path) + ".tmp")
-  try:
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+  return atomic_save_figure(fig, path)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from survjax.evaluate.km import plot_km, split_logrank
-from survjax.io import atomic_write_text
+from survjax.io import atomic_save_figure, atomic_write_text
 
 
 def _pooled_risks(workdir: Path, fold_results, row: str, cohort):
@@ -85,7 +85,6 @@ def calibration(workdir: Path, fold_results, cohort, bins: int = 10) -> dict | N
 
 
 def plot_calibration(cal: dict, path, title: str) -> Path:
-  import os
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(4.2, 4.0), dpi=120)
@@ -101,15 +100,7 @@ def plot_calibration(cal: dict, path, title: str) -> Path:
   ax.set_ylabel("Kaplan-Meier observed S(t)")
   ax.set_title(title, fontsize=8)
   fig.tight_layout()
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  try:
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+  return atomic_save_figure(fig, path)
 
 
 def _summary(values):
@@ -203,7 +194,6 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
 def plot_cindex_per_fold(results: dict, path) -> Path:
   """Dot plot of the C-index per fold for every scenario row, with the mean ± std over
   folds (the numbers of ``results["scenarios"]``); written atomically."""
-  import os
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   rows = list(results["scenarios"])
@@ -222,15 +212,7 @@ def plot_cindex_per_fold(results: dict, path) -> Path:
   ax.set_xlabel("C-index (dots: folds; diamond: mean ± std)")
   ax.set_title(f"{results['method']} on {results['dataset']}", fontsize=9)
   fig.tight_layout()
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  try:
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+  return atomic_save_figure(fig, path)
 
 
 def render_report(results: dict, cohort=None) -> str:

@@ -57,7 +57,7 @@ from flax import nnx
 from survjax import ot, survival
 from survjax.method import Stage
 from survjax.nn.attention import TransformerLayer
-from survjax.nn.core import dropout, masked_mean, masked_softmax, split_key
+from survjax.nn.core import dropout, masked_softmax, split_key
 from survjax.train.optim import make_optimizer, matrices_only
 
 PATH, GEN = "pathology", "genomics"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   """``sum_i w_i v_i / sum_i w_i`` (``0`` when all weights are 0); rows with ``w_i = 0``
   are dropped with ``where`` so that a non-finite padded value cannot leak in."""
   weights = weights.astype(values.dtype)
@@ -106,7 +106,7 @@ def discrete_time_nll(logits: jax.Array, bins: jax.Array, event: jax.Array,
   uncensored = -delta * (take(log_s_prev) + take(log_h))
   censored = -(1.0 - delta) * take(log_s)
   per_patient = (1.0 - alpha) * (uncensored + censored) + alpha * uncensored
-  return _weighted_mean(per_patient, jnp.asarray(weights))
+  return weighted_mean(per_patient, jnp.asarray(weights))
 
 
 def cox_partial_nll(risk: jax.Array, time: jax.Array, event: jax.Array,

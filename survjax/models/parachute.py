@@ -295,10 +295,6 @@ class ParachuteModel(nnx.Module):
     return self.out_norm(f), missing
 
 
-def _weighted_mean(x, w):
-  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
 def drop_modalities(key: jax.Array, avail: dict, prob: float) -> dict:
   """Training-time missingness: each patient with both modalities loses one of them
   (uniformly) with probability ``prob``."""
@@ -342,14 +338,10 @@ class Parachute:
     metrics = {}
     if self.cfg.gcs.enabled:
       n_events = jnp.sum(w * batch["event"])
-      # Rows of weight 0 enter the core's Cox loss as log-risk -inf, whose second-order
-      # tangents are NaN (logaddexp(-inf, -inf)); for the curvature (the gate only) they get
-      # a weight of 1e-30 instead: a relative change far below float32 rounding.
-      w_curv = jnp.maximum(w, 1e-30)
 
       def summed_loss(feats):   # per-patient scale (see GCSGate)
         risk = model.hazard(feats, k_haz)
-        return n_events * survival.cox_partial_nll(risk, batch["time"], batch["event"], w_curv)
+        return n_events * survival.cox_partial_nll(risk, batch["time"], batch["event"], w)
 
       g, c = curvature.hutchinson_rows(summed_loss, jax.lax.stop_gradient(f), k_probe,
                                        self.cfg.gcs.num_probes)
@@ -359,10 +351,10 @@ class Parachute:
       scale = jax.lax.stop_gradient(curvature.gcs_scale(c, weight, gate.gamma))
       f = curvature.steer_cotangent(f, scale)
       wm, wc = w * missing, w * (1.0 - missing)
-      metrics = {"curv_missing": _weighted_mean(c, wm), "curv_complete": _weighted_mean(c, wc),
-                 "gnorm_missing": _weighted_mean(gnorm, wm),
-                 "gnorm_complete": _weighted_mean(gnorm, wc),
-                 "gate_mean": _weighted_mean(weight, w), "scale_mean": _weighted_mean(scale, w)}
+      metrics = {"curv_missing": survival.weighted_mean(c, wm), "curv_complete": survival.weighted_mean(c, wc),
+                 "gnorm_missing": survival.weighted_mean(gnorm, wm),
+                 "gnorm_complete": survival.weighted_mean(gnorm, wc),
+                 "gate_mean": survival.weighted_mean(weight, w), "scale_mean": survival.weighted_mean(scale, w)}
     risk = model.hazard(f, k_haz)
     return survival.cox_partial_nll(risk, batch["time"], batch["event"], w), metrics
 

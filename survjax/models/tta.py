@@ -256,7 +256,7 @@ def instance_ce(logits, plan, mask, row_weights):
   u = jnp.where(mask, share, 0.0)
   ce = -jnp.sum(q * jax.nn.log_softmax(logits, axis=-1), axis=-1)
   per_patient = jnp.sum(u * ce, axis=-1) / jnp.maximum(jnp.sum(u, axis=-1), 1e-12)
-  return survival._weighted_mean(per_patient, row_weights)
+  return survival.weighted_mean(per_patient, row_weights)
 
 
 def apart_loss(summary, anchors, both, temperature):
@@ -269,7 +269,7 @@ def apart_loss(summary, anchors, both, temperature):
   eye = jnp.eye(len(names))
   s2a = -jnp.sum(eye * jax.nn.log_softmax(sim, axis=-1), axis=(1, 2)) / len(names)
   a2s = -jnp.sum(eye * jax.nn.log_softmax(sim, axis=-2), axis=(1, 2)) / len(names)
-  return survival._weighted_mean(0.5 * (s2a + a2s), both)
+  return survival.weighted_mean(0.5 * (s2a + a2s), both)
 
 
 def _clock_tx(step: float) -> optax.GradientTransformation:

@@ -127,6 +127,71 @@ def diagnostics_table(runs, run: str) -> str:
                 [[f"`{k}`", f"{v:.3f}"] for k, v in diag.items()])
 
 
+def _bench(name: str) -> dict | None:
+  path = REPO / "benchmarks" / "results" / f"{name}.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _machine(d) -> str:
+  dev = d.get("device", {})
+  load = dev.get("load_average_1min")
+  return (f"{dev.get('cpu_model', dev.get('device_kind', '?'))}, {dev.get('cpu_threads', '?')} "
+          f"threads" + (f", load average {load:.1f} during the run" if load is not None else ""))
+
+
+def bench_table(name: str) -> str:
+  """A benchmark JSON of ``benchmarks/results/`` as a table (README speed section)."""
+  d = _bench(name)
+  if d is None:
+    return f"(no benchmarks/results/{name}.json)\n"
+  if name.startswith("gcs_step"):
+    rows = []
+    for key in ("probes_0", "probes_1", "probes_4", "probes_16"):
+      j, t = d["jax"].get(key), d.get("torch_eager", {}).get(key)
+      if j is None:
+        continue
+      n = key.split("_")[1]
+      label = "no GCS" if n == "0" else f"GCS, {n} probe" + ("s" if n != "1" else "")
+      rows.append([label, f"{j['p50_ms']:.1f} / {j['p90_ms']:.1f} ms (compile {j['compile_s']:.0f} s)",
+                   "" if t is None else f"{t['p50_ms']:.0f} ms",
+                   "" if t is None else f"{t['p50_ms'] / j['p50_ms']:.1f}x"])
+    text = _table(["PARACHUTE training step", "JAX p50 / p90", "PyTorch eager p50",
+                   "PyTorch / JAX"], rows)
+    command = "python -m benchmarks.gcs_step --torch-python=..."
+  elif name.startswith("uot"):
+    pr = d["problem"]
+    rows = [["ott-jax, jitted vmap", f"{d['ott_jax']['p50_ms']:.0f} ms", "1.0x"],
+            ["POT, loop over patients", f"{d['pot_loop']['p50_ms']:.0f} ms",
+             f"{d['speedup_p50']['pot_loop/ott_jax']:.2f}x"],
+            ["PyTorch, batched log-domain", f"{d['torch_batched']['p50_ms']:.0f} ms",
+             f"{d['speedup_p50']['torch_batched/ott_jax']:.2f}x"]]
+    text = _table([f"unbalanced Sinkhorn, {pr['patients']} patients x {pr['tokens']} tokens x "
+                   f"{pr['prototypes']} prototypes + dustbin", "p50", "time / ott-jax"], rows)
+    command = "python -m benchmarks.uot --torch-python=..."
+  elif name.startswith("mae_pretrain"):
+    j, t = d["jax"]["step"], d["torch"]["step"]
+    rows = [["JAX (jit)", f"{j['p50_ms']:.0f} / {j['p90_ms']:.0f} ms", "1.0x"],
+            ["PyTorch eager", f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} ms",
+             f"{t['p50_ms'] / j['p50_ms']:.1f}x"]]
+    text = _table(["impuTMAE pretraining step (batch 32)", "p50 / p90", "time / JAX"], rows)
+    command = "python -m benchmarks.mae_pretrain --torch-python=..."
+  elif name.startswith("gene_groups"):
+    rows = []
+    for r in d["rows"]:
+      st, pg = r["stacked"], r.get("per_group") or {}
+      old = (f"{pg['compile_s']:.1f} s / {pg['step']['p50_ms']:.1f} ms" if pg.get("finished")
+             else pg.get("reason", "not run"))
+      rows.append([f"{r['groups']}" + (" (one column each)" if r["one_column_groups"] else ""),
+                   f"{r['columns']}", f"{st['compile_s']:.1f} s / {st['step']['p50_ms']:.1f} ms",
+                   old])
+    text = _table(["gene groups", "columns", "stacked: compile / step p50",
+                   "per-group loop: compile / step p50"], rows)
+    command = d.get("command", "python -m benchmarks.gene_groups")
+  else:
+    raise KeyError(f"no table for benchmark {name!r}")
+  return text + f"\n`{command}` on {_machine(d)}.\n"
+
+
 def compare_table(name: str) -> str:
   """A committed `survjax.compare` result (docs/results/compare/<name>.json)."""
   from survjax.compare import to_markdown
@@ -150,6 +215,8 @@ def render(name: str, runs) -> str:
     return diagnostics_table(runs, run)
   if kind == "compare":
     return compare_table(run)
+  if kind == "bench":
+    return bench_table(run)
   raise KeyError(f"unknown generated block {name!r}")
 
 

@@ -17,18 +17,18 @@ conditional expectation of the true risk given the scenario (docs/results/runs/i
 <!-- generated: scenarios.imputmae -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full/masked` | 0.716 +- 0.012 | 0.707, 0.738, 0.719, 0.706, 0.709 | 0.794 |
-| `full` | 0.721 +- 0.024 | 0.697, 0.741, 0.719, 0.754, 0.695 | 0.794 |
-| `missing_rna/masked` | 0.678 +- 0.051 | 0.737, 0.588, 0.685, 0.665, 0.717 | 0.794 |
-| `missing_rna` | 0.720 +- 0.009 | 0.716, 0.705, 0.729, 0.730, 0.719 | 0.794 |
-| `missing_dnam/masked` | 0.687 +- 0.053 | 0.595, 0.753, 0.688, 0.675, 0.724 | 0.794 |
-| `missing_dnam` | 0.709 +- 0.033 | 0.680, 0.738, 0.713, 0.748, 0.664 | 0.794 |
-| `missing_pathology/masked` | 0.722 +- 0.049 | 0.649, 0.688, 0.791, 0.732, 0.747 | 0.779 |
-| `missing_pathology` | 0.702 +- 0.040 | 0.654, 0.714, 0.691, 0.772, 0.677 | 0.779 |
-| `missing_50pct_mixed/masked` | 0.690 +- 0.056 | 0.606, 0.734, 0.708, 0.646, 0.758 | 0.783 |
-| `missing_50pct_mixed` | 0.710 +- 0.029 | 0.663, 0.745, 0.712, 0.736, 0.694 | 0.783 |
+| `full/masked` | 0.736 +- 0.031 | 0.675, 0.738, 0.757, 0.750, 0.759 | 0.793 |
+| `full` | 0.739 +- 0.034 | 0.675, 0.741, 0.743, 0.776, 0.759 | 0.793 |
+| `missing_rna/masked` | 0.693 +- 0.066 | 0.671, 0.588, 0.738, 0.683, 0.785 | 0.779 |
+| `missing_rna` | 0.721 +- 0.027 | 0.682, 0.705, 0.722, 0.732, 0.762 | 0.779 |
+| `missing_dnam/masked` | 0.726 +- 0.040 | 0.647, 0.753, 0.751, 0.730, 0.748 | 0.793 |
+| `missing_dnam` | 0.732 +- 0.032 | 0.670, 0.738, 0.739, 0.764, 0.746 | 0.793 |
+| `missing_pathology/masked` | 0.726 +- 0.059 | 0.629, 0.688, 0.788, 0.755, 0.769 | 0.779 |
+| `missing_pathology` | 0.732 +- 0.038 | 0.673, 0.714, 0.752, 0.787, 0.735 | 0.779 |
+| `missing_50pct_mixed/masked` | 0.717 +- 0.047 | 0.629, 0.734, 0.734, 0.721, 0.768 | 0.778 |
+| `missing_50pct_mixed` | 0.738 +- 0.037 | 0.671, 0.745, 0.739, 0.786, 0.750 | 0.778 |
 
-Training 284 s, evaluation 87 s in all folds; cohort `40d77375fdbf`, splits `ea6c60522e9b`.
+Training 134 s, evaluation 34 s in all folds; cohort `40d77375fdbf`, splits `ea6c60522e9b`.
 <!-- end generated -->
 Variants: :smoke (2 folds of 120 patients, 64-d, 3 + 2 epochs; 51 s, a pipeline check,
 C-index about 0.5), :large (Table 1 large: 756-d, 12 heads, 6/12 layers, decoder 8),

@@ -26,7 +26,19 @@ Expected result (docs/results/runs/must_breast.json; `bash scripts/reproduce_res
 must_breast`, about 2 minutes):
 
 <!-- generated: scenarios.must_breast -->
-(no committed result for `must_breast`: run `bash scripts/reproduce_results.sh must_breast`)
+| scenario | C-index | per fold | oracle |
+|---|---|---|---|
+| `full` | 0.603 +- 0.054 | 0.538, 0.575, 0.701, 0.606, 0.594 |  |
+| `missing_clinical/mean` | 0.541 +- 0.044 | 0.583, 0.530, 0.530, 0.591, 0.470 |  |
+| `missing_clinical` | 0.556 +- 0.080 | 0.587, 0.447, 0.559, 0.502, 0.684 |  |
+| `missing_clinical/zeros` | 0.546 +- 0.042 | 0.596, 0.566, 0.533, 0.562, 0.473 |  |
+| `missing_genes/mean` | 0.572 +- 0.056 | 0.490, 0.562, 0.664, 0.583, 0.559 |  |
+| `missing_genes` | 0.554 +- 0.067 | 0.506, 0.607, 0.457, 0.559, 0.642 |  |
+| `missing_genes/zeros` | 0.550 +- 0.064 | 0.529, 0.546, 0.668, 0.475, 0.530 |  |
+| CoxPH (sksurv), `full` | 0.655 +- 0.080 | 0.587, 0.658, 0.806, 0.594, 0.633 |  |
+| RSF (sksurv), `full` | 0.704 +- 0.056 | 0.663, 0.780, 0.707, 0.746, 0.623 |  |
+
+Training 57 s, evaluation 5 s in all folds; cohort `fa5c7c931f97`, splits `b3fbc2e640ae`.
 <!-- end generated -->
 On 198 patients with 51 events the classical reference rows are there to say whether
 a 64-d transformer with a decomposition and two diffusion models can be pinned down.

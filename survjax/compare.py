@@ -3,7 +3,8 @@ r"""Paired comparison of runs made on identical folds: what is a difference, wha
   python -m survjax.compare runs/must runs/abmil runs/snn --reference abmil:full \
       --out docs/results/must_vs_unimodal
 
-For every run and every scenario row (``<method>:<row>``) the table gives the mean +- std
+For every run and every scenario row (``<run>:<row>``, ``<run>`` the run directory's name,
+so two runs of one method stay apart) the table gives the mean +- std
 of the per-fold C-index and a 95% interval from a bootstrap over patients resampled
 within each fold; the statistic is the mean over folds of the per-fold Harrell's C, so
 the risks of different fold models are never ranked against each other. With
@@ -68,7 +69,7 @@ def load_run(path) -> dict:
       folds.append(_read_fold_risks(fold_dir / "risks.csv"))
   if not folds:
     raise InputError("no fold_<k>/risks.csv, expected an evaluated run", path=path)
-  return {"path": path, "method": results.get("method", path.name), "results": results,
+  return {"path": path, "name": path.name, "method": results.get("method"), "results": results,
           "folds": folds}
 
 
@@ -103,6 +104,10 @@ def bootstrap_cindex(folds, rows, num_draws: int = 1000, seed: int = 0):
 def compare(run_dirs, reference: str | None = None, num_draws: int = 1000, seed: int = 0):
   """The comparison table as a list of dicts (see the module docstring)."""
   runs = [load_run(p) for p in run_dirs]
+  names = [r["name"] for r in runs]
+  if len(set(names)) < len(names):
+    raise InputError(f"two runs share a directory name ({names}), expected distinct names: "
+                     "rows are labelled <run directory name>:<row>", path=run_dirs[0])
   first = runs[0]
   for run in runs[1:]:
     a = first["results"].get("splits_fingerprint")
@@ -122,7 +127,7 @@ def compare(run_dirs, reference: str | None = None, num_draws: int = 1000, seed:
       pos = {c: i for i, c in enumerate(r_ids)}
       take = np.array([pos[c] for c in ids[order]])
       for row, values in risks.items():
-        fold_risks[f"{run['method']}:{row}"] = values[take]
+        fold_risks[f"{run['name']}:{row}"] = values[take]
     folds.append((time[order], event[order], fold_risks))
   labels = list(folds[0][2])
   if reference is not None and reference not in labels:
@@ -131,8 +136,8 @@ def compare(run_dirs, reference: str | None = None, num_draws: int = 1000, seed:
   point, draws = bootstrap_cindex(folds, labels, num_draws, seed)
   table = []
   for label in labels:
-    method, row = label.split(":", 1)
-    run = next(r for r in runs if r["method"] == method)
+    name, row = label.split(":", 1)
+    run = next(r for r in runs if r["name"] == name)
     scen = run["results"]["scenarios"].get(row, {})
     entry = {"row": label, "c_index": round(point[label], 4),
              "c_index_std": scen.get("c_index_std"),
@@ -199,7 +204,7 @@ def forest_plot(table, reference, path) -> None:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m survjax.compare", description=__doc__.split("\n\n")[0])
   p.add_argument("runs", nargs="+", help="run directories (results.json + fold_<k>/risks.csv)")
-  p.add_argument("--reference", help="row to compare against, <method>:<scenario row>")
+  p.add_argument("--reference", help="row to compare against, <run directory name>:<scenario row>")
   p.add_argument("--out", help="write <out>.md, <out>.json and <out>.png")
   p.add_argument("--draws", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0)

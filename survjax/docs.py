@@ -51,10 +51,11 @@ def _oracle(runs, run, row):
 
 
 def _reference(runs, run, model):
-  ref = runs.get(run, {}).get("reference_rows", {}).get(model)
-  if not ref:
+  """A scikit-survival reference row (``results["reference_rows"]``, by its key)."""
+  rows = [r for r in runs.get(run, {}).get("reference_rows", []) if r.get("key") == model]
+  if not rows:
     return ""
-  return f"{ref['c_index_mean']:.3f} +- {ref['c_index_std']:.3f}"
+  return f"{rows[0]['c_index_mean']:.3f} +- {rows[0]['c_index_std']:.3f}"
 
 
 def _table(header, rows) -> str:
@@ -107,8 +108,9 @@ def scenarios_table(runs, run: str) -> str:
     oracle = f"{s['oracle_c_index']:.3f}" if "oracle_c_index" in s else ""
     rows.append([f"`{row}`", f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
                  ", ".join(f"{v:.3f}" for v in s["per_fold"]), oracle])
-  for model, s in res.get("reference_rows", {}).items():
-    rows.append([f"`{model}` (sksurv)", f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
+  for s in res.get("reference_rows", []):
+    rows.append([f"{s['model']}, `{s['scenario']}`",
+                 f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
                  ", ".join(f"{v:.3f}" for v in s.get("per_fold", [])), ""])
   text = _table(["scenario", "C-index", "per fold", "oracle"], rows)
   timing = res.get("timing", {})

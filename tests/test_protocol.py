@@ -239,21 +239,25 @@ def test_compare_pairs_rows_on_identical_folds_and_refuses_others(tmp_path):
     folds_b.append((ids[perm], t[perm], e[perm], {"full": rng.normal(size=n)[perm]}))
   _fake_run(tmp_path / "a", "good", folds_a, ["full", "missing_x"])
   _fake_run(tmp_path / "b", "noise", folds_b, ["full"])
-  table = compare([tmp_path / "a", tmp_path / "b"], reference="noise:full", num_draws=300)
+  table = compare([tmp_path / "a", tmp_path / "b"], reference="b:full", num_draws=300)
   rows = {e["row"]: e for e in table}
-  assert rows["good:full"]["verdict"] == "better" and rows["good:full"]["diff_ci95"][0] > 0
-  assert rows["noise:full"].get("diff") is None
-  lo, hi = rows["noise:full"]["ci95"]
+  assert rows["a:full"]["verdict"] == "better" and rows["a:full"]["diff_ci95"][0] > 0
+  assert rows["b:full"].get("diff") is None
+  lo, hi = rows["b:full"]["ci95"]
   assert lo < 0.5 < hi
-  same = compare([tmp_path / "a"], reference="good:full", num_draws=50)
-  assert {e["row"]: e for e in same}["good:missing_x"]["verdict"] in ("worse", "level")
+  same = compare([tmp_path / "a"], reference="a:full", num_draws=50)
+  assert {e["row"]: e for e in same}["a:missing_x"]["verdict"] in ("worse", "level")
+  # Two runs of one method are two sets of rows, labelled by their directories.
+  _fake_run(tmp_path / "a2", "good", folds_a, ["full", "missing_x"])
+  both = {e["row"]: e for e in compare([tmp_path / "a", tmp_path / "a2"], num_draws=20)}
+  assert set(both) == {"a:full", "a:missing_x", "a2:full", "a2:missing_x"}
   _fake_run(tmp_path / "c", "other", folds_b, ["full"], fingerprint="zzz")
   with pytest.raises(InputError, match="different folds"):
     compare([tmp_path / "a", tmp_path / "c"])
-  assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--reference", "noise:full",
+  assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--reference", "b:full",
                "--out", str(tmp_path / "out" / "cmp"), "--draws", "100"]) == 0
   assert (tmp_path / "out" / "cmp.png").stat().st_size > 1000
-  assert "| `good:full` |" in (tmp_path / "out" / "cmp.md").read_text()
+  assert "| `a:full` |" in (tmp_path / "out" / "cmp.md").read_text()
   assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
 
 

@@ -190,3 +190,26 @@ def test_gcs_zero_gate_is_plain_descent_and_steering_stays_finite(cohort):
   enc, enc_plain = g["path"]["fc_in"]["kernel"][...], g_plain["path"]["fc_in"]["kernel"][...]
   assert float(metrics["scale_mean"]) < 1.0
   assert np.linalg.norm(enc) < np.linalg.norm(enc_plain)
+
+
+def test_reference_parachute_cindex_is_the_public_codes_swapped_metric():
+  """The transcription equals a plain loop over the code's pair rule with time and risk
+  swapped, and differs from Harrell's C (which it is not)."""
+  import numpy as np
+  from survjax.evaluate.metrics import concordance_index
+  from survjax.models.parachute import reference_parachute_cindex
+
+  rng = np.random.default_rng(0)
+  n = 60
+  time = rng.exponential(size=n) + 0.01
+  event = rng.uniform(size=n) < 0.5
+  risk = -np.log(time) + rng.normal(size=n)
+  num = den = 0.0
+  for i in range(n):
+    for j in range(n):
+      if risk[j] < risk[i] and event[j]:      # code: event_times = risk, observed of j
+        den += 1
+        num += 1.0 if time[j] > time[i] else 0.5 if abs(time[j] - time[i]) < 1e-8 else 0.0
+  got = reference_parachute_cindex(risk, time, event)
+  assert got == pytest.approx(num / den, abs=1e-9)
+  assert abs(got - concordance_index(time, event, risk)[0]) > 0.01

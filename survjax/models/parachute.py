@@ -50,6 +50,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from survjax import curvature, survival
@@ -293,6 +294,29 @@ class ParachuteModel(nnx.Module):
     f = self.mhca[3](f_q, f_k, f_v + e, kv_mask, k_att[3])
     f = f[0] if self.cross_batch else f[:, 0]
     return self.out_norm(f), missing
+
+
+def reference_parachute_cindex(risk, time, event, eps: float = 1e-8) -> float:
+  """The public code's evaluation metric, for comparison only (survjax reports Harrell's C).
+
+  Its ``cindex(preds_hazard, time, event)`` calls ``concordance_index_torch(time,
+  preds_hazard, event)``, whose arguments are ``(scores, times, events)``: times and
+  predicted hazards are swapped. What it then computes is, over the pairs ``(i, j)`` with
+  ``r_j < r_i`` and ``delta_j = 1``, the share with ``t_j > t_i`` (ties in ``t`` count one
+  half): a concordance that conditions on the lower-risk patient's event rather than on
+  the earlier one's, so it does not equal Harrell's C, and a censored patient with a short
+  follow-up never enters as ``j``. A numpy transcription of the code, kept so the
+  difference can be shown (`tests/test_parachute.py`).
+  """
+  scores = np.asarray(time, np.float64)      # the code's predicted_scores
+  times = np.asarray(risk, np.float64)       # the code's event_times
+  observed = np.asarray(event).astype(bool)
+  diff_t = times[None, :] - times[:, None]   # [i, j] = x_j - x_i, as unsqueeze(0) - (1)
+  diff_s = scores[None, :] - scores[:, None]
+  valid = (diff_t < 0) & observed[None, :]
+  concordant = ((diff_s > 0) & valid).sum()
+  tied = ((np.abs(diff_s) < eps) & valid).sum()
+  return float((concordant + 0.5 * tied) / (valid.sum() + eps))
 
 
 def drop_modalities(key: jax.Array, avail: dict, prob: float) -> dict:

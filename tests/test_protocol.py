@@ -305,3 +305,24 @@ def test_tuning_never_reads_a_test_fold(tmp_path):
   d1 = run_tune(cohort, c, tmp_path / "d", folds=folds, run_folds=[1], make_method=make)
   assert [p["val_c_index_per_fold"] for p in c1["points"]] != \
       [p["val_c_index_per_fold"] for p in d1["points"]]
+
+
+def test_evaluation_batches_do_not_depend_on_a_hidden_modality():
+  """With pathology hidden, which patients share a batch (and so its random draws) must
+  not follow the hidden bags' lengths: shuffling them leaves the batches unchanged."""
+  from survjax.data.batching import BatchSpec, iterate_batches
+  cohort = make_synthetic_cohort(dataclasses.replace(SPEC, radiology=True, radiology_dim=4,
+                                                     slices_min=3, slices_max=30))
+  spec = BatchSpec(batch_size=8, buckets=(64,))
+  idx = np.arange(40)
+
+  def groups(c, hide):
+    return [tuple(b["index"][b["valid"]]) for b in
+            iterate_batches(c, idx, spec, hide=hide, sort_by_length=True)]
+
+  path = cohort.modalities["pathology"]
+  perm = np.random.default_rng(0).permutation(len(path.bags))
+  other = dataclasses.replace(cohort, modalities={   # the same patients, other bag lengths
+      **cohort.modalities, "pathology": dataclasses.replace(path, bags=[path.bags[i] for i in perm])})
+  assert groups(cohort, {"pathology"}) == groups(other, {"pathology"})
+  assert groups(cohort, ()) != groups(other, ())   # shown bags do set the order

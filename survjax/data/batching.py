@@ -147,15 +147,17 @@ def iterate_batches(cohort: Cohort, idx, spec: BatchSpec, *, bins=None,
   """Yields the batches covering ``idx`` (shuffled when ``shuffle_rng`` is given).
 
   ``sort_by_length`` groups bags of similar length (evaluation), so fewer batches need a
-  large bucket; results are matched back to patients through ``batch["index"]``.
+  large bucket; results are matched back to patients through ``batch["index"]``. Only the
+  bags a batch shows count: the order (and so which patients share a batch and its random
+  draws) never depends on a hidden modality.
   """
   idx = np.asarray(idx, np.int64)
   if shuffle_rng is not None:
     idx = shuffle_rng.permutation(idx)
   elif sort_by_length:
     longest = np.zeros(len(idx), np.int64)
-    for mod in cohort.modalities.values():
-      if mod.kind == "bag":
+    for name, mod in cohort.modalities.items():
+      if mod.kind == "bag" and name not in hide:
         longest = np.maximum(longest, mod.lengths()[idx])
     idx = idx[np.argsort(longest, kind="stable")]
   stop = len(idx) - (len(idx) % spec.batch_size if drop_last else 0)

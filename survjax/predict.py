@@ -60,7 +60,7 @@ from flax import nnx
 from survjax import rundir
 from survjax.data.batching import BatchSpec, iterate_batches
 from survjax.data.cohort import Cohort, Modality
-from survjax.data.formats import impute_fold
+from survjax.data.formats import impute_fold, standardize_fold
 from survjax.errors import InputError
 from survjax.evaluate.metrics import concordance_index
 from survjax.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -398,9 +398,11 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
   attn = {}
   for k in done:
     tr, va = folds[k]
-    # data.files.impute: the training fold's column means / medians, for both cohorts.
-    train_k = impute_fold(train, tr)
-    new_k = impute_fold(new, tr, reference=train)
+    # data.files.impute and the standardisation flags: the training fold's column
+    # statistics (recomputed from the training cohort and folds), for both cohorts.
+    train_i = impute_fold(train, tr)
+    train_k = standardize_fold(train_i, tr)
+    new_k = standardize_fold(impute_fold(new, tr, reference=train), tr, reference=train_i)
     model, edges, _ = _train_fold(method, train_k, config, workdir, "eval", trainer, k, tr)
     key = jax.random.fold_in(jax.random.key(config.seed + 17), k)
     info_path = workdir / f"fold_{k}" / PREDICT_INFO

@@ -14,10 +14,12 @@ expression columns and the clinical variables ``age``, ``er``, ``grade``, ``size
   the data).
 
 Scaling: with ``standardize=True`` (default) every numeric column (genes, age, size) is
-z-scored over the whole cohort; one-hot columns stay 0/1. The z-score uses covariates
-only, never times or events, so it leaks no label information into the test folds (it
-is a label-free, transductive transform); pass ``standardize=False`` for raw values and
-normalise per training fold instead.
+flagged in ``cohort.standardize`` and z-scored per cross-validation fold with the mean
+and standard deviation of that fold's training patients (`survjax.data.formats.
+standardize_fold`, applied by the CV loop, tuning and predict mode), so no statistic of a
+held-out patient reaches the training features; one-hot columns stay 0/1. The values in
+the returned cohort are the data's raw ones either way; ``standardize=False`` flags
+nothing. The one-hot categories are the data's categorical levels (a schema, not fitted).
 
 Time stays in days, as in the data (survjax only needs one consistent unit).
 """
@@ -39,7 +41,7 @@ def load_breast_cancer_cohort(*, n_gene_tokens: int = 4, standardize: bool = Tru
 
   Args:
     n_gene_tokens: number of contiguous gene groups (76 genes; 4 gives 19 each).
-    standardize: z-score numeric columns over the cohort (label-free); else raw.
+    standardize: flag the numeric columns for z-scoring on each training fold.
 
   Returns:
     A validated `Cohort` named ``sksurv_breast_cancer`` with modalities ``genes`` and
@@ -54,28 +56,23 @@ def load_breast_cancer_cohort(*, n_gene_tokens: int = 4, standardize: bool = Tru
   clinical = [c for c in x.columns if c in CLINICAL_VARIABLES]
   genes = [c for c in x.columns if c not in CLINICAL_VARIABLES]
   n = len(x)
+  gene_mod = _gene_tokens(x[genes], n_gene_tokens)
+  clin_mod, numeric = _clinical_tokens(x[clinical])
   cohort = Cohort(
       name="sksurv_breast_cancer",
       case_ids=np.array([f"breast-{i:03d}" for i in range(n)]),
       time=np.asarray(y["t.tdm"], dtype=np.float64),
       event=np.asarray(y["e.tdm"], dtype=bool),
-      modalities={"genes": _gene_tokens(x[genes], n_gene_tokens, standardize),
-                  "clinical": _clinical_tokens(x[clinical], standardize)},
+      modalities={"genes": gene_mod, "clinical": clin_mod},
   )
   cohort.validate(source=SOURCE)
+  if standardize:  # fitted per training fold, never here (module docstring)
+    cohort.standardize = {"genes": np.ones(gene_mod.dim, bool), "clinical": numeric}
   return cohort
 
 
-def _zscore(values: np.ndarray) -> np.ndarray:
-  """Per-column ``(v - mean) / std`` over all patients (std 0 -> 1)."""
-  std = values.std(axis=0)
-  return (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
-
-
-def _gene_tokens(frame: pd.DataFrame, n_tokens: int, standardize: bool) -> Modality:
+def _gene_tokens(frame: pd.DataFrame, n_tokens: int) -> Modality:
   values = frame.to_numpy(dtype=np.float64)
-  if standardize:
-    values = _zscore(values)
   if not 1 <= n_tokens <= values.shape[1]:
     raise InputError(f"n_gene_tokens={n_tokens}, expected 1 to {values.shape[1]}",
                      path=SOURCE)
@@ -87,8 +84,9 @@ def _gene_tokens(frame: pd.DataFrame, n_tokens: int, standardize: bool) -> Modal
                   columns=tuple(frame.columns))
 
 
-def _clinical_tokens(frame: pd.DataFrame, standardize: bool) -> Modality:
-  blocks, columns, groups = [], [], []
+def _clinical_tokens(frame: pd.DataFrame) -> tuple[Modality, np.ndarray]:
+  """The clinical token modality and the bool mask of its numeric (not one-hot) columns."""
+  blocks, columns, groups, numeric = [], [], [], []
   for var in frame.columns:
     series = frame[var]
     if isinstance(series.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(
@@ -98,13 +96,15 @@ def _clinical_tokens(frame: pd.DataFrame, standardize: bool) -> Modality:
       block = np.stack([(series.astype(str) == str(c)).to_numpy(np.float64)
                         for c in cats], axis=1)
       names = [f"{var}={c}" for c in cats]
+      numeric.extend([False] * len(names))
     else:
       block = series.to_numpy(np.float64)[:, None]
-      block = _zscore(block) if standardize else block
       names = [var]
+      numeric.append(True)
     groups.append((var, tuple(range(len(columns), len(columns) + len(names)))))
     blocks.append(block)
     columns.extend(names)
-  return Modality(kind="tokens", available=np.ones(len(frame), bool),
-                  values=np.concatenate(blocks, axis=1).astype(np.float32),
-                  groups=tuple(groups), columns=tuple(columns))
+  return (Modality(kind="tokens", available=np.ones(len(frame), bool),
+                   values=np.concatenate(blocks, axis=1).astype(np.float32),
+                   groups=tuple(groups), columns=tuple(columns)),
+          np.array(numeric, bool))

@@ -27,6 +27,7 @@ and what was expected. Nothing here prints or writes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -613,10 +614,52 @@ def impute_fold(cohort, train_idx, *, reference=None):
     values = cohort.modalities[name].values.copy()
     values[cells] = np.broadcast_to(fill, values.shape)[cells].astype(values.dtype)
     mods[name] = dc.replace(cohort.modalities[name], values=values)
-  out = Cohort(name=cohort.name, case_ids=cohort.case_ids, time=cohort.time,
-               event=cohort.event, modalities=mods, true_risk=cohort.true_risk)
+  out = copy.copy(cohort)   # keeps the other per-fold flags (``standardize``)
+  out.modalities = mods
   out.imputation = {"policy": policy, "cells": {k: np.zeros_like(v) for k, v in
                                                 imp["cells"].items()}, "filled": True}
+  return out
+
+
+def standardize_fold(cohort, train_idx, *, reference=None):
+  """``cohort`` with its flagged columns z-scored with training patients ``train_idx``.
+
+  A loader flags the columns to standardise in ``cohort.standardize`` (modality name ->
+  bool mask over its columns, e.g. `survjax.data.breast`) rather than z-scoring them over
+  all patients, which would let the held-out patients shift the training features. Per
+  flagged column, ``(x - mean) / std`` with the mean and standard deviation (ddof 0) of
+  the rows ``train_idx`` of ``reference`` (default ``cohort``) that have the modality; a
+  constant column is only centred; rows of patients without the modality stay 0.
+  ``reference`` is the training cohort, imputed for the fold, when ``cohort`` is a new one
+  (predict mode): its flags and statistics are used. Call after `impute_fold` (the
+  statistics include the filled cells, as scikit-learn's imputer then scaler), once.
+  Returns ``cohort`` itself when nothing is flagged, else a shallow copy with new
+  ``values`` for the flagged modalities.
+
+  Raises:
+    InputError: a flagged modality that no training patient has.
+  """
+  ref = reference if reference is not None else cohort
+  flags = getattr(ref, "standardize", None)
+  if not flags:
+    return cohort
+  idx = np.asarray(train_idx)
+  mods = dict(cohort.modalities)
+  for name, cols in flags.items():
+    if name not in mods or not np.any(cols):
+      continue
+    rmod = ref.modalities[name]
+    fit = rmod.values[idx[rmod.available[idx]]][:, cols].astype(np.float64)
+    if not len(fit):
+      raise InputError(f"no training patient has {name}, expected at least one to "
+                       "standardise its columns on", path=cohort.name)
+    std = fit.std(axis=0)
+    values = mods[name].values.copy()
+    cell = np.ix_(mods[name].available, np.asarray(cols, bool))
+    values[cell] = (values[cell] - fit.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    mods[name] = dataclasses.replace(mods[name], values=values)
+  out = copy.copy(cohort)
+  out.modalities = mods
   return out
 
 

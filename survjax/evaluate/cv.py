@@ -32,7 +32,7 @@ from flax import nnx
 
 from survjax.checkpoint import Checkpointer
 from survjax.data.batching import BatchSpec, iterate_batches, make_batch
-from survjax.data.formats import impute_fold
+from survjax.data.formats import impute_fold, standardize_fold
 from survjax import rundir
 from survjax.data.splits import (cohort_fingerprint, folds_fingerprint, inner_validation,
                                  load_or_make_folds)
@@ -235,7 +235,9 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
   is_main = jax.process_index() == 0
   for k in run_folds:
     tr, va = folds[k]
-    cohort_k = impute_fold(cohort, tr)   # data.files.impute: fitted on the training fold
+    # Per-fold transforms fitted on the training patients only: data.files.impute, then
+    # the loader's standardisation flags (cohort.standardize).
+    cohort_k = standardize_fold(impute_fold(cohort, tr), tr)
     result_path = workdir / f"fold_{k}" / "result.json"
     if mode == "cv" and result_path.exists():
       fold = json.loads(result_path.read_text())

@@ -8,7 +8,8 @@ A config declares its grid as ``tune.grid = (("model.stage2.epochs", (8, 15, 30)
 training patients less the inner validation part (``cv.val_fraction``) and scored by the
 C-index of its prediction with every modality on that validation part; a point's score is
 the mean over folds. Before a fold is touched, the labels of its test patients are blanked
-(NaN time, no event) in the cohort the fold trains on, so no path can read them.
+(NaN time, no event) in the cohort the fold trains on, so no path can read them; its
+features are imputed and standardised with the training fold's statistics (as in CV).
 ``tune.json`` in the workdir has every point's per-fold scores and the chosen one, and the
 log ends with the chosen values as command-line overrides for ``--mode=cv``.
 
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from survjax.data.formats import impute_fold, standardize_fold
 from survjax.data.splits import inner_validation
 from survjax.data.timebins import assign_time_bins, fit_time_bins
 from survjax.errors import InputError
@@ -103,7 +105,9 @@ def run_tune(cohort, config, workdir, *, folds, run_folds, make_method) -> dict:
     t0 = time.perf_counter()
     for k in run_folds:
       tr, te = folds[k]
-      seen = blank_labels(cohort, te)   # the fold's test labels cannot be read below
+      # The per-fold transforms of the CV loop (fitted on the training fold), then the
+      # fold's test labels are blanked so that they cannot be read below.
+      seen = blank_labels(standardize_fold(impute_fold(cohort, tr), tr), te)
       fit_idx, val_idx = inner_validation(tr, seen.time, seen.event, cfg.cv.val_fraction,
                                           cfg.cv.seed + k)
       bins = None

@@ -10,7 +10,9 @@ expression columns, age / ER / grade / size, time to distant metastasis in days,
 events). Two modalities, both token sets: ``clinical`` (one token per variable) in MUST's
 P slot and ``genes`` (4 contiguous groups of 19 genes; the data ship no gene families) in
 its G slot. Both are encoded like MUST's genomics (one SNN per group, class token,
-self-attention); the decomposition, losses, stages and diffusion are MUST's.
+self-attention); the decomposition, losses, stages and diffusion are MUST's. The numeric
+columns (genes, age, size) are z-scored with each training fold's mean and standard
+deviation (`survjax.data.formats.standardize_fold`); one-hot columns stay 0/1.
 
 Differences from configs/must.py, for a cohort of 198 patients with 51 events: model width
 D = 64, rank r = 16, 4 heads, a 2-layer denoiser trained 1000 steps at the paper's lr
@@ -28,17 +30,17 @@ must_breast`, about 2 minutes):
 <!-- generated: scenarios.must_breast -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.603 +- 0.054 | 0.538, 0.575, 0.701, 0.606, 0.594 |  |
-| `missing_clinical/mean` | 0.541 +- 0.044 | 0.583, 0.530, 0.530, 0.591, 0.470 |  |
-| `missing_clinical` | 0.556 +- 0.080 | 0.587, 0.447, 0.559, 0.502, 0.684 |  |
-| `missing_clinical/zeros` | 0.546 +- 0.042 | 0.596, 0.566, 0.533, 0.562, 0.473 |  |
-| `missing_genes/mean` | 0.572 +- 0.056 | 0.490, 0.562, 0.664, 0.583, 0.559 |  |
-| `missing_genes` | 0.554 +- 0.067 | 0.506, 0.607, 0.457, 0.559, 0.642 |  |
-| `missing_genes/zeros` | 0.550 +- 0.064 | 0.529, 0.546, 0.668, 0.475, 0.530 |  |
+| `full` | 0.619 +- 0.055 | 0.542, 0.607, 0.678, 0.686, 0.585 |  |
+| `missing_clinical/mean` | 0.582 +- 0.068 | 0.644, 0.476, 0.668, 0.571, 0.553 |  |
+| `missing_clinical` | 0.542 +- 0.128 | 0.612, 0.358, 0.579, 0.441, 0.719 |  |
+| `missing_clinical/zeros` | 0.576 +- 0.073 | 0.651, 0.451, 0.648, 0.562, 0.569 |  |
+| `missing_genes/mean` | 0.567 +- 0.057 | 0.458, 0.613, 0.589, 0.608, 0.566 |  |
+| `missing_genes` | 0.496 +- 0.044 | 0.433, 0.530, 0.536, 0.527, 0.454 |  |
+| `missing_genes/zeros` | 0.541 +- 0.059 | 0.439, 0.597, 0.599, 0.525, 0.543 |  |
 | CoxPH (sksurv), `full` | 0.655 +- 0.080 | 0.587, 0.658, 0.806, 0.594, 0.633 |  |
 | RSF (sksurv), `full` | 0.704 +- 0.056 | 0.663, 0.780, 0.707, 0.746, 0.623 |  |
 
-Training 57 s, evaluation 5 s in all folds; cohort `fa5c7c931f97`, splits `b3fbc2e640ae`.
+Training 72 s, evaluation 6 s in all folds; cohort `fa5c7c931f97`, splits `b3fbc2e640ae`.
 <!-- end generated -->
 On 198 patients with 51 events the classical reference rows are there to say whether
 a 64-d transformer with a decomposition and two diffusion models can be pinned down.

@@ -144,6 +144,8 @@ def compare(run_dirs, reference: str | None = None, num_draws: int = 1000, seed:
              "ci95": [round(float(np.percentile(draws[label], 2.5)), 4),
                       round(float(np.percentile(draws[label], 97.5)), 4)],
              "oracle_c_index": scen.get("oracle_c_index")}
+    if scen.get("oracle_const_c_index") is not None and entry["oracle_c_index"] is not None:
+      entry["imputation_room"] = round(entry["oracle_c_index"] - scen["oracle_const_c_index"], 4)
     if reference is not None and label != reference:
       d = draws[label] - draws[reference]
       lo, hi = np.percentile(d, [2.5, 97.5])
@@ -158,8 +160,13 @@ def to_markdown(table, reference=None, command: str = "") -> str:
   lines = []
   if command:
     lines += [f"`{command}`", ""]
-  head = "| row | C-index (mean over folds) | 95% CI | oracle |"
-  sep = "|---|---|---|---|"
+  if any("imputation_room" in e for e in table):
+    lines += ["room: the oracle minus the constant-fill oracle (the withheld modality's "
+              "specific factors at their mean), the most any fill can add over zeros or the "
+              "mean.", ""]
+  room = any("imputation_room" in e for e in table)
+  head = "| row | C-index (mean over folds) | 95% CI | oracle |" + (" room |" if room else "")
+  sep = "|---|---|---|---|" + ("---|" if room else "")
   if reference:
     head += f" vs `{reference}` | 95% CI of the difference | |"
     sep += "---|---|---|"
@@ -169,6 +176,8 @@ def to_markdown(table, reference=None, command: str = "") -> str:
     line = (f"| `{e['row']}` | {e['c_index']:.3f}"
             + (f" +- {e['c_index_std']:.3f}" if e["c_index_std"] is not None else "")
             + f" | {e['ci95'][0]:.3f} to {e['ci95'][1]:.3f} | {oracle} |")
+    if room:
+      line += f" {e['imputation_room']:+.3f} |" if "imputation_room" in e else " |"
     if reference:
       if "diff" in e:
         line += (f" {e['diff']:+.3f} | {e['diff_ci95'][0]:+.3f} to {e['diff_ci95'][1]:+.3f} |"

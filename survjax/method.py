@@ -63,6 +63,8 @@ class Stage:
     steps_per_epoch: feature stages only.
     batch_size: feature stages only (minibatch of cached rows); batch stages use the
       run's batch size.
+    missing_path_only: the stage trains only what predictions with a modality missing
+      use (MUST's denoisers); ``--mode=tune``, which scores with every modality, skips it.
   """
 
   name: str
@@ -78,6 +80,7 @@ class Stage:
   requires: tuple[str, ...] | None = None
   features: Callable[[nnx.Module, Batch], dict] | None = None
   prepare: Callable[[nnx.Module, dict], None] | None = None
+  missing_path_only: bool = False
   steps_per_epoch: int = 100
   batch_size: int = 32
 

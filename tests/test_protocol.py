@@ -326,3 +326,38 @@ def test_evaluation_batches_do_not_depend_on_a_hidden_modality():
       **cohort.modalities, "pathology": dataclasses.replace(path, bags=[path.bags[i] for i in perm])})
   assert groups(cohort, {"pathology"}) == groups(other, {"pathology"})
   assert groups(cohort, ()) != groups(other, ())   # shown bags do set the order
+
+
+def test_auto_rows_choose_on_validation_and_never_read_the_test_fold(tmp_path, monkeypatch):
+  """A method with two risk variants (its risk and its negation) gets a `full/auto` row:
+  per fold the variant with the better inner-validation C-index, whose test risks it
+  reports; the choice is made on the fold's inner validation patients only."""
+  from survjax.evaluate import cv
+  cohort = make_synthetic_cohort(SPEC)
+  method = ToyMethod(epochs=(2, 1), flipped_variant=True)
+  c = _config(tmp_path)
+  c.cv.val_fraction = 0.3
+  c.eval.scenarios = ("full",)
+  seen = []
+  choose = cv._choose_variant
+
+  def spy(predictor, model, cohort_, val_idx, *args):
+    seen.append(np.asarray(val_idx))
+    return choose(predictor, model, cohort_, val_idx, *args)
+
+  monkeypatch.setattr(cv, "_choose_variant", spy)
+  res = run_cv(method, cohort, c, tmp_path / "run")
+  folds, _ = cv.cohort_folds(cohort, c)
+  assert len(seen) == 3
+  for k, (tr, te) in enumerate(folds):
+    np.testing.assert_array_equal(np.sort(seen[k]), np.sort(cv.fold_validation(cohort, c, k, tr)[1]))
+    assert not set(seen[k]) & set(te) and set(seen[k]) <= set(tr)
+    f = json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())
+    choice = f["validation"]["full"]
+    assert choice["chosen"] == max(choice["c_index"], key=choice["c_index"].get)
+    assert abs(choice["c_index"]["risk"] + choice["c_index"]["flipped"] - 1) < 1e-9  # no ties
+    assert f["scenarios"]["full/auto"]["c_index"] == f["scenarios"][
+        "full" if choice["chosen"] == "risk" else "full/flipped"]["c_index"]
+  assert res["scenarios"]["full/auto"]["chosen_per_fold"] == [
+      json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())[
+          "validation"]["full"]["chosen"] for k in range(3)]

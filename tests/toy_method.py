@@ -44,6 +44,7 @@ class ToyMethod:
   name: str = "toy"
   time_model: str = "cox"
   num_bins: int = 0
+  flipped_variant: bool = False   # predict also returns "flipped" = -risk (a bad fill)
 
   def build(self, info, rngs):
     return ToyModel({k: info[k]["dim"] for k in self.modalities}, rngs)
@@ -74,7 +75,8 @@ class ToyMethod:
     return st
 
   def predict(self, model, batch, present, key):
-    return {"risk": model.head(model.embed(batch, present))[:, 0]}
+    risk = model.head(model.embed(batch, present))[:, 0]
+    return {"risk": risk, "flipped": -risk} if self.flipped_variant else {"risk": risk}
 
 
 def make(config):

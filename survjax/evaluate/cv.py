@@ -283,13 +283,18 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
   return results
 
 
+def fold_validation(cohort, config, k, tr):
+  """Fold ``k``'s training patients split into (fit, inner validation) (`inner_validation`)."""
+  return inner_validation(tr, cohort.time, cohort.event, config.cv.get("val_fraction", 0.0),
+                          config.cv.seed + k)
+
+
 def _train_fold(method, cohort, config, workdir, mode, trainer, k, tr):
   """Builds and trains (or, with mode "eval", restores) fold ``k``'s model on its
   training patients less the inner validation part; returns (model, bin edges, seconds)."""
   t0 = time.perf_counter()
   fold_dir = workdir / f"fold_{k}"
-  fit_idx, val_idx = inner_validation(tr, cohort.time, cohort.event,
-                                      config.cv.get("val_fraction", 0.0), config.cv.seed + k)
+  fit_idx, val_idx = fold_validation(cohort, config, k, tr)
   edges = bins = None
   if method.time_model == "discrete":
     edges = fit_time_bins(cohort.time[fit_idx], cohort.event[fit_idx], method.num_bins)
@@ -313,7 +318,8 @@ def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model,
   t1 = time.perf_counter()
   key = jax.random.fold_in(jax.random.key(config.seed + 17), k)
   fold = {"fold": k, "n_train": int(len(tr)), "n_test": int(len(va)), "scenarios": {},
-          "timing": {}}
+          "validation": {}, "timing": {}}
+  val_idx = fold_validation(cohort, config, k, tr)[1]
   risks_table = {}
   for s_i, name in enumerate(scenario_names):
     hidden = scen.hidden_for(name, method.modalities, cohort.case_ids[va], config.cv.seed)
@@ -325,9 +331,17 @@ def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model,
     # ones a patient lacks in the data (natural missingness).
     lacking = [frozenset(m for m in method.modalities if not cohort.modalities[m].available[i])
                for i in va]
-    oracle = scen.oracle_risk(cohort.true_risk, method.modalities,
-                              [h | l for h, l in zip(hidden, lacking)], va,
+    withheld = [h | l for h, l in zip(hidden, lacking)]
+    oracle = scen.oracle_risk(cohort.true_risk, method.modalities, withheld, va,
                               list(cohort.modalities))
+    oracle_const = scen.oracle_risk(cohort.true_risk, method.modalities, withheld, va,
+                                    constant_fill=True)
+    if len(preds) > 1 and len(val_idx):
+      choice = _choose_variant(predictor, model, cohort, val_idx, name, method, config,
+                               eval_spec, jax.random.fold_in(key, 1000 + s_i))
+      if choice is not None:
+        fold["validation"][name] = choice
+        preds["auto"] = preds[choice["chosen"]]
     for variant, risk in preds.items():
       row = name if variant == "risk" else f"{name}/{variant}"
       if not np.all(np.isfinite(risk)):
@@ -340,6 +354,10 @@ def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model,
         log.debug("uno_c unavailable: %s", e)
       if oracle is not None:
         entry["oracle_c_index"] = _cindex(cohort.time[va], cohort.event[va], oracle)
+      if oracle_const is not None and any(withheld):
+        entry["oracle_const_c_index"] = _cindex(cohort.time[va], cohort.event[va], oracle_const)
+      if variant == "auto":
+        entry["chosen"] = fold["validation"][name]["chosen"]
       fold["scenarios"][row] = entry
       risks_table[row] = risk
   fold["diagnostics"] = predictor.diagnostics(model, cohort, va, eval_spec)
@@ -353,6 +371,23 @@ def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model,
   if jax.process_index() == 0:
     _write_risks(workdir / f"fold_{k}" / "risks.csv", cohort, va, risks_table)
   return fold
+
+
+def _choose_variant(predictor, model, cohort, val_idx, name, method, config, spec, key):
+  """The risk variant of scenario ``name`` (e.g. a method's fill: diffusion, zeros,
+  mean, a unimodal head) with the best C-index on the fold's inner validation patients,
+  under the same scenario: ``{"chosen": variant, "c_index": {variant: C}}``; the test
+  fold is never read. None when the validation part has no comparable pair."""
+  val_idx = val_idx[np.isfinite(cohort.time[val_idx])]
+  if not np.any(cohort.event[val_idx]):
+    return None
+  hidden = scen.hidden_for(name, method.modalities, cohort.case_ids[val_idx], config.cv.seed)
+  preds = predictor.predict(model, cohort, val_idx, hidden, spec, key)
+  scores = {v: _cindex(cohort.time[val_idx], cohort.event[val_idx], r)
+            for v, r in preds.items() if np.all(np.isfinite(r))}
+  if not scores:
+    return None
+  return {"chosen": max(scores, key=lambda v: (scores[v], v == "risk")), "c_index": scores}
 
 
 def _reference(cohort, tr, va, models, config, k) -> dict:

@@ -129,6 +129,12 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
       o_mean, o_std = _summary([p["oracle_c_index"] for p in per])
       entry["oracle_c_index"] = round(o_mean, 4)
       entry["oracle_c_index_std"] = round(o_std, 4)
+    if all("oracle_const_c_index" in p for p in per):
+      # the most any fill of the withheld modalities can add over a constant one
+      entry["oracle_const_c_index"] = round(_summary([p["oracle_const_c_index"]
+                                                      for p in per])[0], 4)
+    if all("chosen" in p for p in per):
+      entry["chosen_per_fold"] = [p["chosen"] for p in per]
     pooled = _pooled_risks(workdir, fold_results, row, cohort)
     if pooled is not None:
       t_, e_, r_ = pooled   # risks relative to each fold's cut-off: high = above it
@@ -222,8 +228,9 @@ def render_report(results: dict, cohort=None) -> str:
   lines += [f"{results['folds']}-fold cross-validation, patient-level, stratified by event "
             "and time. C-index (Harrell) on held-out patients, mean ± std over folds.", ""]
   has_oracle = any("oracle_c_index" in v for v in results["scenarios"].values())
-  head = "| scenario | C-index | Uno's C |" + (" oracle C-index |" if has_oracle else "") + \
-      " KM log-rank p | per fold |"
+  has_room = any("oracle_const_c_index" in v for v in results["scenarios"].values())
+  head = ("| scenario | C-index | Uno's C |" + (" oracle C-index |" if has_oracle else "")
+          + (" imputation room |" if has_room else "") + " KM log-rank p | per fold |")
   lines += [head, "|" + "---|" * (head.count("|") - 1)]
   for name, v in results["scenarios"].items():
     p = v.get("km_logrank_p")
@@ -231,11 +238,24 @@ def render_report(results: dict, cohort=None) -> str:
              f"{v['uno_c_mean']:.3f}" if "uno_c_mean" in v else "–"]
     if has_oracle:
       cells.append(f"{v['oracle_c_index']:.3f}" if "oracle_c_index" in v else "–")
+    if has_room:
+      cells.append(f"{v['oracle_c_index'] - v['oracle_const_c_index']:+.3f}"
+                   if "oracle_const_c_index" in v and "oracle_c_index" in v else "–")
     fig = f" ([KM]({v['km_figure']}))" if v.get("km_figure") else ""
     cells.append(("–" if p is None else f"{p:.2e}") + fig)
     cells.append(", ".join(f"{x:.3f}" for x in v["per_fold"]))
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
+  if has_room:
+    lines += ["Imputation room: the oracle minus the oracle with the withheld modality's "
+              "specific factors at their mean, the most any fill can add over a constant "
+              "one.", ""]
+  chosen = {n: v["chosen_per_fold"] for n, v in results["scenarios"].items()
+            if "chosen_per_fold" in v}
+  if chosen:
+    lines += ["`/auto` rows use, per fold, the variant with the best C-index on the inner "
+              "validation patients: " + "; ".join(
+                  f"`{n}`: {', '.join(c)}" for n, c in chosen.items()) + ".", ""]
   if results.get("cindex_figure"):
     lines += [f"C-index per fold: [{results['cindex_figure']}]({results['cindex_figure']}). "
               "KM figures: median split with 95 % bands (log-log) and the number at risk "

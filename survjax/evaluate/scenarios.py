@@ -85,19 +85,23 @@ def revealed_key(revealed) -> str:
 
 
 def oracle_risk(true_risk: dict | None, modalities, hidden: list[frozenset], idx,
-                cohort_modalities=()) -> np.ndarray | None:
+                cohort_modalities=(), constant_fill: bool = False) -> np.ndarray | None:
   """The known true risk given what each patient's scenario reveals, if the data has one.
 
   ``true_risk`` is keyed by the revealed modalities (`revealed_key`); older cohorts
   (tfds builds) keyed ``full`` / ``missing_<m>`` relative to ``cohort_modalities`` are
-  read too. None where any needed key is absent.
+  read too. ``constant_fill``: the oracle with each withheld modality's specific factors
+  at their mean (keys ``const:<revealed>``), the best any constant fill can do. None where
+  any needed key is absent.
   """
   if not true_risk:
     return None
   out = np.empty(len(idx))
   for j, (i, h) in enumerate(zip(idx, hidden)):
     revealed = set(modalities) - set(h)
-    key = revealed_key(revealed)
+    key = ("const:" if constant_fill else "") + revealed_key(revealed)
+    if constant_fill and key not in true_risk:
+      return None
     if key not in true_risk:
       withheld = set(cohort_modalities) - revealed
       key = "full" if not withheld else "missing_" + "_".join(sorted(withheld))

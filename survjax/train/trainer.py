@@ -119,11 +119,13 @@ class Trainer:
 
   def __init__(self, method: Method, *, mesh, batch_size: int, max_instances: int | None,
                seed: int = 0, progress: bool = True, buckets=None,
-               checkpoint_every_s: float = 0.0, eval_max_instances: int | None = None):
+               checkpoint_every_s: float = 0.0, eval_max_instances: int | None = None,
+               skip_missing_path: bool = False):
     self.method = method
     self.checkpoint_every_s = float(checkpoint_every_s)
     self.eval_max_instances = eval_max_instances
-    self.stages = method.stages()
+    self.stages = [s for s in method.stages()
+                   if not (skip_missing_path and s.missing_path_only)]
     self.mesh = mesh
     self.spec = BatchSpec(batch_size=sharding.round_up_batch(batch_size, mesh),
                           max_instances=max_instances,

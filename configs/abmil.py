@@ -4,9 +4,11 @@ Command:
 
   python -m survjax.main --config=configs/abmil.py --workdir=runs/abmil
 
-Variant :smoke: 120 patients, 3 folds, 3 epochs (seconds). Discrete-time NLL with
-4 bins, AdamW lr 2e-4, weight decay 1e-5, 20 epochs, batch 32 (MCAT/SurvPath defaults,
-which the MUST paper uses for its baselines).
+Variants :smoke (120 patients, 3 folds, 3 epochs; seconds), :whole_folds (no inner
+validation part, the last epoch). Discrete-time NLL with 4 bins, AdamW lr 2e-4, weight
+decay 1e-5, batch 32 (MCAT/SurvPath defaults, which the MUST paper uses for its
+baselines); at most 20 epochs, the one with the best C-index on 20% of each training fold
+kept (the protocol every method follows).
 
 Expected result (5 folds on the default synthetic cohort, MUST's folds;
 docs/results/runs/abmil.json, `bash scripts/reproduce_results.sh abmil`; the oracle is the

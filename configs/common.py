@@ -81,11 +81,13 @@ def unimodal_config(method: str, variant: str = "", *, dim: int = 256,
 
   ``model`` holds ``dim``, then ``model_fields`` in the order given, then the MCAT/SurvPath
   training defaults the MUST paper uses for its baselines: a discrete-time NLL with
-  ``num_bins = 4``, AdamW ``lr = 2e-4``, ``weight_decay = 1e-5``, ``epochs = 20``.
+  ``num_bins = 4``, AdamW ``lr = 2e-4``, ``weight_decay = 1e-5``, at most ``epochs = 20``,
+  the epoch chosen on the inner validation split.
 
   Variants (comma-separated): ``smoke`` = 120 patients, 3 folds, 3 epochs, training bags
-  of at most 128 patches; ``select`` = the epoch chosen by validation C-index on 20% of
-  each training fold; ``parachute_cohort`` = PARACHUTE's cohort (radiology slices with
+  of at most 128 patches; ``whole_folds`` = trained on whole training folds for the last
+  epoch (by default the epoch is chosen by C-index on an inner validation part, 20% of
+  each training fold); ``parachute_cohort`` = PARACHUTE's cohort (radiology slices with
   their own risk share), ``radiology`` = the same, reading the radiology slices.
 
   Args:
@@ -111,17 +113,14 @@ def unimodal_config(method: str, variant: str = "", *, dim: int = 256,
   m.lr = 2e-4
   m.weight_decay = 1e-5
   m.epochs = 20
-  m.select = ""   # "c_index" | "loss": choose the epoch on the inner validation split
+  m.select = "c_index"   # the epoch with the best C-index on the inner validation split
   m.modality = ""  # the modality it reads ("": pathology for MIL models, else genomics)
-  # The reported baseline numbers were trained on whole training folds with a fixed epoch
-  # count; :select trains on 80% of each and picks the epoch on the rest.
-  c.cv.val_fraction = 0.0
   if max_instances is not None:
     c.train.max_instances = max_instances
   for v in filter(None, variant.split(",")):
-    if v == "select":
-      c.cv.val_fraction = 0.2
-      m.select = "c_index"
+    if v == "whole_folds":   # every training patient, the last epoch (no validation part)
+      c.cv.val_fraction = 0.0
+      m.select = ""
     elif v in ("parachute_cohort", "radiology"):  # PARACHUTE's cohort (its folds too)
       from configs.parachute import radiology_cohort
       radiology_cohort(c)

@@ -48,6 +48,7 @@ def radiology_cohort(c: ml_collections.ConfigDict) -> None:
   s = c.data.synthetic
   s.radiology, s.radiology_dim = True, 64
   s.share_shared, s.share_pathology, s.share_radiology, s.share_genomics = 0.4, 0.3, 0.3, 0.0
+  s.coupling, s.risk_std = 0.7, 1.5
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

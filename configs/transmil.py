@@ -4,9 +4,11 @@ Command:
 
   python -m survjax.main --config=configs/transmil.py --workdir=runs/transmil
 
-Variant :smoke: 120 patients, 3 folds, 3 epochs (seconds). Discrete-time NLL with
-4 bins, AdamW lr 2e-4, weight decay 1e-5, 20 epochs, batch 32 (MCAT/SurvPath defaults,
-which the MUST paper uses for its baselines); training bags of 64 patches and 32 Nystrom
+Variants :smoke (120 patients, 3 folds, 3 epochs; seconds), :whole_folds (no inner
+validation part, the last epoch). Discrete-time NLL with 4 bins, AdamW lr 2e-4, weight
+decay 1e-5, batch 32 (MCAT/SurvPath defaults, which the MUST paper uses for its
+baselines); at most 20 epochs, the one with the best C-index on 20% of each training fold
+kept (the protocol every method follows); training bags of 64 patches and 32 Nystrom
 landmarks (the synthetic bags hold 64-480 patches).
 
 Expected result (5 folds on the default synthetic cohort, MUST's folds;

@@ -3,13 +3,22 @@
 # runs each config below into runs/<name>, copies its results.json to
 # docs/results/runs/<name>.json, then rewrites the generated tables
 # (python -m survjax.docs). Runs already finished are reused (a run directory resumes).
-#   bash scripts/reproduce_results.sh              # everything (about an hour on 2 cores)
+#   bash scripts/reproduce_results.sh              # everything (about two hours on 2 cores)
 #   bash scripts/reproduce_results.sh must snn     # some of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 declare -A CONFIGS=(
   [must]="configs/must.py"
+  [must_seed2]="configs/must.py --config.data.synthetic.seed=2"
+  [must_seed3]="configs/must.py --config.data.synthetic.seed=3"
+  [must_seed4]="configs/must.py --config.data.synthetic.seed=4"
+  [abmil_seed2]="configs/abmil.py --config.data.synthetic.seed=2"
+  [abmil_seed3]="configs/abmil.py --config.data.synthetic.seed=3"
+  [abmil_seed4]="configs/abmil.py --config.data.synthetic.seed=4"
+  [snn_seed2]="configs/snn.py --config.data.synthetic.seed=2"
+  [snn_seed3]="configs/snn.py --config.data.synthetic.seed=3"
+  [snn_seed4]="configs/snn.py --config.data.synthetic.seed=4"
   [must_paper_decomp]="configs/must.py:paper_decomp"
   [abmil]="configs/abmil.py"
   [transmil]="configs/transmil.py"
@@ -24,14 +33,24 @@ declare -A CONFIGS=(
   [tta]="configs/tta.py"
   [imputmae]="configs/imputmae.py"
 )
-ORDER=(must abmil transmil snn must_paper_decomp must_breast tta parachute parachute_no_dce
-       parachute_no_gcs parachute_no_dce_no_gcs abmil_radiology abmil_parachute_cohort imputmae)
+ORDER=(must_tune must abmil transmil snn must_paper_decomp must_breast tta parachute
+       parachute_no_dce parachute_no_gcs parachute_no_dce_no_gcs abmil_radiology
+       abmil_parachute_cohort imputmae must_seed2 abmil_seed2 snn_seed2 must_seed3 abmil_seed3
+       snn_seed3 must_seed4 abmil_seed4 snn_seed4)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do
-  cfg=${CONFIGS[$name]:?unknown result $name}
-  echo "== $name: $cfg"
-  "$PY" -m survjax.main --config="$cfg" --workdir="runs/$name" --config.progress=False
+  if [ "$name" = must_tune ]; then  # MUST's defaults, chosen on a development draw (seed 1)
+    echo "== must_tune"
+    "$PY" -m survjax.main --config=configs/must.py --mode=tune --workdir=runs/must_tune \
+      --config.data.synthetic.seed=1 --config.progress=False
+    mkdir -p docs/results/tune && cp runs/must_tune/tune.json docs/results/tune/must.json
+    continue
+  fi
+  args=${CONFIGS[$name]:?unknown result $name}
+  echo "== $name: $args"
+  # shellcheck disable=SC2086  # a config and its flags
+  "$PY" -m survjax.main --config=$args --workdir="runs/$name" --config.progress=False
   cp "runs/$name/results.json" "docs/results/runs/$name.json"
 done
 # Paired comparisons on identical folds (each needs its runs finished).
@@ -44,6 +63,15 @@ compare must_vs_pathology_only abmil:full runs/must runs/abmil runs/transmil
 compare must_vs_genomics_only snn:full runs/must runs/snn
 compare must_fill_pathology must:missing_pathology runs/must
 compare must_fill_genomics must:missing_genomics runs/must
+# MUST on the default draw (seed 0) and three evaluation draws (seeds 2-4), each paired
+# with the unimodal model of the modality that is there and with the zeros fill.
+for s in 0 2 3 4; do
+  sfx=$([ $s = 0 ] && echo "" || echo "_seed$s")
+  compare "draw${s}_pathology_present" "abmil$sfx:full" "runs/must$sfx" "runs/abmil$sfx"
+  compare "draw${s}_genomics_present" "snn$sfx:full" "runs/must$sfx" "runs/snn$sfx"
+  compare "draw${s}_fill_pathology" "must$sfx:missing_pathology/zeros" "runs/must$sfx"
+  compare "draw${s}_fill_genomics" "must$sfx:missing_genomics/zeros" "runs/must$sfx"
+done
 compare tta_vs_must must:full runs/tta runs/must runs/abmil runs/snn
 compare parachute_ablations parachute:full runs/parachute runs/parachute_no_dce \
   runs/parachute_no_gcs runs/parachute_no_dce_no_gcs runs/abmil_radiology runs/abmil_parachute_cohort

@@ -106,8 +106,12 @@ def scenarios_table(runs, run: str) -> str:
   rows = []
   for row, s in res["scenarios"].items():
     oracle = f"{s['oracle_c_index']:.3f}" if "oracle_c_index" in s else ""
+    if "oracle_const_c_index" in s and oracle:
+      oracle += f" (room {s['oracle_c_index'] - s['oracle_const_c_index']:+.3f})"
+    chosen = s.get("chosen_per_fold")
     rows.append([f"`{row}`", f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
-                 ", ".join(f"{v:.3f}" for v in s["per_fold"]), oracle])
+                 ", ".join(f"{v:.3f}" for v in s["per_fold"])
+                 + (f" (chose {', '.join(chosen)})" if chosen else ""), oracle])
   for s in res.get("reference_rows", []):
     rows.append([f"{s['model']}, `{s['scenario']}`",
                  f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
@@ -204,6 +208,67 @@ def compare_table(name: str) -> str:
   return to_markdown(data["rows"], data.get("reference"), data.get("command", ""))
 
 
+DRAWS = (0, 2, 3, 4)   # MUST's default draw and its evaluation draws (scripts/reproduce_results.sh)
+
+
+def _compare_rows(name: str) -> dict | None:
+  path = REPO / "docs" / "results" / "compare" / f"{name}.json"
+  if not path.exists():
+    return None
+  return {r["row"].split(":", 1)[1]: r for r in json.loads(path.read_text())["rows"]}
+
+
+def _diff(row) -> str:
+  if row is None or "diff" not in row:
+    return ""
+  lo, hi = row["diff_ci95"]
+  return f"{row['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] {row['verdict']}"
+
+
+def draws_table() -> str:
+  """MUST against what a user could do instead, on each synthetic draw: paired
+  differences (95% bootstrap interval, verdict) from the committed comparisons
+  ``draw<seed>_*`` (docs/results/must.md)."""
+  spec = [  # (question, comparison, MUST row)
+      ("both: MUST vs ABMIL (pathology)", "pathology_present", "full"),
+      ("both: MUST vs SNN (genomics)", "genomics_present", "full"),
+  ]
+  for missing, present, comp, ref in (("genomics", "pathology", "pathology_present", "ABMIL"),
+                                      ("pathology", "genomics", "genomics_present", "SNN")):
+    for variant in ("", "/unimodal", "/auto"):
+      what = {"": "diffusion fill", "/unimodal": "unimodal head", "/auto": "auto"}[variant]
+      spec.append((f"{missing} missing: MUST {what} vs {ref} ({present})", comp,
+                   f"missing_{missing}{variant}"))
+    spec.append((f"{missing} missing: diffusion fill vs zeros", f"fill_{missing}",
+                 f"missing_{missing}"))
+  rows = []
+  for question, comp, row in spec:
+    cells = [question]
+    for s in DRAWS:
+      table = _compare_rows(f"draw{s}_{comp}")
+      cells.append(_diff(None if table is None else table.get(row)))
+    rows.append(cells)
+  rooms = ["imputation room (oracle - constant-fill oracle): pathology / genomics missing"]
+  for s in DRAWS:
+    table = _compare_rows(f"draw{s}_fill_pathology") or {}
+    r = [table.get(f"missing_{m}", {}).get("imputation_room") for m in ("pathology", "genomics")]
+    rooms.append(" / ".join(f"{x:+.3f}" for x in r) if None not in r else "")
+  rows.append(rooms)
+  return _table(["paired difference, 95% CI"] + [f"draw {s}" for s in DRAWS], rows)
+
+
+def tune_table(name: str) -> str:
+  """A committed ``--mode=tune`` result (docs/results/tune/<name>.json)."""
+  path = REPO / "docs" / "results" / "tune" / f"{name}.json"
+  if not path.exists():
+    return f"(no committed tuning `{name}`: run `bash scripts/reproduce_results.sh {name}_tune`)\n"
+  data = json.loads(path.read_text())
+  rows = [[", ".join(f"`{k}={v}`" for k, v in p["overrides"].items()),
+           f"{p['val_c_index_mean']:.3f}", ", ".join(f"{v:.3f}" for v in p["val_c_index_per_fold"]),
+           "chosen" if p["overrides"] == data["chosen"] else ""] for p in data["points"]]
+  return _table(["point", "inner-validation C-index (mean over folds)", "per fold", ""], rows)
+
+
 def render(name: str, runs) -> str:
   """The text of generated block ``name``."""
   if name == "synthetic":
@@ -219,6 +284,10 @@ def render(name: str, runs) -> str:
     return compare_table(run)
   if kind == "bench":
     return bench_table(run)
+  if kind == "draws":
+    return draws_table()
+  if kind == "tune":
+    return tune_table(run)
   raise KeyError(f"unknown generated block {name!r}")
 
 

@@ -19,7 +19,10 @@ from survjax.evaluate.cv import Predictor
 from survjax.method import cohort_info
 from survjax.models import get_method
 from survjax.models.must import decomposition_losses, fit_latent
+from survjax.errors import InputError
 from survjax.train import sharding
+from survjax.train.sharding import make_mesh
+from survjax.train.trainer import Trainer
 
 
 def _tiny_config(**model) -> ml_collections.ConfigDict:
@@ -368,7 +371,7 @@ def test_missing_modality_path_never_reads_the_missing_inputs(toy, missing):
   key = jax.random.key(0)
   out_nan = _predict(method, model, batch_nan, frozenset({have}), key)
   out_zero = _predict(method, model, batch_zero, frozenset({have}), key)
-  assert set(out_nan) == {"risk", "zeros", "mean"}
+  assert set(out_nan) == {"risk", "zeros", "mean", "unimodal"}
   for k in out_nan:
     assert np.all(np.isfinite(out_nan[k])), k
     np.testing.assert_array_equal(out_nan[k], out_zero[k])
@@ -457,3 +460,40 @@ def test_every_documented_config_variant_builds(variant):
                                                                           "decomp_sg"))
   with pytest.raises(ValueError, match="unknown variant"):
     must_config.get_config("decomp")
+
+
+def test_unimodal_heads_read_what_one_modality_gives_and_train_alone(toy):
+  """The `unimodal` risk is the modality's head on [u^_m; P(g_m - u^_m)] computed from that
+  modality alone, and its stage changes no parameter outside the unimodal heads."""
+  cohort, method, bins = toy
+  model = _model(method, cohort)
+  batch = make_batch(cohort, np.arange(8), BatchSpec(batch_size=8), bins=bins, hide=("genomics",))
+  out = _predict(method, model, batch, frozenset({"pathology"}), jax.random.key(0))
+  g, u = model.specific_only(batch, "pathology")
+  x = jnp.concatenate([u, model.project_shared(g - u)], -1)
+  expected = survival.discrete_time_risk(model.unimodal_heads["pathology"](x))
+  np.testing.assert_allclose(out["unimodal"], np.asarray(expected), rtol=1e-4, atol=1e-5)
+
+  stage = next(s for s in method.stages() if s.name == "unimodal_heads")
+  assert stage.missing_path_only and stage.features is not None
+  before = nnx.to_pure_dict(nnx.state(model))
+  only = type("UnimodalOnly", (type(method),), {"stages": lambda self: [stage]})(method.cfg)
+  trainer = Trainer(only, mesh=make_mesh(1), batch_size=8, max_instances=16, progress=False)
+  trainer.fit(model, cohort, np.arange(32), bins=bins)
+  after = nnx.to_pure_dict(nnx.state(model))
+  changed = {"/".join(str(k.key) for k in path) for path, a in jax.tree_util.tree_flatten_with_path(before)[0]
+             if not np.array_equal(a, _at(after, path))}
+  assert changed and all(p.startswith("unimodal_heads") for p in changed), sorted(changed)[:5]
+
+
+def _at(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_decomposition_losses_need_two_patients_per_batch():
+  config = _tiny_config()
+  config.train.batch_size = 1
+  with pytest.raises(InputError, match="train.batch_size 1 leaves eq. 13-14"):
+    get_method(config)

@@ -3,14 +3,14 @@
   python -m survjax.main --config=configs/must.py --mode=tune --workdir=runs/must_tune \\
       --config.data.synthetic.seed=1
 
-A config declares its grid as ``tune.grid = (("model.stage2.epochs", (8, 15, 30)),
-("model.ldm.latent_dim", (8, 32)))``. Every point of the grid is trained on each fold's
+A config declares its grid as ``tune.grid = (("model.stage2.lr", (2e-4, 1e-3)),
+("model.rank", (16, 64)))``. Every point of the grid is trained on each fold's
 training patients less the inner validation part (``cv.val_fraction``) and scored by the
 C-index of its prediction with every modality on that validation part; a point's score is
 the mean over folds. Stages that only serve a missing modality (``Stage.missing_path_only``,
 e.g. MUST's denoisers) are not trained: they cannot change that score. Before a fold is
-touched, the labels of its test patients are blanked (NaN time, no event) in the cohort the fold trains on, so no path can read them; its
-features are imputed and standardised with the training fold's statistics (as in CV).
+touched, the labels of its test patients are blanked (NaN time, no event) in the cohort
+the fold trains on, so no path can read them; its features are imputed and standardised with the training fold's statistics (as in CV).
 ``tune.json`` in the workdir has every point's per-fold scores and the chosen one, and the
 log ends with the chosen values as command-line overrides for ``--mode=cv``.
 

@@ -72,6 +72,14 @@ ablation "missing component filled by the LDM vs zeros vs the training mean").
 Training-time missingness (supp. 8.2): unpaired patients use a zero ``u^`` for the
 missing modality and the survival loss only.
 
+Not in the paper, a fallback (config ``unimodal_heads``): after the main stage, with the
+network frozen, one head per modality learns the survival loss from ``[u^_m; c~_m]``, the
+two vectors one modality alone gives at inference (the ``unimodal`` row of a missing
+scenario). With an inner validation split, the evaluation adds an ``auto`` row that uses,
+per fold, whichever of the diffusion fill, zeros, mean and unimodal head scores best on the
+validation patients under that scenario (`survjax.evaluate.cv`); the ``risk`` output, which
+``--mode=predict`` uses, stays the paper's diffusion fill.
+
 The risk score is ``-sum_k S(k)`` (MCAT convention).
 """
 
@@ -220,6 +228,22 @@ class TokenEncoder(nnx.Module):
     return seq[:, 0], seq[:, 1:], jnp.ones((b, n), bool)
 
 
+class MLPHead(nnx.Module):
+  """``Linear -> ReLU -> dropout -> Linear``: hazard logits from a feature vector."""
+
+  def __init__(self, in_dim, hidden, out_dim, dropout, *, rngs):
+    self.fc1 = nnx.Linear(in_dim, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, out_dim, rngs=rngs)
+    self.dropout = dropout
+
+  def __call__(self, x, key=None):
+    h = jax.nn.relu(self.fc1(x))
+    if key is not None and self.dropout > 0:
+      keep = jax.random.bernoulli(key, 1 - self.dropout, h.shape)
+      h = jnp.where(keep, h / (1 - self.dropout), 0.0)
+    return self.fc2(h)
+
+
 def _encoder(info: dict, cfg, rngs):
   if info["kind"] == "bag":
     return BagEncoder(info["dim"], cfg, rngs=rngs)
@@ -250,6 +274,10 @@ class MUSTModel(nnx.Module):
     self.subspace = nnx.Param(jax.random.normal(rngs.params(), (d, cfg.rank)) / jnp.sqrt(d))
     self.head1 = nnx.Linear(3 * d, cfg.head_hidden, rngs=rngs)
     self.head2 = nnx.Linear(cfg.head_hidden, cfg.num_bins, rngs=rngs)
+    if cfg.get("unimodal_heads", False):
+      self.unimodal_heads = nnx.Dict({
+          m: MLPHead(2 * d, cfg.head_hidden, cfg.num_bins, cfg.dropout, rngs=rngs)
+          for m in names})
     k = cfg.ldm.get("latent_dim", 0) or d
     self.denoisers = nnx.Dict({
         m: ConditionalDenoiser(dim=d, num_layers=cfg.ldm.num_layers, num_heads=cfg.ldm.num_heads,
@@ -394,6 +422,7 @@ class MUST:
 
   cfg: object
   accumulate: int = 1   # the run's train.accumulate (micro-batches per update)
+  batch_size: int = 32  # the run's train.batch_size
   name: str = "must"
 
   @property
@@ -415,6 +444,13 @@ class MUST:
     if not 0 < c.rank <= c.dim:
       raise InputError(f"rank {c.rank} is out of range, expected 1 <= rank <= model.dim "
                        f"= {c.dim}", path="config.model.rank")
+    if self.batch_size < 2 and c.stage2.epochs and (c.lambda_dec or c.lambda_sh):
+      # Eq. 13-14 relative to the between-patient variance need two patients in a batch;
+      # the paper's batch 1 + accumulation would switch them off without a word.
+      raise InputError(f"train.batch_size {self.batch_size} leaves eq. 13-14 (the "
+                       "decomposition losses) without a between-patient variance, expected "
+                       "a batch of 2 or more patients (accumulate for larger effective "
+                       "batches)", path="config.train.batch_size")
     if not 0 <= c.ldm.get("latent_dim", 0) <= c.dim:
       raise InputError(f"latent_dim {c.ldm.latent_dim} is out of range, expected 0 (all "
                        f"{c.dim} dimensions) to model.dim = {c.dim}",
@@ -551,6 +587,25 @@ class MUST:
 
     return prepare, loss
 
+  def unimodal_features(self, model, batch):
+    """What a one-modality patient shows, per modality m: ``[u^_m; c~_m]`` with
+    ``c~_m`` = `recover_shared` from m alone, exactly as at inference; plus labels."""
+    out = {"bin": batch["bin"], "event": batch["event"]}
+    for short, m in zip("pg", self.modalities):
+      g, u = model.specific_only(batch, m)
+      out[f"x_{short}"] = jnp.concatenate([u, self.recover_shared(model, g, u)], -1)
+      out[f"avail_{short}"] = batch["modalities"][m]["available"].astype(jnp.float32)
+    return out
+
+  def unimodal_loss(self, model, batch, key):
+    """Survival loss of each unimodal head on its modality's frozen features."""
+    w = batch["valid"].astype(jnp.float32)
+    metrics = {}
+    for i, (short, m) in enumerate(zip("pg", self.modalities)):
+      logits = model.unimodal_heads[m](batch[f"x_{short}"], key=jax.random.fold_in(key, i))
+      metrics[f"surv_{short}"] = self._surv(logits, batch, w * batch[f"avail_{short}"])
+    return metrics["surv_p"] + metrics["surv_g"], metrics
+
   def stages(self):
     c = self.cfg
     everything_but_ldm = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("denoisers")))
@@ -565,7 +620,8 @@ class MUST:
                        patients=c.train_patients))
     out.append(Stage("main", self.main_loss, adamw(c.stage2.lr, c.stage2.weight_decay),
                      epochs=c.stage2.epochs, trainable=everything_but_ldm,
-                     patients=c.train_patients))
+                     patients=c.train_patients, select=c.stage2.get("select") or None,
+                     patience=c.stage2.get("patience", 0)))
     ldm = c.ldm
     for modality in self.modalities[::-1]:
       prepare, loss = self._ldm_stage_fns(modality)
@@ -575,7 +631,17 @@ class MUST:
           trainable=nnx.All(nnx.Param, nnx.PathContains("denoisers"),
                             nnx.PathContains(modality)),
           patients="complete", features=self.ldm_features, prepare=prepare,
-          steps_per_epoch=ldm.steps_per_epoch, batch_size=ldm.batch_size))
+          steps_per_epoch=ldm.steps_per_epoch, batch_size=ldm.batch_size,
+          missing_path_only=True))
+    if c.get("unimodal_heads", False):
+      uni = c.unimodal
+      out.append(Stage(
+          "unimodal_heads", self.unimodal_loss, make_optimizer(uni.lr, uni.weight_decay),
+          epochs=max(1, uni.steps // uni.steps_per_epoch),
+          trainable=nnx.All(nnx.Param, nnx.PathContains("unimodal_heads")),
+          patients="any", features=self.unimodal_features,
+          steps_per_epoch=uni.steps_per_epoch, batch_size=uni.batch_size,
+          missing_path_only=True))
     return out
 
   # ---- inference -----------------------------------------------------------------------
@@ -620,7 +686,10 @@ class MUST:
         return risk(model.head(u_have, c_tilde, u_missing))                 # eq. 22
       return risk(model.head(u_missing, c_tilde, u_have))
 
-    return {"risk": score(u_gen), "zeros": score(jnp.zeros_like(u_gen)), "mean": score(u_mean)}
+    out = {"risk": score(u_gen), "zeros": score(jnp.zeros_like(u_gen)), "mean": score(u_mean)}
+    if self.cfg.get("unimodal_heads", False):
+      out["unimodal"] = risk(model.unimodal_heads[have](jnp.concatenate([u_have, c_tilde], -1)))
+    return out
 
   # Sec. 4.4's pairs: specific parts (near-orthogonal), shared parts (aligned), each g
   # against its decomposition, and the two modalities' g.
@@ -639,4 +708,5 @@ class MUST:
 
 
 def make(config) -> MUST:
-  return MUST(config.model, accumulate=config.train.accumulate)
+  return MUST(config.model, accumulate=config.train.accumulate,
+              batch_size=config.train.batch_size)

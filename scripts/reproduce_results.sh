@@ -75,4 +75,5 @@ done
 compare tta_vs_must must:full runs/tta runs/must runs/abmil runs/snn
 compare parachute_ablations parachute:full runs/parachute runs/parachute_no_dce \
   runs/parachute_no_gcs runs/parachute_no_dce_no_gcs runs/abmil_radiology runs/abmil_parachute_cohort
+"$PY" scripts/cohort_oracles.py > /dev/null
 "$PY" -m survjax.docs

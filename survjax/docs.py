@@ -269,12 +269,31 @@ def tune_table(name: str) -> str:
   return _table(["point", "inner-validation C-index (mean over folds)", "per fold", ""], rows)
 
 
+def oracles_table() -> str:
+  """The synthetic cohort's oracles as its knobs move (docs/results/cohort_oracles.json)."""
+  path = REPO / "docs" / "results" / "cohort_oracles.json"
+  if not path.exists():
+    return "(no committed oracle table: run `python scripts/cohort_oracles.py`)\n"
+  rows = []
+  for r in json.loads(path.read_text())["rows"]:
+    rows.append([r["setting"], f"{r['full']:.3f}", f"{r['pathology']:.3f}", f"{r['genomics']:.3f}",
+                 f"{r['full'] - max(r['pathology'], r['genomics']):+.3f}",
+                 f"{r['pathology'] - r['pathology, constant fill']:+.3f}",
+                 f"{r['genomics'] - r['genomics, constant fill']:+.3f}"])
+  return (_table(["setting", "oracle: both", "pathology alone", "genomics alone",
+                  "both - best alone", "room, genomics missing", "room, pathology missing"],
+                 rows)
+          + "\nMean over draws 0-4 of 400 patients; `python scripts/cohort_oracles.py`.\n")
+
+
 def render(name: str, runs) -> str:
   """The text of generated block ``name``."""
   if name == "synthetic":
     return synthetic_table(runs)
   if name == "breast":
     return breast_table(runs)
+  if name == "oracles":
+    return oracles_table()
   kind, _, run = name.partition(".")
   if kind == "scenarios":
     return scenarios_table(runs, run)

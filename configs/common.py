@@ -70,7 +70,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.eval.reference_coxph_alpha = 1.0
   c.mesh = ml_collections.ConfigDict(dict(num_devices=-1))
   # --mode=tune: (("dotted.key", (values...)), ...) scored on the inner validation splits.
-  c.tune = ml_collections.ConfigDict(dict(grid=()))
+  # tune.scenarios: score under these scenarios (the missing path's parameters).
+  c.tune = ml_collections.ConfigDict(dict(grid=(), scenarios=("full",)))
   return c
 
 

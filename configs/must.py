@@ -39,7 +39,8 @@ main epochs), ``:decomp_sg`` (the same, no gradient into g through eq. 13),
 ``:paper_schedule`` (30 + 30 epochs, a 10x longer LDM), ``:paper_ldm`` (the LDM on the
 256-d u^, trained on c^), ``:no_warmup``, ``:cond_c`` ([c] conditioning), ``:rank16`` /
 ``:rank128``, ``:train_missing`` (15% of patients miss each modality and train unpaired,
-supp. 8.2).
+supp. 8.2), ``:tune_ldm`` (``--mode=tune`` grid of the LDM's latent, scored on the missing
+scenarios).
 """
 
 import ml_collections
@@ -113,6 +114,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       m.stage2.lr = 2e-4
       m.ldm.steps = 10000
       m.ldm.steps_per_epoch = 1000
+    elif v == "tune_ldm":  # --mode=tune: the LDM's latent on the missing scenarios
+      c.tune.grid = (("model.ldm.latent_dim", (8, 0)),)
+      c.tune.scenarios = ("missing_pathology", "missing_genomics")
     elif v == "no_warmup":
       m.stage1.epochs = 0
     elif v == "cond_c":

@@ -64,23 +64,39 @@ def _table(header, rows) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _room(runs, run, row):
+  scen = runs.get(run, {}).get("scenarios", {}).get(row, {})
+  if "oracle_const_c_index" not in scen or "oracle_c_index" not in scen:
+    return ""
+  return f"{scen['oracle_c_index'] - scen['oracle_const_c_index']:+.3f}"
+
+
 def synthetic_table(runs) -> str:
   """MUST and the unimodal baselines on the embedded cohort (README)."""
   full, mp, mg = "full", "missing_pathology", "missing_genomics"
   rows = [
-      ["MUST, LDM fill (`configs/must.py`)", _cell(runs, "must", full),
+      ["MUST, diffusion fill (`configs/must.py`)", _cell(runs, "must", full),
        _cell(runs, "must", mp), _cell(runs, "must", mg)],
       ["MUST, zeros fill", "", _cell(runs, "must", f"{mp}/zeros"),
        _cell(runs, "must", f"{mg}/zeros")],
       ["MUST, training-mean fill", "", _cell(runs, "must", f"{mp}/mean"),
        _cell(runs, "must", f"{mg}/mean")],
-      ["MUST `:paper_decomp`, LDM / zeros / mean fill", _cell(runs, "must_paper_decomp", full),
-       _fills(runs, "must_paper_decomp", mp), _fills(runs, "must_paper_decomp", mg)],
+      ["MUST, unimodal head", "", _cell(runs, "must", f"{mp}/unimodal"),
+       _cell(runs, "must", f"{mg}/unimodal")],
+      ["MUST, chosen on validation (`/auto`)", "", _cell(runs, "must", f"{mp}/auto"),
+       _cell(runs, "must", f"{mg}/auto")],
+      ["MUST `:paper`, diffusion / zeros / mean fill", _cell(runs, "must_paper", full),
+       _fills(runs, "must_paper", mp), _fills(runs, "must_paper", mg)],
+      ["MUST `:paper_decomp`, diffusion / zeros / mean fill",
+       _cell(runs, "must_paper_decomp", full), _fills(runs, "must_paper_decomp", mp),
+       _fills(runs, "must_paper_decomp", mg)],
       ["SNN, genomics only (`configs/snn.py`)", _cell(runs, "snn", full), "", ""],
       ["TransMIL, pathology only (`configs/transmil.py`)", _cell(runs, "transmil", full), "", ""],
       ["gated ABMIL, pathology only (`configs/abmil.py`)", _cell(runs, "abmil", full), "", ""],
       ["oracle (mean over the folds)", _oracle(runs, "must", full), _oracle(runs, "must", mp),
        _oracle(runs, "must", mg)],
+      ["imputation room (oracle - constant-fill oracle)", "-", _room(runs, "must", mp),
+       _room(runs, "must", mg)],
   ]
   return _table(["model", "full", "missing pathology", "missing genomics"], rows)
 
@@ -263,10 +279,18 @@ def tune_table(name: str) -> str:
   if not path.exists():
     return f"(no committed tuning `{name}`: run `bash scripts/reproduce_results.sh {name}_tune`)\n"
   data = json.loads(path.read_text())
-  rows = [[", ".join(f"`{k}={v}`" for k, v in p["overrides"].items()),
-           f"{p['val_c_index_mean']:.3f}", ", ".join(f"{v:.3f}" for v in p["val_c_index_per_fold"]),
-           "chosen" if p["overrides"] == data["chosen"] else ""] for p in data["points"]]
-  return _table(["point", "inner-validation C-index (mean over folds)", "per fold", ""], rows)
+  by_scenario = data.get("scenarios", ["full"]) != ["full"]
+  rows = []
+  for p in data["points"]:
+    row = [", ".join(f"`{k}={v}`" for k, v in p["overrides"].items()),
+           f"{p['val_c_index_mean']:.3f}", ", ".join(f"{v:.3f}" for v in p["val_c_index_per_fold"])]
+    if by_scenario:
+      row.append(", ".join(f"`{n}` {sum(v) / len(v):.3f}"
+                           for n, v in p["val_c_index_per_scenario"].items()))
+    rows.append(row + ["chosen" if p["overrides"] == data["chosen"] else ""])
+  scored = ", ".join(f"`{s}`" for s in data.get("scenarios", ["full"]))
+  return _table(["point", f"inner-validation C-index ({scored}; mean over folds)", "per fold"]
+                + (["per scenario"] if by_scenario else []) + [""], rows)
 
 
 def oracles_table() -> str:

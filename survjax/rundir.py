@@ -24,7 +24,7 @@ from survjax.io import atomic_write_json
 
 # Config keys that do not change what training computes.
 _NOT_TRAINING = ("progress", "tensorboard_dir", "compilation_cache_dir", "eval.", "mesh.",
-                 "cv.folds", "train.checkpoint_every_s")
+                 "cv.folds", "train.checkpoint_every_s", "tune.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

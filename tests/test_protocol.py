@@ -361,3 +361,42 @@ def test_auto_rows_choose_on_validation_and_never_read_the_test_fold(tmp_path, m
   assert res["scenarios"]["full/auto"]["chosen_per_fold"] == [
       json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())[
           "validation"]["full"]["chosen"] for k in range(3)]
+
+
+def test_tuning_under_a_missing_scenario_scores_the_missing_path_on_validation(tmp_path):
+  """`tune.scenarios` scores each point with the scenario's modality hidden on the inner
+  validation patients: other scores than with every modality, the same ones when the test
+  fold's labels are scrambled."""
+  from survjax.data.splits import make_folds, write_splits_csv
+  from survjax.evaluate.cv import cohort_folds
+  from survjax.evaluate.tune import run_tune
+
+  cohort = make_synthetic_cohort(SPEC)
+  cohort.name = "x"
+  splits = tmp_path / "splits"
+  for k, (tr, va) in enumerate(make_folds(cohort.time, cohort.event, 3, 0)):
+    write_splits_csv(splits / f"x/splits_{k}.csv", list(cohort.case_ids[tr]),
+                     list(cohort.case_ids[va]))
+  c = _config(tmp_path)
+  c.data.source = "files"
+  c.cv.splits_dir = str(splits)
+  c.cv.val_fraction = 0.25
+  c.tune = dict(grid=(("model.lr", (1e-2,)),), scenarios=("missing_pathology",))
+  folds, _ = cohort_folds(cohort, c)
+  scrambled = dataclasses.replace(cohort, time=cohort.time.copy(), event=cohort.event.copy())
+  scrambled.time[folds[0][1]] = cohort.time[folds[0][1]][::-1] * 2.0
+
+  def make(cfg):
+    return ToyMethod(epochs=(2, 1))
+
+  a = run_tune(cohort, c, tmp_path / "a", folds=folds, run_folds=[0], make_method=make)
+  b = run_tune(scrambled, c, tmp_path / "b", folds=folds, run_folds=[0], make_method=make)
+  assert a["points"][0]["val_c_index_per_scenario"] == b["points"][0]["val_c_index_per_scenario"]
+  assert a["points"][0]["val_c_index_per_fold"] == a["points"][0][
+      "val_c_index_per_scenario"]["missing_pathology"]
+  c.tune.scenarios = ("full",)
+  full = run_tune(cohort, c, tmp_path / "c", folds=folds, run_folds=[0], make_method=make)
+  assert full["points"][0]["val_c_index_per_fold"] != a["points"][0]["val_c_index_per_fold"]
+  c.tune.scenarios = ("missing_nothing",)
+  with pytest.raises(InputError, match="unknown scenario 'missing_nothing'"):
+    run_tune(cohort, c, tmp_path / "d", folds=folds, run_folds=[0], make_method=make)

@@ -14,6 +14,11 @@ the fold trains on, so no path can read them; its features are imputed and stand
 ``tune.json`` in the workdir has every point's per-fold scores and the chosen one, and the
 log ends with the chosen values as command-line overrides for ``--mode=cv``.
 
+``tune.scenarios`` (default ``("full",)``) scores a point by the mean over those scenarios
+of the validation C-index of the method's ``risk`` with the scenario's modalities hidden
+(e.g. ``("missing_pathology", "missing_genomics")`` for the parameters of a missing
+path); every stage is then trained.
+
 Choose defaults on a development draw of the synthetic cohort (another
 ``data.synthetic.seed``) and report on draws the choice never saw.
 """
@@ -35,6 +40,7 @@ from survjax.data.formats import impute_fold, standardize_fold
 from survjax.data.splits import inner_validation
 from survjax.data.timebins import assign_time_bins, fit_time_bins
 from survjax.errors import InputError
+from survjax.evaluate import scenarios as scen
 from survjax.io import atomic_write_json
 from survjax.method import cohort_info
 from survjax.train import sharding
@@ -82,6 +88,26 @@ def blank_labels(cohort, idx):
   return dataclasses.replace(cohort, time=time_, event=event)
 
 
+def _scenario_scores(method, model, cohort, val_idx, scenarios, config, mesh, k) -> dict:
+  """Validation C-index of the method's ``risk`` under each scenario (its missing path)."""
+  from survjax.data.batching import BatchSpec
+  from survjax.evaluate.cv import Predictor
+  from survjax.evaluate.metrics import concordance_index
+  val_idx = val_idx[np.isfinite(cohort.time[val_idx])]
+  spec = BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
+                   max_instances=config.eval.max_instances or None,
+                   **({"buckets": tuple(config.data.buckets)} if config.data.buckets else {}))
+  predictor = Predictor(method, mesh)
+  key = jax.random.fold_in(jax.random.key(config.seed + 23), k)
+  out = {}
+  for s_i, name in enumerate(scenarios):
+    hidden = scen.hidden_for(name, method.modalities, cohort.case_ids[val_idx], config.cv.seed)
+    risk = predictor.predict(model, cohort, val_idx, hidden, spec, jax.random.fold_in(key, s_i))
+    out[name] = float(concordance_index(cohort.time[val_idx], cohort.event[val_idx],
+                                        risk["risk"])[0])
+  return out
+
+
 def run_tune(cohort, config, workdir, *, folds, run_folds, make_method) -> dict:
   """Scores every grid point on the inner validation split of each fold in ``run_folds``.
 
@@ -94,6 +120,8 @@ def run_tune(cohort, config, workdir, *, folds, run_folds, make_method) -> dict:
                      path="config.cv.val_fraction")
   points = grid_points(config)
   mesh = sharding.make_mesh(config.mesh.num_devices)
+  scenarios = tuple(config.tune.get("scenarios", ("full",)))
+  scen.expand(scenarios, make_method(config).modalities)   # unknown names: one clear line
   table = []
   for p_i, overrides in enumerate(points):
     cfg = with_overrides(config, overrides)
@@ -102,8 +130,8 @@ def run_tune(cohort, config, workdir, *, folds, run_folds, make_method) -> dict:
                       max_instances=cfg.train.max_instances or None, seed=cfg.seed,
                       progress=cfg.progress, buckets=cfg.data.buckets or None,
                       eval_max_instances=cfg.eval.max_instances or None,
-                      skip_missing_path=True)   # scored with every modality
-    scores = []
+                      skip_missing_path=scenarios == ("full",))
+    scores, per_scenario = [], {name: [] for name in scenarios}
     t0 = time.perf_counter()
     for k in run_folds:
       tr, te = folds[k]
@@ -119,16 +147,25 @@ def run_tune(cohort, config, workdir, *, folds, run_folds, make_method) -> dict:
       model = method.build(cohort_info(seen, method.modalities),
                            nnx.Rngs(cfg.seed * 1000 + k))
       trainer.fit(model, seen, fit_idx, bins=bins, fold=k, val_idx=val_idx)
-      score_stage = dataclasses.replace(trainer.stages[-1], select="c_index")
-      scores.append(trainer.validation_score(score_stage, model, seen, val_idx, bins))
+      if scenarios == ("full",):
+        score_stage = dataclasses.replace(trainer.stages[-1], select="c_index")
+        scores.append(trainer.validation_score(score_stage, model, seen, val_idx, bins))
+        continue
+      fold_scores = _scenario_scores(method, model, seen, val_idx, scenarios, cfg, mesh, k)
+      for name, value in fold_scores.items():
+        per_scenario[name].append(round(value, 4))
+      scores.append(float(np.mean(list(fold_scores.values()))))
     entry = {"overrides": overrides, "val_c_index_per_fold": [round(s, 4) for s in scores],
              "val_c_index_mean": round(float(np.mean(scores)), 4),
              "chosen_epochs": trainer.chosen_epochs, "seconds": round(time.perf_counter() - t0, 1)}
+    if scenarios != ("full",):
+      entry["val_c_index_per_scenario"] = per_scenario
     table.append(entry)
     log.info("tune %d/%d %s: validation C-index %.4f", p_i + 1, len(points), overrides,
              entry["val_c_index_mean"])
   best = max(range(len(table)), key=lambda i: table[i]["val_c_index_mean"])
-  out = {"grid": [list(g) for g in config.tune.grid], "folds": list(run_folds),
+  out = {"grid": [list(g) for g in config.tune.grid], "scenarios": list(scenarios),
+         "folds": list(run_folds),
          "points": table, "chosen": table[best]["overrides"],
          "cv_flags": " ".join(f"--config.{k}={v}" for k, v in table[best]["overrides"].items())}
   if jax.process_index() == 0:

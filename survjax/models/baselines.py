@@ -125,15 +125,22 @@ class Unimodal:
 
   @property
   def attention(self):
-    """Optional hook (`survjax.method.Method`), ABMIL only (None otherwise):
-    ``(model, batch) -> {modality: [B, N]}``, the gated attention over the bag's patches
-    (sums to 1 over real patches, 0 at padding)."""
-    if self.name != "abmil":
+    """Optional hook (`survjax.method.Method`), ABMIL and TransMIL (None otherwise):
+    ``(model, batch) -> {modality: [B, N]}``, the attention over the bag's patches (sums
+    to 1 over real patches, 0 at padding). ABMIL: the gated attention pooling weights.
+    TransMIL: the class token's softmax attention over the patches in the last layer,
+    averaged over heads (`survjax.nn.transmil.TransMIL.attention`: the exact row, not
+    its Nystrom approximation; the square layout's repeated patches left out)."""
+    if self.name not in ("abmil", "transmil"):
       return None
 
     def attention(model, batch):
       m = batch["modalities"][self.modality]
-      _, attn = model.pool(m["x"].astype(jnp.float32), m["mask"])
+      x = m["x"].astype(jnp.float32)
+      if self.name == "abmil":
+        _, attn = model.pool(x, m["mask"])
+      else:
+        attn = model.encoder.attention(x, m["mask"])
       return {self.modality: attn}
     return attention
 

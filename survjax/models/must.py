@@ -97,6 +97,7 @@ from survjax.diffusion.denoiser import ConditionalDenoiser, denoising_loss
 from survjax.errors import InputError
 from survjax.method import Stage
 from survjax.nn.attention import MultiHeadAttention, TransformerLayer
+from survjax.nn.core import masked_softmax
 from survjax.nn.genomic import GroupTokenizer
 from survjax.nn.transmil import TransMIL
 from survjax.train.optim import make_optimizer
@@ -194,6 +195,23 @@ class ClassQuery(nnx.Module):
     x = x + self.mlp2(jax.nn.gelu(self.mlp1(self.norm2(x))))
     return x[:, 0]
 
+  def attention(self, tokens, mask):
+    """The class query's softmax weights over ``tokens`` ``[B, N]`` in `__call__`'s
+    attention, averaged over heads, its own key left out and renormalised over the real
+    tokens (0 at padding, all 0 when none is real)."""
+    b, n, d = tokens.shape
+    h = self.attn.num_heads
+    cls = jnp.broadcast_to(self.cls[...], (b, 1, d))
+    kv = self.norm(jnp.concatenate([cls, tokens], axis=1))
+    kv_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+    q = self.attn.q_proj(self.norm(cls)).reshape(b, h, d // h)
+    k = self.attn.k_proj(kv).reshape(b, n + 1, h, d // h)
+    scores = jnp.einsum("bhc,bkhc->bhk", q, k) / (d // h) ** 0.5
+    w = jnp.mean(masked_softmax(scores, kv_mask[:, None, :]), axis=1)[:, 1:]
+    w = jnp.where(mask, w, 0.0)
+    total = jnp.sum(w, axis=1, keepdims=True)
+    return w / jnp.where(total > 0, total, 1.0)
+
 
 class BagEncoder(nnx.Module):
   """MUST's pathology encoder: TransMIL on a padded bag -> ``(g, tokens, mask)``."""
@@ -206,6 +224,10 @@ class BagEncoder(nnx.Module):
     cls, tokens = self.transmil(mod["x"].astype(jnp.float32), mod["mask"], key=key,
                                 return_tokens=True)
     return cls[:, 0], tokens, mod["mask"]
+
+  def attention(self, mod):
+    """``[B, N]``: g's class token over the patches (`TransMIL.attention`)."""
+    return self.transmil.attention(mod["x"].astype(jnp.float32), mod["mask"])
 
 
 class TokenEncoder(nnx.Module):
@@ -689,6 +711,56 @@ class MUST:
     out = {"risk": score(u_gen), "zeros": score(jnp.zeros_like(u_gen)), "mean": score(u_mean)}
     if self.cfg.get("unimodal_heads", False):
       out["unimodal"] = risk(model.unimodal_heads[have](jnp.concatenate([u_have, c_tilde], -1)))
+    return out
+
+  def survival(self, model, batch, present, key):
+    """Optional hook (`survjax.method.Method`): ``S(k)`` ``[B, K]`` at the end of each bin,
+    from the head's discrete hazards of `predict`'s ``risk`` row (``risk = -sum_k S(k)``):
+    with both modalities ``phi([u^_P; c^; u^_G])``, with one the diffusion fill of eq. 22
+    (DDIM with ``key``; None = ``jax.random.key(0)``)."""
+    if present == frozenset(self.modalities):
+      comp = model.components(batch)
+      c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
+      return survival.survival_curve(model.head(comp["u_p"], c_hat, comp["u_g"]))
+    if len(present) != 1:
+      raise ValueError(f"MUST needs at least one modality, got {sorted(present)}")
+    (have,) = present
+    name_p, name_g = self.modalities
+    missing = name_g if have == name_p else name_p
+    g, u_have = model.specific_only(batch, have)
+    c_tilde = self.recover_shared(model, g, u_have)
+    key = jax.random.key(0) if key is None else key
+    u_gen = self.generate(model, missing, self.diffusion_condition(model, g, u_have), key)
+    u_p, u_g = (u_have, u_gen) if have == name_p else (u_gen, u_have)
+    return survival.survival_curve(model.head(u_p, c_tilde, u_g))
+
+  @property
+  def attention(self):
+    """Optional hook (`survjax.method.Method`), with a ``pathology`` modality (None
+    otherwise): ``(model, batch) -> {modality: [B, N]}`` for each bag modality, the
+    TransMIL class token (g) over the patches in the last layer, averaged over heads
+    (`survjax.nn.transmil.TransMIL.attention`; sums to 1 over real patches, 0 at
+    padding). `specific_attention` gives the u_P class query's instead."""
+    if "pathology" not in self.modalities:
+      return None
+
+    def attention(model, batch):
+      return {name: enc.attention(batch["modalities"][name])
+              for name, enc in zip(self.modalities, (model.encoder_p, model.encoder_g))
+              if isinstance(enc, BagEncoder)}
+    return attention
+
+  def specific_attention(self, model, batch):
+    """``{modality: [B, N]}`` for each bag modality: the specific class query's
+    (``CLS_uP``, `ClassQuery`) attention over the TransMIL token outputs, i.e. over the
+    patches, averaged over heads (sums to 1 over real patches, 0 at padding). Not written
+    by ``--mode=predict``."""
+    out = {}
+    for name, enc, query in zip(self.modalities, (model.encoder_p, model.encoder_g),
+                                (model.specific_p, model.specific_g)):
+      if isinstance(enc, BagEncoder):
+        _, tokens, mask = enc(batch["modalities"][name])
+        out[name] = query.attention(tokens, mask)
     return out
 
   # Sec. 4.4's pairs: specific parts (near-orthogonal), shared parts (aligned), each g

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from survjax.nn.attention import compact_index, valid_rank
-from survjax.nn.core import LN_EPS, split_key, torch_uniform_init
+from survjax.nn.core import LN_EPS, masked_softmax, split_key, torch_uniform_init
 from survjax.nn.grid_conv import grid_conv7, ppeg_sequence
 from survjax.nn.nystrom import NystromAttention
 
@@ -194,7 +194,8 @@ class TransMIL(nnx.Module):
   gives ``[B, num_class_tokens, dim]`` (after the final LayerNorm), and with
   ``return_tokens`` also the token outputs ``[B, N, dim]`` at the bag's own positions
   (zero at padding). An empty bag gives finite outputs (the class tokens attend only to
-  themselves; tokens are zero).
+  themselves; tokens are zero). `attention` gives a class token's attention over the
+  patches in the last layer (for heatmaps).
   """
 
   def __init__(self, in_dim: int, dim: int = 512, num_heads: int = 8,
@@ -258,6 +259,22 @@ class TransMIL(nnx.Module):
     k = self.num_class_tokens
     if mask is None:
       mask = jnp.ones((b, n), bool)
+    k1, k2 = split_key(key, 2)
+    seq, seq_mask = self._last_layer_input(x, mask, k1)
+    seq = self.layer2(seq, seq_mask, key=k2, out_rows=None if return_tokens else k)
+    cls_out = self.norm(seq[:, :k])
+    if not return_tokens:
+      return cls_out
+    rank = jnp.maximum(valid_rank(mask), 0)
+    tokens = self.norm(jnp.take_along_axis(seq[:, k:], rank[..., None], axis=1))
+    return cls_out, jnp.where(mask[..., None], tokens, 0.0)
+
+  def _last_layer_input(self, x: jax.Array, mask: jax.Array,
+                        key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Embedding, square layout, first layer and PPEG: the sequence ``[B, k + S, dim]``
+    that enters ``layer2`` and its mask ``[B, k + S]`` (class tokens, then grid slots)."""
+    b = x.shape[0]
+    k = self.num_class_tokens
     src, valid, side = square_layout(mask)
     cls = jnp.broadcast_to(self.cls_token[...], (b, k, self.cls_token.shape[-1]))
     chunked = k + src.shape[1] > self.chunk_threshold
@@ -269,19 +286,60 @@ class TransMIL(nnx.Module):
       grid = jnp.where(valid[..., None], grid, 0.0)
       seq = jnp.concatenate([cls, grid], axis=1)
     seq_mask = jnp.concatenate([jnp.ones((b, k), bool), valid], axis=1)
-    k1, k2 = split_key(key, 2)
-    seq = self.layer1(seq, seq_mask, key=k1)
+    seq = self.layer1(seq, seq_mask, key=key)
     if chunked:
       seq = self.pos_layer(seq, side, offset=k)
     else:
       seq = jnp.concatenate([seq[:, :k], self.pos_layer(seq[:, k:], side)], axis=1)
-    seq = self.layer2(seq, seq_mask, key=k2, out_rows=None if return_tokens else k)
-    cls_out = self.norm(seq[:, :k])
-    if not return_tokens:
-      return cls_out
+    return seq, seq_mask
+
+  def attention(self, x: jax.Array, mask: jax.Array | None = None, *,
+                token: int = 0) -> jax.Array:
+    """Attention of class token ``token`` over the bag's patches in the last layer.
+
+    The exact softmax row of that class token's query against every key of ``layer2``
+    (its pre-LayerNorm input, the layer's own ``W_Q``, ``W_K`` and ``d_h^{-1/2}``
+    scaling), ``softmax_j(q_cls . k_j)`` over the class tokens and the ``H^2`` grid slots,
+    averaged over heads. This is the attention that the layer's Nystrom product
+    ``softmax(Q K~^T) pinv(softmax(Q~ K~^T)) softmax(Q~ K^T)`` approximates, not that
+    approximate row itself (which can be negative); one row costs ``O(N D)``. It is
+    then restricted to the real patches, grid slot ``j < L`` being real patch ``j``:
+    the class tokens and the wrap-around slots ``L <= j < H^2`` (the square layout's
+    repeated patches) get no weight, nor does padding, and renormalised to sum to one
+    per bag. Neither the amount nor the placement of padding changes it. Dropout is off.
+
+    Args:
+      x: patch features ``[B, N, in_dim]``.
+      mask: boolean ``[B, N]`` (True = real patch) or None (all real).
+      token: which class token's row.
+
+    Returns:
+      ``[B, N]``: non-negative, summing to 1 over each bag's real patches, exactly 0 at
+      padding (all zeros for an empty bag).
+    """
+    b, n, _ = x.shape
+    k = self.num_class_tokens
+    if mask is None:
+      mask = jnp.ones((b, n), bool)
+    seq, seq_mask = self._last_layer_input(x, mask, None)
+    attn = self.layer2.attn
+    h, dh = attn.num_heads, attn.dim_head
+    inner = h * dh
+    kernel = attn.to_qkv.kernel[...]
+    w_q = kernel[:, :inner].reshape(-1, h, dh)
+    w_k = kernel[:, inner:2 * inner].reshape(-1, h, dh)
+    q = jnp.einsum("bd,dhc->bhc", self.layer2.norm(seq[:, token]), w_q) * dh ** -0.5
+    # The query folded into the key projection: scores = LN(seq) (W_K q) per head, an
+    # O(N D h) product instead of projecting every key (O(N D^2)).
+    scores = jnp.einsum("bsd,bdh->bhs", self.layer2.norm(seq),
+                        jnp.einsum("dhc,bhc->bdh", w_k, q))
+    row = jnp.mean(masked_softmax(scores, seq_mask[:, None, :]), axis=1)   # [B, k + S]
+    # Slot j < L holds the real patch of rank j; padding and slots >= L are left out.
     rank = jnp.maximum(valid_rank(mask), 0)
-    tokens = self.norm(jnp.take_along_axis(seq[:, k:], rank[..., None], axis=1))
-    return cls_out, jnp.where(mask[..., None], tokens, 0.0)
+    w = jnp.take_along_axis(row[:, k:], jnp.minimum(rank, row.shape[1] - k - 1), axis=1)
+    w = jnp.where(mask, w, 0.0)
+    total = jnp.sum(w, axis=1, keepdims=True)
+    return w / jnp.where(total > 0, total, 1.0)
 
   def _embed_chunked(self, x: jax.Array, src: jax.Array, valid: jax.Array,
                      cls: jax.Array) -> jax.Array:

@@ -133,6 +133,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     elif v == "paper":  # everything as the paper writes it, except batch 32 (see above)
       m.decomp_relative = False
       m.stage1.epochs = m.stage2.epochs = 30
+      m.stage1.lr, m.stage2.lr = 1e-3, 2e-4
       m.stage2.select, c.cv.val_fraction = "", 0.0   # fixed epochs on whole training folds
       m.grad_clip = 0.0
       m.project_recovered_shared = False

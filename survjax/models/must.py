@@ -686,31 +686,46 @@ class MUST:
     return model.decode_latent(modality,
                                self.sample_latent(model, modality, c_tilde, key).mean(axis=1))
 
-  def predict(self, model, batch, present, key):
-    risk = survival.discrete_time_risk
+  def _hazard_logits(self, model, batch, present, key):
+    """The head's logits for ``present`` modalities and what the missing path needs:
+    ``(logits of the paper's path, extras)``; with one modality, eq. 20-22 (c~ from the
+    present modality, u~ of the missing one by DDIM) and ``extras`` holds ``have``,
+    ``missing``, ``u_have``, ``c_tilde``, ``u_gen`` and the head as a function of the
+    missing slot."""
     if present == frozenset(self.modalities):
       comp = model.components(batch)
       c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
-      return {"risk": risk(model.head(comp["u_p"], c_hat, comp["u_g"]))}
+      return model.head(comp["u_p"], c_hat, comp["u_g"]), None
     if len(present) != 1:
       raise ValueError(f"MUST needs at least one modality, got {sorted(present)}")
     (have,) = present
     name_p, name_g = self.modalities
     missing = name_g if have == name_p else name_p
     g, u_have = model.specific_only(batch, have)
-    c_tilde = self.recover_shared(model, g, u_have)                          # eq. 20
+    c_tilde = self.recover_shared(model, g, u_have)                            # eq. 20
     u_gen = self.generate(model, missing, self.diffusion_condition(model, g, u_have),
-                          key)                                               # eq. 21
-    u_mean = jnp.broadcast_to(model.latent_mean[missing][...], u_gen.shape)
+                          key)                                                 # eq. 21
 
-    def score(u_missing):
+    def head(u_missing):                                                       # eq. 22
       if have == name_p:
-        return risk(model.head(u_have, c_tilde, u_missing))                 # eq. 22
-      return risk(model.head(u_missing, c_tilde, u_have))
+        return model.head(u_have, c_tilde, u_missing)
+      return model.head(u_missing, c_tilde, u_have)
 
-    out = {"risk": score(u_gen), "zeros": score(jnp.zeros_like(u_gen)), "mean": score(u_mean)}
+    extras = dict(have=have, missing=missing, u_have=u_have, c_tilde=c_tilde, u_gen=u_gen,
+                  head=head)
+    return head(u_gen), extras
+
+  def predict(self, model, batch, present, key):
+    risk = survival.discrete_time_risk
+    logits, x = self._hazard_logits(model, batch, present, key)
+    if x is None:
+      return {"risk": risk(logits)}
+    u_mean = jnp.broadcast_to(model.latent_mean[x["missing"]][...], x["u_gen"].shape)
+    out = {"risk": risk(logits), "zeros": risk(x["head"](jnp.zeros_like(x["u_gen"]))),
+           "mean": risk(x["head"](u_mean))}
     if self.cfg.get("unimodal_heads", False):
-      out["unimodal"] = risk(model.unimodal_heads[have](jnp.concatenate([u_have, c_tilde], -1)))
+      out["unimodal"] = risk(model.unimodal_heads[x["have"]](
+          jnp.concatenate([x["u_have"], x["c_tilde"]], -1)))
     return out
 
   def survival(self, model, batch, present, key):
@@ -718,21 +733,8 @@ class MUST:
     from the head's discrete hazards of `predict`'s ``risk`` row (``risk = -sum_k S(k)``):
     with both modalities ``phi([u^_P; c^; u^_G])``, with one the diffusion fill of eq. 22
     (DDIM with ``key``; None = ``jax.random.key(0)``)."""
-    if present == frozenset(self.modalities):
-      comp = model.components(batch)
-      c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
-      return survival.survival_curve(model.head(comp["u_p"], c_hat, comp["u_g"]))
-    if len(present) != 1:
-      raise ValueError(f"MUST needs at least one modality, got {sorted(present)}")
-    (have,) = present
-    name_p, name_g = self.modalities
-    missing = name_g if have == name_p else name_p
-    g, u_have = model.specific_only(batch, have)
-    c_tilde = self.recover_shared(model, g, u_have)
     key = jax.random.key(0) if key is None else key
-    u_gen = self.generate(model, missing, self.diffusion_condition(model, g, u_have), key)
-    u_p, u_g = (u_have, u_gen) if have == name_p else (u_gen, u_have)
-    return survival.survival_curve(model.head(u_p, c_tilde, u_g))
+    return survival.survival_curve(self._hazard_logits(model, batch, present, key)[0])
 
   @property
   def attention(self):

@@ -70,7 +70,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.project_recovered_shared = True  # missing modality: c~ = P (g - u^) (False: eq. 20 as is)
   m.stage1 = ml_collections.ConfigDict(dict(epochs=10, lr=1e-3, weight_decay=1e-5))
   # At most `epochs`; the epoch with the best inner-validation C-index is kept.
-  m.stage2 = ml_collections.ConfigDict(dict(epochs=12, lr=2e-4, weight_decay=1e-5,
+  m.stage2 = ml_collections.ConfigDict(dict(epochs=12, lr=1e-3, weight_decay=1e-5,
                                             select="c_index", patience=4))
   # Unimodal heads on [u^_m; c~_m] of the frozen network, trained after the main stage:
   # the `unimodal` row of each missing scenario (the `auto` row picks on validation).

@@ -17,9 +17,9 @@ expected true risk given this model's one modality, its ceiling):
 <!-- generated: scenarios.abmil -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.766 +- 0.031 | 0.760, 0.759, 0.762, 0.725, 0.823 | 0.781 |
+| `full` | 0.764 +- 0.046 | 0.740, 0.815, 0.735, 0.824, 0.708 | 0.802 |
 
-Training 104 s, evaluation 3 s in all folds; cohort `cfb596a6f8fd`, splits `bfd6390620c0`.
+Training 95 s, evaluation 4 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
 <!-- end generated -->
 """
 

@@ -17,18 +17,23 @@ conditional expectation of the true risk given the scenario (docs/results/runs/i
 <!-- generated: scenarios.imputmae -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full/masked` | 0.736 +- 0.031 | 0.675, 0.738, 0.757, 0.750, 0.759 | 0.793 |
-| `full` | 0.739 +- 0.034 | 0.675, 0.741, 0.743, 0.776, 0.759 | 0.793 |
-| `missing_rna/masked` | 0.693 +- 0.066 | 0.671, 0.588, 0.738, 0.683, 0.785 | 0.779 |
-| `missing_rna` | 0.721 +- 0.027 | 0.682, 0.705, 0.722, 0.732, 0.762 | 0.779 |
-| `missing_dnam/masked` | 0.726 +- 0.040 | 0.647, 0.753, 0.751, 0.730, 0.748 | 0.793 |
-| `missing_dnam` | 0.732 +- 0.032 | 0.670, 0.738, 0.739, 0.764, 0.746 | 0.793 |
-| `missing_pathology/masked` | 0.726 +- 0.059 | 0.629, 0.688, 0.788, 0.755, 0.769 | 0.779 |
-| `missing_pathology` | 0.732 +- 0.038 | 0.673, 0.714, 0.752, 0.787, 0.735 | 0.779 |
-| `missing_50pct_mixed/masked` | 0.717 +- 0.047 | 0.629, 0.734, 0.734, 0.721, 0.768 | 0.778 |
-| `missing_50pct_mixed` | 0.738 +- 0.037 | 0.671, 0.745, 0.739, 0.786, 0.750 | 0.778 |
+| `full/masked` | 0.760 +- 0.033 | 0.795, 0.729, 0.723, 0.801, 0.752 | 0.831 (room +0.011) |
+| `full` | 0.769 +- 0.030 | 0.792, 0.785, 0.730, 0.802, 0.736 | 0.831 (room +0.011) |
+| `full/auto` | 0.758 +- 0.032 | 0.792, 0.729, 0.730, 0.802, 0.736 (chose risk, masked, risk, risk, risk) | 0.831 (room +0.011) |
+| `missing_rna/masked` | 0.717 +- 0.046 | 0.775, 0.642, 0.706, 0.757, 0.705 | 0.800 (room +0.010) |
+| `missing_rna` | 0.750 +- 0.029 | 0.763, 0.716, 0.741, 0.799, 0.729 | 0.800 (room +0.010) |
+| `missing_rna/auto` | 0.735 +- 0.052 | 0.763, 0.642, 0.741, 0.799, 0.729 (chose risk, masked, risk, risk, risk) | 0.800 (room +0.010) |
+| `missing_dnam/masked` | 0.734 +- 0.024 | 0.750, 0.697, 0.714, 0.762, 0.744 | 0.831 (room +0.011) |
+| `missing_dnam` | 0.773 +- 0.033 | 0.801, 0.792, 0.725, 0.803, 0.742 | 0.831 (room +0.011) |
+| `missing_dnam/auto` | 0.754 +- 0.042 | 0.801, 0.697, 0.725, 0.803, 0.742 (chose risk, masked, risk, risk, risk) | 0.831 (room +0.011) |
+| `missing_pathology/masked` | 0.747 +- 0.021 | 0.775, 0.757, 0.716, 0.756, 0.731 | 0.804 (room +0.036) |
+| `missing_pathology` | 0.775 +- 0.022 | 0.784, 0.805, 0.739, 0.781, 0.766 | 0.804 (room +0.036) |
+| `missing_pathology/auto` | 0.770 +- 0.023 | 0.784, 0.805, 0.739, 0.756, 0.766 (chose risk, risk, risk, masked, risk) | 0.804 (room +0.036) |
+| `missing_50pct_mixed/masked` | 0.732 +- 0.038 | 0.792, 0.688, 0.734, 0.750, 0.695 | 0.811 (room +0.024) |
+| `missing_50pct_mixed` | 0.766 +- 0.024 | 0.794, 0.783, 0.733, 0.775, 0.743 | 0.811 (room +0.024) |
+| `missing_50pct_mixed/auto` | 0.747 +- 0.037 | 0.794, 0.688, 0.733, 0.775, 0.743 (chose risk, masked, risk, risk, risk) | 0.811 (room +0.024) |
 
-Training 134 s, evaluation 34 s in all folds; cohort `40d77375fdbf`, splits `ea6c60522e9b`.
+Training 172 s, evaluation 36 s in all folds; cohort `ba5bd8d3b885`, splits `a145d35673fa`.
 <!-- end generated -->
 Variants: :smoke (2 folds of 120 patients, 64-d, 3 + 2 epochs; 51 s, a pipeline check,
 C-index about 0.5), :large (Table 1 large: 756-d, 12 heads, 6/12 layers, decoder 8),

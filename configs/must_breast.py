@@ -30,17 +30,21 @@ must_breast`, about 2 minutes):
 <!-- generated: scenarios.must_breast -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.619 +- 0.055 | 0.542, 0.607, 0.678, 0.686, 0.585 |  |
-| `missing_clinical/mean` | 0.582 +- 0.068 | 0.644, 0.476, 0.668, 0.571, 0.553 |  |
-| `missing_clinical` | 0.542 +- 0.128 | 0.612, 0.358, 0.579, 0.441, 0.719 |  |
-| `missing_clinical/zeros` | 0.576 +- 0.073 | 0.651, 0.451, 0.648, 0.562, 0.569 |  |
-| `missing_genes/mean` | 0.567 +- 0.057 | 0.458, 0.613, 0.589, 0.608, 0.566 |  |
-| `missing_genes` | 0.496 +- 0.044 | 0.433, 0.530, 0.536, 0.527, 0.454 |  |
-| `missing_genes/zeros` | 0.541 +- 0.059 | 0.439, 0.597, 0.599, 0.525, 0.543 |  |
+| `full` | 0.605 +- 0.025 | 0.561, 0.623, 0.599, 0.606, 0.636 |  |
+| `missing_clinical/mean` | 0.590 +- 0.034 | 0.554, 0.549, 0.609, 0.641, 0.594 |  |
+| `missing_clinical` | 0.514 +- 0.077 | 0.487, 0.655, 0.477, 0.527, 0.425 |  |
+| `missing_clinical/unimodal` | 0.562 +- 0.099 | 0.478, 0.613, 0.645, 0.663, 0.412 |  |
+| `missing_clinical/zeros` | 0.583 +- 0.047 | 0.538, 0.521, 0.599, 0.648, 0.607 |  |
+| `missing_clinical/auto` | 0.528 +- 0.077 | 0.478, 0.613, 0.609, 0.527, 0.412 (chose unimodal, unimodal, mean, risk, unimodal) |  |
+| `missing_genes/mean` | 0.539 +- 0.082 | 0.397, 0.653, 0.553, 0.535, 0.559 |  |
+| `missing_genes` | 0.469 +- 0.110 | 0.381, 0.498, 0.648, 0.489, 0.329 |  |
+| `missing_genes/unimodal` | 0.594 +- 0.040 | 0.519, 0.620, 0.609, 0.589, 0.633 |  |
+| `missing_genes/zeros` | 0.533 +- 0.074 | 0.391, 0.585, 0.556, 0.541, 0.594 |  |
+| `missing_genes/auto` | 0.523 +- 0.073 | 0.381, 0.585, 0.556, 0.535, 0.559 (chose risk, zeros, zeros, mean, mean) |  |
 | CoxPH (sksurv), `full` | 0.655 +- 0.080 | 0.587, 0.658, 0.806, 0.594, 0.633 |  |
 | RSF (sksurv), `full` | 0.704 +- 0.056 | 0.663, 0.780, 0.707, 0.746, 0.623 |  |
 
-Training 72 s, evaluation 6 s in all folds; cohort `fa5c7c931f97`, splits `b3fbc2e640ae`.
+Training 82 s, evaluation 14 s in all folds; cohort `fa5c7c931f97`, splits `b3fbc2e640ae`.
 <!-- end generated -->
 On 198 patients with 51 events the classical reference rows are there to say whether
 a 64-d transformer with a decomposition and two diffusion models can be pinned down.

@@ -17,9 +17,9 @@ expected true risk given this model's one modality, its ceiling):
 <!-- generated: scenarios.snn -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.746 +- 0.035 | 0.758, 0.733, 0.736, 0.697, 0.804 | 0.791 |
+| `full` | 0.756 +- 0.071 | 0.744, 0.815, 0.765, 0.826, 0.629 | 0.810 |
 
-Training 11 s, evaluation 1 s in all folds; cohort `cfb596a6f8fd`, splits `bfd6390620c0`.
+Training 6 s, evaluation 0 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
 <!-- end generated -->
 """
 

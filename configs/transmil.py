@@ -18,9 +18,9 @@ expected true risk given this model's one modality, its ceiling):
 <!-- generated: scenarios.transmil -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.751 +- 0.031 | 0.729, 0.759, 0.755, 0.709, 0.802 | 0.781 |
+| `full` | 0.769 +- 0.043 | 0.787, 0.799, 0.760, 0.810, 0.690 | 0.802 |
 
-Training 475 s, evaluation 28 s in all folds; cohort `cfb596a6f8fd`, splits `bfd6390620c0`.
+Training 736 s, evaluation 31 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
 <!-- end generated -->
 """
 

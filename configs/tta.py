@@ -15,11 +15,11 @@ docs/results/runs/tta.json, `bash scripts/reproduce_results.sh tta`):
 <!-- generated: scenarios.tta -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.738 +- 0.028 | 0.715, 0.720, 0.775, 0.709, 0.768 | 0.799 |
-| `missing_pathology` | 0.658 +- 0.051 | 0.709, 0.636, 0.641, 0.720, 0.582 | 0.791 |
-| `missing_genomics` | 0.705 +- 0.043 | 0.683, 0.754, 0.732, 0.634, 0.723 | 0.781 |
+| `full` | 0.767 +- 0.053 | 0.801, 0.841, 0.731, 0.777, 0.687 | 0.843 |
+| `missing_pathology` | 0.719 +- 0.060 | 0.729, 0.785, 0.633, 0.780, 0.669 | 0.810 (room +0.032) |
+| `missing_genomics` | 0.700 +- 0.062 | 0.776, 0.742, 0.722, 0.652, 0.606 | 0.802 (room +0.029) |
 
-Training 242 s, evaluation 51 s in all folds; cohort `cfb596a6f8fd`, splits `bfd6390620c0`.
+Training 298 s, evaluation 62 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
 <!-- end generated -->
 Variants (comma-separated): ``smoke`` = 120 patients, 3 folds, 2 epochs, bags of 64;
 ``discrete`` = discrete-time NLL with 4 bins instead of Cox; ``structure`` = the

@@ -231,7 +231,8 @@ def _compare_rows(name: str) -> dict | None:
   path = REPO / "docs" / "results" / "compare" / f"{name}.json"
   if not path.exists():
     return None
-  return {r["row"].split(":", 1)[1]: r for r in json.loads(path.read_text())["rows"]}
+  return {r["row"].split(":", 1)[1]: r for r in json.loads(path.read_text())["rows"]
+          if r["row"].startswith("must")}   # MUST's rows (the competitor is the reference)
 
 
 def _diff(row) -> str:
@@ -271,6 +272,28 @@ def draws_table() -> str:
     rooms.append(" / ".join(f"{x:+.3f}" for x in r) if None not in r else "")
   rows.append(rooms)
   return _table(["paired difference, 95% CI"] + [f"draw {s}" for s in DRAWS], rows)
+
+
+def draws_cindex_table(runs) -> str:
+  """C-index (mean over folds) of MUST's rows and the unimodal baselines on each draw, and
+  their mean over the evaluation draws 2-4 (docs/results/must.md)."""
+  rows = []
+  spec = [("MUST", "must", "full"), ("ABMIL (pathology)", "abmil", "full"),
+          ("SNN (genomics)", "snn", "full")]
+  for missing in ("pathology", "genomics"):
+    for variant in ("", "/zeros", "/mean", "/unimodal", "/auto"):
+      spec.append((f"MUST, {missing} missing, {variant[1:] or 'diffusion fill'}",
+                   "must", f"missing_{missing}{variant}"))
+  for label, run, row in spec:
+    values = []
+    for s in DRAWS:
+      scen = runs.get(run + ("" if s == 0 else f"_seed{s}"), {}).get("scenarios", {}).get(row)
+      values.append(None if scen is None else scen["c_index_mean"])
+    held_out = [v for s, v in zip(DRAWS, values) if s != 0 and v is not None]
+    rows.append([label] + ["" if v is None else f"{v:.3f}" for v in values]
+                + [f"{sum(held_out) / len(held_out):.3f}" if len(held_out) == 3 else ""])
+  return _table(["C-index, mean over folds"] + [f"draw {s}" for s in DRAWS]
+                + ["mean, draws 2-4"], rows)
 
 
 def tune_table(name: str) -> str:
@@ -328,7 +351,7 @@ def render(name: str, runs) -> str:
   if kind == "bench":
     return bench_table(run)
   if kind == "draws":
-    return draws_table()
+    return draws_table() if run == "must" else draws_cindex_table(runs)
   if kind == "tune":
     return tune_table(run)
   raise KeyError(f"unknown generated block {name!r}")

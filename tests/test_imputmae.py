@@ -74,10 +74,13 @@ def _jit(fn, model, *static):
 def test_default_cohort_unchanged_by_the_additions():
   # Arrays of the default cohort (and of one with rna/dnam, radiology and missingness)
   # as they were before missing_rna/missing_dnam and reconstruction_floor existed.
-  # (Hashes from the generator of commit a80d9de, before them.)
-  assert _fingerprint(make_synthetic_cohort(SyntheticSpec())) == "16a32f9d47603058"
+  # (Hashes from the generator of commit a80d9de, before them, whose default risk
+  # shares, coupling and risk scale were the ones below.)
+  old = dict(share_shared=0.4, share_pathology=0.3, share_genomics=0.3, coupling=0.7,
+             risk_std=1.5)
+  assert _fingerprint(make_synthetic_cohort(SyntheticSpec(**old))) == "16a32f9d47603058"
   spec = SyntheticSpec(rna_dnam=True, radiology=True, missing_pathology=0.2, seed=3,
-                       n_patients=100)
+                       n_patients=100, **old)
   assert _fingerprint(make_synthetic_cohort(spec)) == "32c390c7d752514e"
 
 

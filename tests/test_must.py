@@ -342,7 +342,10 @@ def test_fit_latent_whitens_the_principal_coordinates(latent_dim):
 def test_ldm_stage_diffuses_the_fitted_coordinates(toy):
   """The LDM stage's `prepare` stores the fitted statistics, and `encode_latent` /
   `decode_latent` apply them: the training latents come out whitened."""
-  cohort, method, bins = toy
+  cohort, _, bins = toy
+  config = _tiny_config()
+  config.model.ldm.latent_dim = 8   # whitened principal coordinates (the default is 0: all)
+  method = get_method(config)
   model = _model(method, cohort)
   batch = make_batch(cohort, np.arange(24), BatchSpec(batch_size=24), bins=bins)
   feats = method.ldm_features(model, batch)

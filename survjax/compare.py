@@ -160,11 +160,11 @@ def to_markdown(table, reference=None, command: str = "") -> str:
   lines = []
   if command:
     lines += [f"`{command}`", ""]
-  if any("imputation_room" in e for e in table):
+  room = any("imputation_room" in e for e in table)
+  if room:
     lines += ["room: the oracle minus the constant-fill oracle (the withheld modality's "
               "specific factors at their mean), the most any fill can add over zeros or the "
               "mean.", ""]
-  room = any("imputation_room" in e for e in table)
   head = "| row | C-index (mean over folds) | 95% CI | oracle |" + (" room |" if room else "")
   sep = "|---|---|---|---|" + ("---|" if room else "")
   if reference:

@@ -121,9 +121,9 @@ def scenarios_table(runs, run: str) -> str:
     return f"(no committed result for `{run}`: run `bash scripts/reproduce_results.sh {run}`)\n"
   rows = []
   for row, s in res["scenarios"].items():
-    oracle = f"{s['oracle_c_index']:.3f}" if "oracle_c_index" in s else ""
-    if "oracle_const_c_index" in s and oracle:
-      oracle += f" (room {s['oracle_c_index'] - s['oracle_const_c_index']:+.3f})"
+    oracle = _oracle(runs, run, row)
+    if _room(runs, run, row):
+      oracle += f" (room {_room(runs, run, row)})"
     chosen = s.get("chosen_per_fold")
     rows.append([f"`{row}`", f"{s['c_index_mean']:.3f} +- {s['c_index_std']:.3f}",
                  ", ".join(f"{v:.3f}" for v in s["per_fold"])
@@ -214,13 +214,17 @@ def bench_table(name: str) -> str:
   return text + f"\n`{command}` on {_machine(d)}.\n"
 
 
-def compare_table(name: str) -> str:
-  """A committed `survjax.compare` result (docs/results/compare/<name>.json)."""
-  from survjax.compare import to_markdown
+def _compare_json(name: str) -> dict | None:
+  """A committed `survjax.compare` result (docs/results/compare/<name>.json), if any."""
   path = REPO / "docs" / "results" / "compare" / f"{name}.json"
-  if not path.exists():
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def compare_table(name: str) -> str:
+  from survjax.compare import to_markdown
+  data = _compare_json(name)
+  if data is None:
     return f"(no committed comparison `{name}`: run `bash scripts/reproduce_results.sh`)\n"
-  data = json.loads(path.read_text())
   return to_markdown(data["rows"], data.get("reference"), data.get("command", ""))
 
 
@@ -228,11 +232,12 @@ DRAWS = (0, 2, 3, 4)   # MUST's default draw and its evaluation draws (scripts/r
 
 
 def _compare_rows(name: str) -> dict | None:
-  path = REPO / "docs" / "results" / "compare" / f"{name}.json"
-  if not path.exists():
+  """MUST's rows of a committed comparison by scenario row (the competitor is the
+  reference)."""
+  data = _compare_json(name)
+  if data is None:
     return None
-  return {r["row"].split(":", 1)[1]: r for r in json.loads(path.read_text())["rows"]
-          if r["row"].startswith("must")}   # MUST's rows (the competitor is the reference)
+  return {r["row"].split(":", 1)[1]: r for r in data["rows"] if r["row"].startswith("must")}
 
 
 def _diff(row) -> str:
@@ -300,7 +305,8 @@ def tune_table(name: str) -> str:
   """A committed ``--mode=tune`` result (docs/results/tune/<name>.json)."""
   path = REPO / "docs" / "results" / "tune" / f"{name}.json"
   if not path.exists():
-    return f"(no committed tuning `{name}`: run `bash scripts/reproduce_results.sh {name}_tune`)\n"
+    return (f"(no committed tuning `{name}`: run `bash scripts/reproduce_results.sh` "
+            "for its `must_tune*` entries)\n")
   data = json.loads(path.read_text())
   by_scenario = data.get("scenarios", ["full"]) != ["full"]
   rows = []

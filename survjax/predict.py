@@ -58,7 +58,7 @@ import numpy as np
 from flax import nnx
 
 from survjax import rundir
-from survjax.data.batching import BatchSpec, iterate_batches
+from survjax.data.batching import iterate_batches
 from survjax.data.cohort import Cohort, Modality
 from survjax.data.formats import impute_fold, standardize_fold
 from survjax.errors import InputError
@@ -348,7 +348,7 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
     The ``predictions.json`` dict.
   """
   from survjax.data import load_cohort
-  from survjax.evaluate.cv import Predictor, _train_fold, cohort_folds
+  from survjax.evaluate.cv import Predictor, _train_fold, cohort_folds, eval_batch_spec
   from survjax.models import get_method
   from survjax.train.trainer import Trainer
 
@@ -387,9 +387,7 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
                     max_instances=config.train.max_instances or None, seed=config.seed,
                     progress=False, buckets=config.data.buckets or None)
   predictor = Predictor(method, mesh)
-  spec = BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
-                   max_instances=config.eval.max_instances or None,
-                   **({"buckets": tuple(config.data.buckets)} if config.data.buckets else {}))
+  spec = eval_batch_spec(config, mesh)
   n = len(new)
   all_idx = np.arange(n)
   hidden = natural_hidden(new, method.modalities, all_idx)

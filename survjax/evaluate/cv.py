@@ -228,9 +228,7 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
                     checkpoint_every_s=config.train.get("checkpoint_every_s", 0.0),
                     eval_max_instances=config.eval.max_instances or None)
   predictor = Predictor(method, mesh)
-  eval_spec = BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
-                        max_instances=config.eval.max_instances or None,
-                        **({"buckets": tuple(config.data.buckets)} if config.data.buckets else {}))
+  eval_spec = eval_batch_spec(config, mesh)
   fold_results = []
   is_main = jax.process_index() == 0
   for k in run_folds:
@@ -281,6 +279,24 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
   if is_main:
     atomic_write_json(workdir / "results.json", results)
   return results
+
+
+def eval_batch_spec(config, mesh) -> BatchSpec:
+  """The batches of evaluation (``eval.batch_size`` rounded up to the mesh, whole bags
+  unless ``eval.max_instances``, the run's buckets)."""
+  return BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
+                   max_instances=config.eval.max_instances or None,
+                   **({"buckets": tuple(config.data.buckets)} if config.data.buckets else {}))
+
+
+def scenario_cindex(predictor, model, cohort, idx, name, modalities, seed, spec, key) -> dict:
+  """Harrell's C of each risk variant ``{variant: C}`` on the labelled patients of ``idx``
+  with scenario ``name``'s modalities hidden (drawn per case id with split seed ``seed``)."""
+  idx = idx[np.isfinite(cohort.time[idx])]
+  hidden = scen.hidden_for(name, modalities, cohort.case_ids[idx], seed)
+  preds = predictor.predict(model, cohort, idx, hidden, spec, key)
+  return {v: _cindex(cohort.time[idx], cohort.event[idx], r)
+          for v, r in preds.items() if np.all(np.isfinite(r))}
 
 
 def fold_validation(cohort, config, k, tr):
@@ -378,13 +394,10 @@ def _choose_variant(predictor, model, cohort, val_idx, name, method, config, spe
   mean, a unimodal head) with the best C-index on the fold's inner validation patients,
   under the same scenario: ``{"chosen": variant, "c_index": {variant: C}}``; the test
   fold is never read. None when the validation part has no comparable pair."""
-  val_idx = val_idx[np.isfinite(cohort.time[val_idx])]
-  if not np.any(cohort.event[val_idx]):
+  if not np.any(cohort.event[val_idx]):   # unlabelled patients have no event either
     return None
-  hidden = scen.hidden_for(name, method.modalities, cohort.case_ids[val_idx], config.cv.seed)
-  preds = predictor.predict(model, cohort, val_idx, hidden, spec, key)
-  scores = {v: _cindex(cohort.time[val_idx], cohort.event[val_idx], r)
-            for v, r in preds.items() if np.all(np.isfinite(r))}
+  scores = scenario_cindex(predictor, model, cohort, val_idx, name, method.modalities,
+                           config.cv.seed, spec, key)
   if not scores:
     return None
   return {"chosen": max(scores, key=lambda v: (scores[v], v == "risk")), "c_index": scores}

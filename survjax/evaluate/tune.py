@@ -90,22 +90,13 @@ def blank_labels(cohort, idx):
 
 def _scenario_scores(method, model, cohort, val_idx, scenarios, config, mesh, k) -> dict:
   """Validation C-index of the method's ``risk`` under each scenario (its missing path)."""
-  from survjax.data.batching import BatchSpec
-  from survjax.evaluate.cv import Predictor
-  from survjax.evaluate.metrics import concordance_index
-  val_idx = val_idx[np.isfinite(cohort.time[val_idx])]
-  spec = BatchSpec(batch_size=sharding.round_up_batch(config.eval.batch_size, mesh),
-                   max_instances=config.eval.max_instances or None,
-                   **({"buckets": tuple(config.data.buckets)} if config.data.buckets else {}))
+  from survjax.evaluate.cv import Predictor, eval_batch_spec, scenario_cindex
+  spec = eval_batch_spec(config, mesh)
   predictor = Predictor(method, mesh)
   key = jax.random.fold_in(jax.random.key(config.seed + 23), k)
-  out = {}
-  for s_i, name in enumerate(scenarios):
-    hidden = scen.hidden_for(name, method.modalities, cohort.case_ids[val_idx], config.cv.seed)
-    risk = predictor.predict(model, cohort, val_idx, hidden, spec, jax.random.fold_in(key, s_i))
-    out[name] = float(concordance_index(cohort.time[val_idx], cohort.event[val_idx],
-                                        risk["risk"])[0])
-  return out
+  return {name: scenario_cindex(predictor, model, cohort, val_idx, name, method.modalities,
+                                config.cv.seed, spec, jax.random.fold_in(key, s_i))["risk"]
+          for s_i, name in enumerate(scenarios)}
 
 
 def run_tune(cohort, config, workdir, *, folds, run_folds, make_method) -> dict:

@@ -250,6 +250,14 @@ class TokenEncoder(nnx.Module):
     return seq[:, 0], seq[:, 1:], jnp.ones((b, n), bool)
 
 
+def _dropout(h, rate, key):
+  """Inverted dropout of ``h`` (identity without a key, i.e. at inference)."""
+  if key is None or rate <= 0:
+    return h
+  keep = jax.random.bernoulli(key, 1 - rate, h.shape)
+  return jnp.where(keep, h / (1 - rate), 0.0)
+
+
 class MLPHead(nnx.Module):
   """``Linear -> ReLU -> dropout -> Linear``: hazard logits from a feature vector."""
 
@@ -259,11 +267,7 @@ class MLPHead(nnx.Module):
     self.dropout = dropout
 
   def __call__(self, x, key=None):
-    h = jax.nn.relu(self.fc1(x))
-    if key is not None and self.dropout > 0:
-      keep = jax.random.bernoulli(key, 1 - self.dropout, h.shape)
-      h = jnp.where(keep, h / (1 - self.dropout), 0.0)
-    return self.fc2(h)
+    return self.fc2(_dropout(jax.nn.relu(self.fc1(x)), self.dropout, key))
 
 
 def _encoder(info: dict, cfg, rngs):
@@ -381,10 +385,7 @@ class MUSTModel(nnx.Module):
 
   def head(self, u_p, c, u_g, key=None):
     h = jax.nn.relu(self.head1(jnp.concatenate([u_p, c, u_g], -1)))
-    if key is not None and self.dropout > 0:
-      keep = jax.random.bernoulli(key, 1 - self.dropout, h.shape)
-      h = jnp.where(keep, h / (1 - self.dropout), 0.0)
-    return self.head2(h)
+    return self.head2(_dropout(h, self.dropout, key))
 
   def encode_latent(self, modality, u):
     """The diffused coordinates of ``u^``: ``z = ((u - mu) V) / s`` (see `fit_latent`)."""

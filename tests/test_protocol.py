@@ -400,3 +400,25 @@ def test_tuning_under_a_missing_scenario_scores_the_missing_path_on_validation(t
   c.tune.scenarios = ("missing_nothing",)
   with pytest.raises(InputError, match="unknown scenario 'missing_nothing'"):
     run_tune(cohort, c, tmp_path / "d", folds=folds, run_folds=[0], make_method=make)
+
+
+def test_constant_fill_oracle_and_room_are_reported_per_fold_and_in_compare(tmp_path):
+  """With a modality withheld, each fold reports the constant-fill oracle (the withheld
+  specific factors at their mean, `true_risk["const:<revealed>"]`) as Harrell's C on its
+  test patients; compare's room is the oracle minus it; the full scenario has none."""
+  from survjax.compare import compare
+  from survjax.evaluate.cv import cohort_folds
+  cohort = make_synthetic_cohort(SPEC)
+  c = _config(tmp_path)
+  c.eval.scenarios = ("full", "missing_genomics")
+  res = run_cv(ToyMethod(epochs=(1, 1)), cohort, c, tmp_path / "run")
+  folds, _ = cohort_folds(cohort, c)
+  for k, (_, te) in enumerate(folds):
+    f = json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())
+    expected = concordance_index(cohort.time[te], cohort.event[te],
+                                 cohort.true_risk["const:pathology"][te])[0]
+    assert abs(f["scenarios"]["missing_genomics"]["oracle_const_c_index"] - expected) < 1e-12
+    assert "oracle_const_c_index" not in f["scenarios"]["full"]
+  row = next(r for r in compare([tmp_path / "run"]) if r["row"] == "run:missing_genomics")
+  scen = res["scenarios"]["missing_genomics"]
+  assert row["imputation_room"] == round(scen["oracle_c_index"] - scen["oracle_const_c_index"], 4)

@@ -50,6 +50,9 @@ class Stage:
       test fold): ``"c_index"`` (Harrell's C of ``predict`` with every modality, higher
       is better) or ``"loss"`` (``loss_fn`` with a fixed key, lower is better); None =
       keep the last epoch. The model leaves the stage with the chosen epoch's parameters.
+    select_present: with ``select = "c_index"``, the modality subsets shown in turn to
+      ``predict``, the score being the mean of their C-indexes (None = every modality);
+      e.g. a stage that trains the missing-modality path too is chosen on it as well.
     patience: with ``select``, stop the stage after this many epochs without a better
       validation score (0 = run every epoch).
     requires: modalities that "complete" refers to (default: all of the method's).
@@ -76,6 +79,7 @@ class Stage:
   labels: bool = True
   max_instances: int | None = None
   select: str | None = None
+  select_present: tuple[tuple[str, ...], ...] | None = None
   patience: int = 0
   requires: tuple[str, ...] | None = None
   features: Callable[[nnx.Module, Batch], dict] | None = None
@@ -105,6 +109,18 @@ class Method(Protocol):
     over each bag's instances (sum 1 over real instances, 0 at padding);
     ``--mode=predict --predict.attention=true`` writes them per slide
     (`survjax.predict`, rendered by `survjax.heatmap`). May be None.
+  * ``held_out(model, cohort, test_idx, train_idx, key) -> {name: float}``: any
+    statistic of a fold's trained model on that fold's held-out patients (e.g. how well
+    it reconstructs a modality). The cross-validation harness calls it once per fold,
+    after training, with the fold's test patients ``test_idx`` (indices into
+    ``cohort``, the fold's cohort after its per-fold transforms) and its training
+    patients ``train_idx`` (for statistics a comparison needs from them, e.g. a
+    training-mean fill; the model was trained on them). Host-side: the method batches
+    and jits what it needs itself. A value may be None (not defined on this fold);
+    values land in ``fold_<k>/result.json`` under ``"held_out"`` and, over the folds,
+    in ``results["held_out"][name] = {"mean", "std", "per_fold"}`` and report.md.
+    Names with a ``/`` read as ``<row>/<column>`` in the generated tables
+    (`survjax.docs`).
   """
 
   name: str

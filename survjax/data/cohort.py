@@ -102,6 +102,10 @@ class Cohort:
     modalities: name -> `Modality`.
     true_risk: optional known ground truth (synthetic cohorts): scenario name ->
       float ``[n]`` oracle log-hazard, e.g. ``{"full": ..., "missing_genomics": ...}``.
+    reconstruction_floor: optional known ground truth (synthetic cohorts): modality ->
+      float ``[n]``, each patient's smallest achievable mean squared error of any
+      reconstruction of that modality's entries in its raw units (the generator's noise
+      around what the latent factors determine; `survjax.data.synthetic`).
   """
 
   name: str
@@ -110,6 +114,7 @@ class Cohort:
   event: np.ndarray
   modalities: dict[str, Modality]
   true_risk: dict[str, np.ndarray] | None = None
+  reconstruction_floor: dict[str, np.ndarray] | None = None
 
   def __post_init__(self):
     self.case_ids = np.asarray(self.case_ids).astype(str)
@@ -134,6 +139,8 @@ class Cohort:
         modalities={k: m.subset(idx) for k, m in self.modalities.items()},
         true_risk=None if self.true_risk is None else {
             k: v[idx] for k, v in self.true_risk.items()},
+        reconstruction_floor=None if self.reconstruction_floor is None else {
+            k: v[idx] for k, v in self.reconstruction_floor.items()},
     )
 
   def complete(self, names=None) -> np.ndarray:

@@ -45,7 +45,7 @@ Natural missingness: ``missing_<modality>`` drops each modality for that share o
 patients at random (for ``rna``/``dnam`` from their own random stream, so every other
 draw is unchanged).
 
-Reconstruction oracle (`reconstruction_floor`): per patient, the mean over a modality's
+Reconstruction oracle (`reconstruction_floor`, also ``Cohort.reconstruction_floor``): per patient, the mean over a modality's
 entries of the variance the generator adds around what the latent factors determine,
 i.e. the smallest mean squared error any imputation of that modality can reach even if
 it knew the patient's factors exactly: ``gene_noise^2`` for RNA, ``E Var(sigmoid(mu +
@@ -342,7 +342,8 @@ def _generate(spec: SyntheticSpec, name: str) -> tuple[Cohort, dict[str, np.ndar
     event = event & ~drop
   case_ids = np.array([f"SYN-{spec.seed:02d}-{i:05d}" for i in range(n)])
   return Cohort(name=name, case_ids=case_ids, time=time, event=event,
-                modalities=modalities, true_risk=true_risk), floor
+                modalities=modalities, true_risk=true_risk,
+                reconstruction_floor=floor), floor
 
 
 def _drop(mod: Modality, missing: np.ndarray) -> None:

@@ -377,6 +377,13 @@ def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model,
       fold["scenarios"][row] = entry
       risks_table[row] = risk
   fold["diagnostics"] = predictor.diagnostics(model, cohort, va, eval_spec)
+  held_out = getattr(method, "held_out", None)
+  if held_out is not None:   # the method's own statistics on this fold's test patients
+    th = time.perf_counter()
+    stats = held_out(model, cohort, np.asarray(va), np.asarray(tr),
+                     jax.random.fold_in(key, 2000))
+    fold["held_out"] = {str(n): None if v is None else float(v) for n, v in stats.items()}
+    fold["timing"]["held_out_s"] = round(time.perf_counter() - th, 2)
   if ref_models:
     fold["reference"] = _reference(cohort, tr, va, ref_models, config, k)
   if latency:

@@ -108,6 +108,22 @@ def _summary(values):
   return float(np.mean(v)), float(np.std(v))
 
 
+def held_out_summary(fold_results) -> dict:
+  """The method's ``held_out`` statistics over the folds: ``{name: {"mean", "std",
+  "per_fold"}}`` (mean and std over the folds where the value is defined; ``per_fold``
+  keeps None where it is not), names in first-seen order."""
+  out = {}
+  for name in dict.fromkeys(n for f in fold_results for n in f.get("held_out", {})):
+    per = [f.get("held_out", {}).get(name) for f in fold_results]
+    vals = [v for v in per if v is not None]
+    entry = {"per_fold": [None if v is None else round(v, 6) for v in per]}
+    if vals:
+      mean, std = _summary(vals)
+      entry.update(mean=round(mean, 6), std=round(std, 6))
+    out[name] = entry
+  return out
+
+
 def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write=True,
                   reference_models=()) -> dict:
   """Aggregates folds into the results dict; writes report.md and km_<scenario>.png.
@@ -150,6 +166,7 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
   for key in dict.fromkeys(k for f in fold_results for k in f.get("diagnostics", {})):
     vals = [f["diagnostics"][key] for f in fold_results if key in f.get("diagnostics", {})]
     diagnostics[key] = round(float(np.mean(vals)), 4)
+  held_out = held_out_summary(fold_results)
   timing = {"train_s_total": round(sum(f["timing"]["train_s"] for f in fold_results), 2),
             "eval_s_total": round(sum(f["timing"]["eval_s"] for f in fold_results), 2)}
   per_patient = {}
@@ -177,6 +194,8 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
     results["reference_rows"] = reference_rows(fold_results, reference_models)
     timing["reference_s_total"] = round(sum(
         v.get("fit_s", 0.0) for f in fold_results for v in f.get("reference", {}).values()), 2)
+  if held_out:
+    results["held_out"] = held_out
   results.update({
       "diagnostics": diagnostics,
       "timing": timing,
@@ -290,6 +309,13 @@ def render_report(results: dict, cohort=None) -> str:
                 "(0 = the same vector for all); `cos_centred(a,b)`: the cosine after "
                 "subtracting each vector's mean over the held-out patients, i.e. how the "
                 "patient-level parts align (`cos(a,b)` also counts the common offsets)."]
+  if results.get("held_out"):
+    lines += ["", "## Held-out statistics of the method (test patients of each fold)", "",
+              "| quantity | mean ± std over folds | per fold |", "|---|---|---|"]
+    for k, v in results["held_out"].items():
+      per = ", ".join("-" if x is None else f"{x:.4g}" for x in v["per_fold"])
+      mean = f"{v['mean']:.4g} ± {v['std']:.2g}" if "mean" in v else "-"
+      lines.append(f"| `{k}` | {mean} | {per} |")
   t = results["timing"]
   lines += ["", "## Timing", "", f"- device: {t.get('device')}",
             f"- training, all folds: {t.get('train_s_total')} s; evaluation: {t.get('eval_s_total')} s"]

@@ -1,0 +1,87 @@
+"""The optional ``held_out`` method hook (`survjax.method`): the CV harness calls it once per
+fold with that fold's test patients and aggregates its values into results.json."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.common import base_config
+from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
+from survjax.evaluate.cv import cohort_folds, run_cv
+from survjax.method import cohort_info
+from toy_method import ToyMethod
+
+
+@dataclasses.dataclass
+class RecordingToy(ToyMethod):
+  """The toy method with a ``held_out`` hook that records what it was given."""
+  calls: list = dataclasses.field(default_factory=list)
+
+  def held_out(self, model, cohort, test_idx, train_idx, key):
+    self.calls.append((np.array(test_idx), np.array(train_idx),
+                       np.asarray(model.head.kernel[...]).copy()))
+    g = cohort.modalities["genomics"].values[test_idx]
+    return {"genomics_sq/mean": float(np.mean(g ** 2)),
+            "n_test": len(test_idx),
+            # undefined on a fold (None): left out of the mean, kept as None per fold
+            "odd/only": None if len(self.calls) == 2 else float(len(self.calls))}
+
+
+def test_held_out_hook_gets_each_folds_test_patients_and_is_aggregated(tmp_path):
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=60, bag_min=8, bag_max=20,
+                                               patch_dim=8, unlabelled=0.1))
+  c = base_config("toy")
+  c.cv.num_folds = 3
+  c.cv.splits_dir = str(tmp_path / "splits")
+  c.train.batch_size = 16
+  c.eval.batch_size = 32
+  c.eval.scenarios = ("full",)
+  c.eval.latency = False
+  c.progress = False
+  method = RecordingToy(epochs=(2, 1))
+  res = run_cv(method, cohort, c, tmp_path / "run")
+  folds, _ = cohort_folds(cohort, c)
+  assert len(method.calls) == 3
+  for k, ((test_idx, train_idx, head), (tr, va)) in enumerate(zip(method.calls, folds)):
+    # the harness builds fold k's model from seed * 1000 + k: the hook sees it trained
+    init = np.asarray(method.build(cohort_info(cohort, method.modalities),
+                                   nnx.Rngs(c.seed * 1000 + k)).head.kernel[...])
+    np.testing.assert_array_equal(test_idx, va)        # that fold's test patients, in order
+    np.testing.assert_array_equal(train_idx, tr)
+    assert not set(test_idx) & set(train_idx)
+    assert np.all(cohort.labelled[test_idx])           # never an unlabelled patient
+    assert not np.allclose(head, init)                 # the fold's trained model
+  # Per fold: the direct computation on the fold's test patients.
+  g = cohort.modalities["genomics"].values
+  direct = [float(np.mean(g[va] ** 2)) for _, va in folds]
+  on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert on_disk["held_out"] == res["held_out"]
+  h = on_disk["held_out"]
+  np.testing.assert_allclose(h["genomics_sq/mean"]["per_fold"], direct, rtol=1e-5)
+  assert h["genomics_sq/mean"]["mean"] == pytest.approx(np.mean(direct), rel=1e-5)
+  assert h["genomics_sq/mean"]["std"] == pytest.approx(np.std(direct), rel=1e-4)
+  assert h["n_test"]["per_fold"] == [len(va) for _, va in folds]
+  assert h["odd/only"]["per_fold"] == [1.0, None, 3.0]
+  assert h["odd/only"]["mean"] == pytest.approx(2.0)
+  for k, (_, va) in enumerate(folds):
+    fold = json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())
+    assert fold["held_out"]["genomics_sq/mean"] == pytest.approx(direct[k], rel=1e-6)
+  report = (tmp_path / "run" / "report.md").read_text()
+  assert "## Held-out statistics of the method" in report and "`genomics_sq/mean`" in report
+
+
+def test_a_method_without_the_hook_reports_no_held_out(tmp_path):
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=40, bag_min=8, bag_max=20,
+                                               patch_dim=8))
+  c = base_config("toy")
+  c.cv.num_folds = 2
+  c.cv.splits_dir = str(tmp_path / "splits")
+  c.eval.scenarios = ("full",)
+  c.eval.latency = False
+  c.progress = False
+  res = run_cv(ToyMethod(epochs=(1, 1)), cohort, c, tmp_path / "run")
+  assert "held_out" not in res
+  assert "Held-out statistics" not in (tmp_path / "run" / "report.md").read_text()

@@ -64,7 +64,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.dim, m.num_heads, m.mlp_ratio = 128, 4, 4.0
   m.depth = ml_collections.ConfigDict(dict(default=2))        # paper: 6 (RNA, DNAm), 4 (WSI)
   m.patch_size = ml_collections.ConfigDict(dict(default=512))  # 1-D patches of the vectors
-  m.decoder = ml_collections.ConfigDict(dict(dim=128, depth=3, num_heads=4, mlp_ratio=2.0))
+  m.decoder = ml_collections.ConfigDict(dict(dim=128, depth=3, num_heads=4, mlp_ratio=2.0,
+                                             cross_modal=True))
   m.mask_ratio = 0.5
   m.impute_bag_len = 32          # patch slots the decoder fills for a missing WSI bag
   m.dropout = 0.1
@@ -78,6 +79,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.finetune = ml_collections.ConfigDict(dict(epochs=20, lr=1e-3, weight_decay=1e-2,
                                               warmup_epochs=5, max_instances=16, impute=True,
                                               select="c_index"))
+  # Reconstruction MSE on each fold's held-out patients (ImpuTMAE.held_out): batch and
+  # evenly spaced patches per bag.
+  m.held_out = ml_collections.ConfigDict(dict(batch_size=32, max_instances=64))
   c.train.batch_size = 32
   c.eval.scenarios = ("auto", "missing_50pct_mixed")
   c.eval.max_instances = 64
@@ -96,7 +100,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       m.dim, m.num_heads, m.mlp_ratio = 756, 12, 3072 / 756
       m.depth = ml_collections.ConfigDict(dict(default=6, pathology=12))
       m.decoder = ml_collections.ConfigDict(dict(dim=756, depth=8, num_heads=12,
-                                                 mlp_ratio=2048 / 756))
+                                                 mlp_ratio=2048 / 756, cross_modal=True))
     elif v == "paper_dims":   # Table 1, small variant: 256-d, 6/4 layers
       m.dim, m.decoder.dim = 256, 256
       m.depth = ml_collections.ConfigDict(dict(default=6, pathology=4))
@@ -106,6 +110,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       c.train.batch_size = 256
     elif v == "last_epoch":   # keep the last fine-tuning epoch (no selection)
       m.finetune.select = ""
+    elif v == "unimodal_pretrain":   # paper Table 4's unimodal row: no cross-modal decoding
+      m.decoder.cross_modal = False
+      m.pretrain.hide_modality = 0.0
     elif v == "masked":   # fine-tune and predict with missing modalities left masked
       m.finetune.impute = False
     else:

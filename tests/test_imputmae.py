@@ -293,3 +293,95 @@ def test_decoder_imputation_beats_mean_imputation_on_held_out_patients():
     print(f"{target} from {source}: decoder {mse_model:.4f}, training mean {mse_mean:.4f}, "
           f"noise floor {lowest:.4f}")
     assert lowest < mse_model < 0.85 * mse_mean
+
+
+def test_held_out_reconstruction_mse_matches_a_direct_computation():
+  # The core's held_out hook: per modality, pooled MSE in raw units on the test patients
+  # that have it, against the training-fold mean and the cohort's noise floor.
+  c = _small_config(missing_rna=0.3, missing_pathology=0.3)
+  c.model.held_out = ml_collections.ConfigDict(dict(batch_size=64, max_instances=16))
+  cohort, method, model = _setup(c)
+  train, test = np.arange(30), np.arange(30, 48)
+  method.fit_stats(model, method.collect_stats(
+      model, _jnp(make_batch(cohort, train, BatchSpec(len(train))))))
+  key = jax.random.key(4)
+  out = method.held_out(model, cohort, test, train, key)
+  assert set(out) == {f"{w}/{m}/{v}" for w, m in (("masked", "rna"), ("masked", "pathology"),
+                                                   ("imputed", "rna"))
+                      for v in ("model", "mean_fill", "floor")}
+  floor = cohort.reconstruction_floor
+  np.testing.assert_array_equal(floor["rna"], reconstruction_floor(
+      SyntheticSpec(**c.data.synthetic))["rna"])
+  rna = cohort.modalities["rna"]
+  have = test[rna.available[test]]
+  assert 0 < len(have) < len(test)   # natural missingness: those without RNA do not count
+  # imputed: RNA rebuilt from pathology alone, every entry.
+  batch = _jnp(make_batch(cohort, have, BatchSpec(len(have), max_instances=16)))
+  pred = np.asarray(_jit(method.impute, model, 1)(batch, frozenset({"pathology"}))["rna"])
+  truth = rna.values[have].astype(np.float64)
+  train_mean = rna.values[train[rna.available[train]]].astype(np.float64).mean(0)
+  np.testing.assert_allclose(out["imputed/rna/model"], np.mean((pred - truth) ** 2),
+                             rtol=1e-4)
+  np.testing.assert_allclose(out["imputed/rna/mean_fill"], np.mean((train_mean - truth) ** 2),
+                             rtol=1e-6)
+  np.testing.assert_allclose(out["imputed/rna/floor"], floor["rna"][have].mean(), rtol=1e-6)
+  # masked: the hook's one batch (sorted by bag length) with its key, hidden entries only.
+  from survjax.data.batching import iterate_batches
+  (sorted_batch,) = iterate_batches(cohort, test, BatchSpec(64, max_instances=16),
+                                    sort_by_length=True)
+  patches, enc, rec = _jit(lambda mdl, b, k: method.reconstruct(mdl, b, k, hide_prob=0.0),
+                           model)(_jnp(sorted_batch), jax.random.fold_in(key, 0))
+  rows = np.flatnonzero(sorted_batch["valid"])
+  for m in ("rna", "pathology"):
+    st = model.stats[m]
+    std, mu = np.asarray(st["std"][...]), np.asarray(st["mean"][...])
+    x = sorted_batch["modalities"][m]["x"].astype(np.float64)
+    hidden = np.asarray(enc[m]["masked"])
+    y = np.asarray(rec[m])
+    avail = cohort.modalities[m].available[sorted_batch["index"]]
+    sq, sq_mean, n, fl = 0.0, 0.0, 0, 0.0
+    mod = cohort.modalities[m]
+    if m == "rna":
+      mean = train_mean
+    else:
+      mean = np.concatenate([mod.bags[i] for i in train if mod.available[i]]).astype(
+          np.float64).mean(0)
+    for r in rows[avail[rows]]:
+      if m == "rna":   # patch j covers entries [64 j, 64 j + 64)
+        cols = np.concatenate([np.arange(64 * j, min(64 * j + 64, x.shape[1]))
+                               for j in np.flatnonzero(hidden[r])])
+        p = y[r].reshape(-1)[cols] * std[cols] + mu[cols]
+        t = x[r, cols]
+        mf = mean[cols]
+      else:
+        p = y[r][hidden[r]] * std + mu
+        t = x[r][hidden[r]]
+        mf = np.broadcast_to(mean, t.shape)
+      sq += np.sum((p - t) ** 2)
+      sq_mean += np.sum((mf - t) ** 2)
+      n += t.size
+      fl += t.size * floor[m][sorted_batch["index"][r]]
+    assert n > 0
+    np.testing.assert_allclose(out[f"masked/{m}/model"], sq / n, rtol=1e-4)
+    np.testing.assert_allclose(out[f"masked/{m}/mean_fill"], sq_mean / n, rtol=1e-4)
+    np.testing.assert_allclose(out[f"masked/{m}/floor"], fl / n, rtol=1e-6)
+
+
+def test_unimodal_decoder_sees_no_other_modality():
+  # :unimodal_pretrain (paper Table 4's unimodal row): changing RNA changes nothing in the
+  # reconstruction of pathology, and the reverse, unlike the multimodal decoder.
+  c = _small_config()
+  c.model.decoder.cross_modal = False
+  cohort, method, model = _setup(c)
+  raw = make_batch(cohort, np.arange(8), BatchSpec(8, max_instances=16))
+  other = jax.tree.map(np.copy, raw)
+  other["modalities"]["rna"]["x"] = other["modalities"]["rna"]["x"] + 3.0
+  rec = _jit(lambda mdl, b, k: method.reconstruct(mdl, b, k, hide_prob=0.0)[2], model)
+  key = jax.random.key(0)
+  a, b = rec(_jnp(raw), key), rec(_jnp(other), key)
+  np.testing.assert_array_equal(a["pathology"], b["pathology"])
+  assert not np.allclose(a["rna"], b["rna"])
+  c.model.decoder.cross_modal = True
+  _, method, model = _setup(c)
+  rec = _jit(lambda mdl, b, k: method.reconstruct(mdl, b, k, hide_prob=0.0)[2], model)
+  assert not np.allclose(rec(_jnp(raw), key)["pathology"], rec(_jnp(other), key)["pathology"])

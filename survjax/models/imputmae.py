@@ -206,8 +206,9 @@ class MultimodalDecoder(nnx.Module):
   concatenated modalities, per-modality linear heads back to patch space."""
 
   def __init__(self, enc_dims, patch_dims, positional, dim, depth, num_heads, mlp_ratio,
-               *, rngs):
+               *, rngs, cross_modal: bool = True):
     self.dim = dim
+    self.cross_modal = bool(cross_modal)   # False: each modality decoded alone (unimodal)
     self.positional = tuple(sorted(positional.items()))   # hashable static metadata
     init = lambda shape: nnx.Param(0.02 * jax.random.normal(rngs.params(), shape))
     self.proj = nnx.Dict({m: nnx.Linear(d, dim, rngs=rngs) for m, d in enc_dims.items()})
@@ -235,6 +236,13 @@ class MultimodalDecoder(nnx.Module):
       seqs.append(jnp.concatenate([cls, full], axis=1) + self.type_embed[m][...])
       masks.append(jnp.concatenate([jnp.ones((b, 1), bool), e["slots"]], axis=1))
       sizes.append(n + 1)
+    if not self.cross_modal:   # unimodal pretraining: no token sees another modality
+      out = {}
+      for m, x, mask in zip(enc, seqs, masks):
+        for layer in self.layers:
+          x = layer(x, mask)
+        out[m] = self.out[m](self.norm(x)[:, 1:])
+      return out
     x, mask = jnp.concatenate(seqs, axis=1), jnp.concatenate(masks, axis=1)
     for layer in self.layers:
       x = layer(x, mask)
@@ -270,7 +278,8 @@ class ImpuTMAEModel(nnx.Module):
     dec = cfg.decoder
     self.decoder = MultimodalDecoder({m: cfg.dim for m in self.modalities}, patch_dims,
                                      positional, dec.dim, dec.depth, dec.num_heads,
-                                     dec.mlp_ratio, rngs=rngs)
+                                     dec.mlp_ratio, rngs=rngs,
+                                     cross_modal=dec.get("cross_modal", True))
     self.fusion = TransformerLayer(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
                                    rngs=rngs)
     self.surv_head = nnx.Linear(len(self.modalities) * cfg.dim, cfg.num_bins, rngs=rngs)
@@ -503,6 +512,120 @@ class ImpuTMAE:
                      trainable=nnx.All(nnx.Param, nnx.Any(last, nnx.PathContains("fusion"),
                                                           nnx.PathContains("surv_head"))),
                      max_instances=ft.max_instances, select=ft.get("select") or None))
+    return out
+
+  # ---- held-out reconstruction (the core's held_out hook) --------------------------------
+
+  def _reconstructions(self, model, batch, key):
+    """Raw-unit reconstructions of one batch: per modality the MAE output at the masked
+    entries (``mask_ratio`` of each modality's real patches hidden, every modality the
+    patient has shown) and, for vectors, the decoder's imputation from the other
+    modalities alone."""
+    patches, enc, pred = self.reconstruct(model, batch, key, hide_prob=0.0)
+    out = {}
+    for m in self.modalities:
+      st = model.stats[m]
+      x = batch["modalities"][m]["x"].astype(jnp.float32)
+      masked = enc[m]["masked"] & batch["valid"][:, None]
+      if x.ndim == 2:   # [B, N, P] patches back to the vector [B, C]
+        b, c = x.shape
+        p = pred[m].shape[-1]
+        y = pred[m].reshape(b, -1)[:, :c]
+        masked = jnp.repeat(masked, p, axis=1)[:, :c]
+      else:
+        y = pred[m]
+      out[m] = {"target": x, "masked": masked,
+                "masked_pred": y * st["std"][...] + st["mean"][...]}
+    for m in self.modalities:
+      if batch["modalities"][m]["x"].ndim == 2 and len(self.modalities) > 1:
+        others = frozenset(self.modalities) - {m}
+        out[m]["imputed"] = self.impute(model, batch, others)[m]
+    return out
+
+  def held_out(self, model, cohort, test_idx, train_idx, key) -> dict:
+    r"""Reconstruction MSE per modality on a fold's held-out patients (paper Table 4).
+
+    In the modality's raw units, pooled over the entries of the test patients that have
+    it:
+
+    * ``masked/<m>/*``: masked-autoencoder reconstruction as in pretraining (eq. 2):
+      ``mask_ratio`` of the modality's real patches hidden at random, every modality the
+      patient has visible otherwise; the MSE over the hidden entries. Bags are
+      subsampled to ``held_out.max_instances`` evenly spaced patches.
+    * ``imputed/<m>/*`` (vector modalities, two or more modalities): the modality
+      withheld entirely and rebuilt by the decoder from the others (what fine-tuning and
+      prediction feed the encoder of a missing modality); the MSE over all its entries.
+      A missing bag has no patch-by-patch target, so bags have no such row.
+
+    Each with ``/model`` (the fold's trained decoder), ``/mean_fill`` (the mean of the
+    fold's training patients that have the modality, per entry or per feature
+    dimension: mean imputation) and ``/floor`` where the cohort knows its noise
+    (``cohort.reconstruction_floor``: the per-patient smallest achievable MSE, averaged
+    with the same weights; the mask is uniform, so its expectation over the hidden
+    entries is the patient's floor).
+    """
+    hc = self.cfg.get("held_out", None)
+    cap = int(hc.max_instances) if hc is not None else 64
+    bs = int(hc.batch_size) if hc is not None else 32
+    from survjax.data.batching import BatchSpec, iterate_batches
+    graphdef, state = nnx.split(model)
+    fn = getattr(self, "_held_out_jit", None)
+    if fn is None:
+      fn = jax.jit(lambda g, st, b, k: self._reconstructions(nnx.merge(g, st), b, k),
+                   static_argnums=0)
+      self._held_out_jit = fn
+    floors = getattr(cohort, "reconstruction_floor", None) or {}
+    train_idx = np.asarray(train_idx)
+    means = {}
+    for m in self.modalities:
+      mod = cohort.modalities[m]
+      have = train_idx[mod.available[train_idx]]
+      if mod.kind == "bag":
+        rows = [mod.bags[i].astype(np.float64) for i in have if len(mod.bags[i])]
+        means[m] = np.concatenate(rows).mean(0) if rows else None
+      else:
+        means[m] = mod.values[have].astype(np.float64).mean(0) if len(have) else None
+    acc: dict[str, list] = {}
+    spec = BatchSpec(batch_size=bs, max_instances=cap)
+    for b_i, batch in enumerate(iterate_batches(cohort, np.asarray(test_idx), spec,
+                                                sort_by_length=True)):
+      res = jax.tree.map(np.asarray, fn(graphdef, state, jax.tree.map(jnp.asarray, batch),
+                                        jax.random.fold_in(key, b_i)))
+      rows = np.flatnonzero(batch["valid"])
+      pid = batch["index"][rows]
+      for m in self.modalities:
+        r = res[m]
+        avail = cohort.modalities[m].available[pid]
+        rows_m, pid_m = rows[avail], pid[avail]
+        if not len(rows_m):
+          continue
+        target = r["target"][rows_m].astype(np.float64)
+        floor = floors.get(m)
+        w = r["masked"][rows_m].astype(np.float64)
+        if target.ndim == 3:
+          w = np.broadcast_to(w[..., None], target.shape)
+        mean = means[m]
+        for what, pred, weight in (("masked", r["masked_pred"][rows_m], w),
+                                   ("imputed", r.get("imputed"), None)):
+          if pred is None:
+            continue
+          pred = pred[rows_m] if what == "imputed" else pred
+          weight = np.ones_like(target) if weight is None else weight
+          n = weight.reshape(len(rows_m), -1).sum(1)
+          sums = acc.setdefault(f"{what}/{m}", [0.0, 0.0, 0.0, 0.0])
+          sums[0] += float(np.sum(weight * (pred - target) ** 2))
+          sums[1] += float(np.sum(weight * (mean - target) ** 2)) if mean is not None else np.nan
+          sums[2] += float(n.sum())
+          if floor is not None:
+            sums[3] += float(np.sum(n * floor[pid_m]))
+    out = {}
+    for name, (err, err_mean, count, floor_sum) in acc.items():
+      if count == 0:
+        continue
+      out[f"{name}/model"] = err / count
+      out[f"{name}/mean_fill"] = None if not np.isfinite(err_mean) else err_mean / count
+      if floors.get(name.split("/")[1]) is not None:
+        out[f"{name}/floor"] = floor_sum / count
     return out
 
   def predict(self, model, batch, present, key):

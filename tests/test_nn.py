@@ -721,3 +721,32 @@ def test_group_tokenizer_stacked_equals_per_group_snns():
         np.testing.assert_array_equal(kernel[i, sizes[g]:], 0.0)
   assert np.abs(np.asarray(run(st_new, st_old, x, jax.random.key(5))[0][0])
                 - np.asarray(run(st_new, st_old, x, None)[0][0])).max() > 1e-3
+
+
+class _FakeDevice:
+  """A device that reports ``bytes_limit`` (as GPUs and TPUs do), or nothing (CPU)."""
+
+  def __init__(self, limit):
+    self.limit = limit
+
+  def memory_stats(self):
+    return None if self.limit is None else {"bytes_limit": self.limit, "bytes_in_use": 0}
+
+
+def test_chunk_threshold_follows_the_device_memory(monkeypatch):
+  # XLA:CPU reports no memory limit: the CPU default, 65536 tokens for TransMIL's layer.
+  assert jax.local_devices()[0].memory_stats() is None or "bytes_limit" not in (
+      jax.local_devices()[0].memory_stats() or {})
+  assert nystrom_lib.chunk_elements() == nystrom_lib.CHUNK_ELEMENTS == 2**27
+  assert NystromAttention(64, 8, 256, rngs=nnx.Rngs(0)).chunk_threshold == 65536
+  # A device with memory: one float32 [h, N, m] matrix within 1/32 of it.
+  h100 = 80 * 2**30
+  assert nystrom_lib.chunk_elements(_FakeDevice(h100)) == h100 // 32 // 4
+  assert nystrom_lib.chunk_elements(_FakeDevice(None)) == 2**27
+  # small devices never go below the CPU default
+  assert nystrom_lib.chunk_elements(_FakeDevice(2**30)) == 2**27
+  monkeypatch.setattr(nystrom_lib.jax, "local_devices", lambda: [_FakeDevice(h100)])
+  layer = NystromAttention(64, 8, 256, rngs=nnx.Rngs(0))
+  assert layer.chunk_threshold == h100 // 32 // 4 // (8 * 256) == 327680
+  # an explicit threshold wins
+  assert NystromAttention(64, 8, 256, rngs=nnx.Rngs(0), chunk_threshold=7).chunk_threshold == 7

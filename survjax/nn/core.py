@@ -15,6 +15,50 @@ import jax.numpy as jnp
 # PyTorch's `nn.LayerNorm` default, used by the reference implementations we port.
 LN_EPS = 1e-5
 
+# Matmul precisions of the forwards that take a ``precision`` argument (the DDIM
+# denoiser, the MIL poolings): "float32" is the plain float32 product (the default, and
+# the exact code path these layers always ran), "bfloat16" rounds both operands of every
+# weight and attention matmul to bfloat16 and accumulates in float32
+# (``preferred_element_type``); everything else (LayerNorm, softmax, residuals, the DDIM
+# update) stays float32.
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision: str) -> str:
+  """``precision`` if it is one of `PRECISIONS`, else a ValueError naming them."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+  return precision
+
+
+def _bf16(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.bfloat16)
+
+
+def matmul(a: jax.Array, b: jax.Array, precision: str = "float32") -> jax.Array:
+  """``a @ b``; with ``precision="bfloat16"`` bfloat16 operands, float32 accumulation."""
+  if check_precision(precision) == "float32":
+    return a @ b
+  return jnp.matmul(_bf16(a), _bf16(b), preferred_element_type=jnp.float32)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, precision: str = "float32") -> jax.Array:
+  """``jnp.einsum(spec, a, b)``; with ``precision="bfloat16"`` bfloat16 operands and a
+  float32 result (accumulation)."""
+  if check_precision(precision) == "float32":
+    return jnp.einsum(spec, a, b)
+  return jnp.einsum(spec, _bf16(a), _bf16(b), preferred_element_type=jnp.float32)
+
+
+def linear(layer, x: jax.Array, precision: str = "float32") -> jax.Array:
+  """``layer(x)`` for an `nnx.Linear`; with ``precision="bfloat16"`` the product
+  ``x W`` takes bfloat16 operands and accumulates in float32, the bias is added in
+  float32."""
+  if check_precision(precision) == "float32":
+    return layer(x)
+  y = matmul(x, layer.kernel[...], precision)
+  return y if layer.bias is None else y + layer.bias[...]
+
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout, applied only when a key is given.

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from survjax.nn.core import dropout, masked_softmax, split_key
+from survjax.nn.core import check_precision, dropout, einsum, linear, masked_softmax, split_key
 
 __all__ = ["GatedABMIL"]
 
@@ -44,24 +44,28 @@ class GatedABMIL(nnx.Module):
     self.attn_w = nnx.Linear(attn_dim, 1, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               key: jax.Array | None = None, *,
+               precision: str = "float32") -> tuple[jax.Array, jax.Array]:
     """Pools a bag.
 
     Args:
       x: instances ``[B, N, in_dim]``.
       mask: boolean ``[B, N]`` (True = real instance) or None.
       key: PRNG key for dropout, or None.
+      precision: matmul precision, ``"float32"`` (default) or ``"bfloat16"`` (bfloat16
+        operands, float32 accumulation; `survjax.nn.core.PRECISIONS`).
 
     Returns:
       ``(pooled [B, dim], attention [B, N])``; attention sums to 1 over the real
       instances of a non-empty bag and is 0 at padding.
     """
     k1, k2 = split_key(key, 2)
-    h = dropout(jax.nn.relu(self.embed(x)), self.dropout, k1)
-    gate = jnp.tanh(self.attn_v(h)) * jax.nn.sigmoid(self.attn_u(h))
-    scores = self.attn_w(dropout(gate, self.dropout, k2))[..., 0]
+    p = check_precision(precision)
+    h = dropout(jax.nn.relu(linear(self.embed, x, p)), self.dropout, k1)
+    gate = jnp.tanh(linear(self.attn_v, h, p)) * jax.nn.sigmoid(linear(self.attn_u, h, p))
+    scores = linear(self.attn_w, dropout(gate, self.dropout, k2), p)[..., 0]
     attn = masked_softmax(scores, mask)
     if mask is not None:
       h = jnp.where(mask[..., None], h, 0.0)
-    pooled = jnp.einsum("bn,bnd->bd", attn, h)
+    pooled = einsum("bn,bnd->bd", attn, h, p)
     return pooled, attn

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from survjax.nn.attention import compact_index, valid_rank
-from survjax.nn.core import dropout, masked_softmax, torch_uniform_init
+from survjax.nn.core import (check_precision, dropout, einsum, linear, masked_softmax, matmul,
+                             torch_uniform_init)
 
-__all__ = ["NystromAttention", "newton_pinv"]
+__all__ = ["NystromAttention", "chunk_elements", "newton_pinv"]
 
 
 def newton_pinv(a: jax.Array, iterations: int = 6) -> jax.Array:
@@ -52,8 +53,42 @@ def newton_pinv(a: jax.Array, iterations: int = 6) -> jax.Array:
   return jax.lax.fori_loop(0, iterations, body, z, unroll=True)
 
 
-# Default size (elements of [h, N, m]) above which NystromAttention goes chunked.
+# Default size (elements of [h, N, m]) above which NystromAttention goes chunked, on a
+# device that does not report its memory (the CPU).
 CHUNK_ELEMENTS = 2**27
+# Elsewhere: one float32 [h, N, m] matrix may take this fraction of the device's memory.
+# The unchunked forward holds a few such matrices at once (scores and softmax of both
+# [h, N, m] and [h, m, N]), a training step about three times as many; 1/32 keeps them
+# within half of the device.
+CHUNK_MEMORY_FRACTION = 1 / 32
+
+
+def chunk_elements(device: jax.Device | None = None) -> int:
+  """Elements of ``[h, N, m]`` above which `NystromAttention` takes its chunked path.
+
+  ``CHUNK_MEMORY_FRACTION`` of the device's memory (``memory_stats()["bytes_limit"]``, which
+  GPUs and TPUs report) in float32 elements, and never below ``CHUNK_ELEMENTS``; a device
+  that reports no memory limit (XLA:CPU) gets ``CHUNK_ELEMENTS`` (2^27, 512 MiB), the
+  CPU default measured in `NystromAttention`'s docstring. An H100 (80 GB) gets about
+  6e8 elements, i.e. TransMIL (8 heads, 256 landmarks) goes chunked past about 300k
+  tokens instead of 65k: on a large GPU the one-shot attention is the faster path (the
+  chunked one cost 30% at 64k-200k patches on an H200) and memory is not the constraint.
+
+  Args:
+    device: the device (default: the first local device).
+
+  Returns:
+    The element count.
+  """
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 -- some backends raise instead of returning None
+    stats = {}
+  limit = stats.get("bytes_limit")
+  if not limit:
+    return CHUNK_ELEMENTS
+  return max(CHUNK_ELEMENTS, int(limit * CHUNK_MEMORY_FRACTION) // 4)
 
 
 def _seq_conv_forward(v: jax.Array, w: jax.Array) -> jax.Array:
@@ -172,8 +207,10 @@ class NystromAttention(nnx.Module):
       residual: add the value convolution.
       dropout: dropout on the output projection (TransMIL: 0.1; only with a call ``key``).
       chunk_threshold: sequences longer than this (static ``N``) take the chunked path.
-        None: where ``[h, N, m]`` would pass ``CHUNK_ELEMENTS`` (2^27 = 512 MiB in float32)
-        and ``N > 16384``; that is ``N > 65536`` for TransMIL (8 heads, 256 landmarks).
+        None: where ``[h, N, m]`` would pass `chunk_elements` of the default device
+        (on the CPU ``CHUNK_ELEMENTS``, 2^27 = 512 MiB in float32; on a GPU 1/32 of its
+        memory) and ``N > 16384``; on the CPU that is ``N > 65536`` for TransMIL (8
+        heads, 256 landmarks).
         The chunked path is faster in inference (~20% at 64k-200k tokens on CPU) but its
         backward pass, which recomputes the chunks, is slower (~25% for MUST's TransMIL
         at 64k tokens, though with ~40% less memory), hence the bound in memory.
@@ -194,7 +231,7 @@ class NystromAttention(nnx.Module):
     self.pinv_iterations = pinv_iterations
     self.dropout = dropout
     if chunk_threshold is None:
-      chunk_threshold = max(16384, CHUNK_ELEMENTS // (num_heads * num_landmarks))
+      chunk_threshold = max(16384, chunk_elements() // (num_heads * num_landmarks))
     self.chunk_threshold = chunk_threshold
     self.chunk_size = chunk_size
     inner = num_heads * dim_head
@@ -217,16 +254,19 @@ class NystromAttention(nnx.Module):
     seg_cnt = jax.vmap(lambda sb: jax.ops.segment_sum(jnp.ones_like(sb), sb, m + 1))(seg)[:, :m]
     return count, rank, seg, seg_cnt
 
-  def _landmark_attention(self, x_land: jax.Array, land_ok: jax.Array):
+  def _landmark_attention(self, x_land: jax.Array, land_ok: jax.Array,
+                          precision: str = "float32"):
     """``Q~`` (scaled), ``K~`` ``[B, m, h, d_h]`` and ``pinv(softmax(Q~ K~^T))`` ``[B, h, m, m]``
-    from the landmark means of the input ``x_land [B, m, D]``."""
+    from the landmark means of the input ``x_land [B, m, D]`` (the pseudo-inverse's
+    iteration always in float32)."""
     b, m = x_land.shape[:2]
     h, dh = self.num_heads, self.dim_head
     inner = h * dh
-    qk_land = (x_land @ self.to_qkv.kernel[...][:, :2 * inner]).reshape(b, m, 2, h, dh)
+    qk_land = matmul(x_land, self.to_qkv.kernel[...][:, :2 * inner],
+                     precision).reshape(b, m, 2, h, dh)
     q_land, k_land = qk_land[:, :, 0] * dh ** -0.5, qk_land[:, :, 1]
     row_ok = land_ok[:, None, :, None]
-    attn2 = masked_softmax(jnp.einsum("bihc,bjhc->bhij", q_land, k_land),
+    attn2 = masked_softmax(einsum("bihc,bjhc->bhij", q_land, k_land, precision),
                            land_ok[:, None, None, :])                            # [B,h,m,m]
     attn2 = (jnp.where(row_ok, attn2, 0.0)
              + jnp.where(row_ok, 0.0, jnp.eye(m, dtype=attn2.dtype)))
@@ -235,7 +275,7 @@ class NystromAttention(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                key: jax.Array | None = None, *, out_rows: int | None = None,
                pre: Callable[[jax.Array], jax.Array] | None = None,
-               skip: jax.Array | None = None) -> jax.Array:
+               skip: jax.Array | None = None, precision: str = "float32") -> jax.Array:
     """Applies the layer: ``skip + Attn(pre(x))``.
 
     ``pre`` and ``skip`` make a pre-LN residual block ``x + Attn(LN(x))`` one call, which
@@ -250,6 +290,9 @@ class NystromAttention(nnx.Module):
         is still attended to); None for all ``N``.
       pre: a map applied to each token of ``x`` on its own (e.g. a LayerNorm), or None.
       skip: ``[B, N, D]`` added to the output (all positions, padding too), or None.
+      precision: matmul precision (`survjax.nn.core.PRECISIONS`): ``"bfloat16"`` takes
+        bfloat16 operands with float32 accumulation in the projections and the
+        attention products; `newton_pinv` stays float32.
 
     Returns:
       ``[B, N, D]`` (``[B, out_rows, D]``): ``skip`` plus the attention output, which is
@@ -259,8 +302,9 @@ class NystromAttention(nnx.Module):
     n_out = n if out_rows is None else out_rows
     if not 0 < n_out <= n:
       raise ValueError(f"out_rows={out_rows} must be in [1, {n}]")
+    p = check_precision(precision)
     if n > self.chunk_threshold:
-      return self._chunked_call(x, mask, key, n_out, pre, skip)
+      return self._chunked_call(x, mask, key, n_out, pre, skip, p)
     h, dh, m = self.num_heads, self.dim_head, self.num_landmarks
     inner = h * dh
     all_real = mask is None
@@ -275,26 +319,26 @@ class NystromAttention(nnx.Module):
     seg_sum = jax.vmap(lambda xb, sb: jax.ops.segment_sum(xb, sb, m + 1))(x, seg)[:, :m]
     land_ok = seg_cnt > 0                                                 # [B, m]
     x_land = seg_sum / jnp.maximum(seg_cnt, 1)[..., None].astype(x.dtype)
-    q_land, k_land, pinv = self._landmark_attention(x_land, land_ok)
+    q_land, k_land, pinv = self._landmark_attention(x_land, land_ok, p)
 
     if n_out == n:
-      qkv = self.to_qkv(x).reshape(b, n, 3, h, dh)
+      qkv = linear(self.to_qkv, x, p).reshape(b, n, 3, h, dh)
       q, k, v = qkv[:, :, 0] * dh ** -0.5, qkv[:, :, 1], qkv[:, :, 2]
     else:  # queries of the output rows only
       kernel = self.to_qkv.kernel[...]
-      q = (x[:, :n_out] @ kernel[:, :inner]).reshape(b, n_out, h, dh) * dh ** -0.5
-      kv = (x @ kernel[:, inner:]).reshape(b, n, 2, h, dh)
+      q = matmul(x[:, :n_out], kernel[:, :inner], p).reshape(b, n_out, h, dh) * dh ** -0.5
+      kv = matmul(x, kernel[:, inner:], p).reshape(b, n, 2, h, dh)
       k, v = kv[:, :, 0], kv[:, :, 1]
 
     col_ok = land_ok[:, None, None, :]
     row_ok = land_ok[:, None, :, None]
-    attn1 = masked_softmax(jnp.einsum("bnhc,bmhc->bhnm", q, k_land), col_ok)       # [B,h,N,m]
-    attn3 = masked_softmax(jnp.einsum("bihc,bnhc->bhin", q_land, k),
+    attn1 = masked_softmax(einsum("bnhc,bmhc->bhnm", q, k_land, p), col_ok)        # [B,h,N,m]
+    attn3 = masked_softmax(einsum("bihc,bnhc->bhin", q_land, k, p),
                            mask[:, None, None, :])                               # [B,h,m,N]
     attn3 = jnp.where(row_ok, attn3, 0.0)
-    ctx = jnp.einsum("bhin,bnhc->bhic", attn3, v)                                   # [B,h,m,dh]
-    ctx = pinv @ ctx
-    out = jnp.einsum("bhnm,bhmc->bnhc", attn1, ctx)                                 # [B,N,h,dh]
+    ctx = einsum("bhin,bnhc->bhic", attn3, v, p)                                    # [B,h,m,dh]
+    ctx = matmul(pinv, ctx, p)
+    out = einsum("bhnm,bhmc->bnhc", attn1, ctx, p)                                  # [B,N,h,dh]
 
     if self.res_conv is not None:
       w = self.res_conv[...]
@@ -310,12 +354,13 @@ class NystromAttention(nnx.Module):
         out = out + jnp.take_along_axis(
             res, jnp.maximum(rank[:, :n_out], 0)[:, :, None, None], axis=1)
 
-    out = dropout(self.to_out(out.reshape(b, n_out, inner)), self.dropout, key)
+    out = dropout(linear(self.to_out, out.reshape(b, n_out, inner), p), self.dropout, key)
     out = jnp.where(mask[:, :n_out, None], out, 0.0)
     return out if skip is None else skip[:, :n_out] + out
 
   def _chunked_call(self, x: jax.Array, mask: jax.Array | None, key: jax.Array | None,
-                    n_out: int, pre, skip: jax.Array | None) -> jax.Array:
+                    n_out: int, pre, skip: jax.Array | None,
+                    precision: str = "float32") -> jax.Array:
     """`__call__` in chunks of ``C = chunk_size`` tokens: memory ``O(N D + C h m)``.
 
     Three `jax.lax.scan` passes over the token chunks, each projecting its chunk of ``x``
@@ -384,7 +429,8 @@ class NystromAttention(nnx.Module):
     seg_sum, _ = jax.lax.scan(jax.checkpoint(land_body),
                               jnp.zeros((b, m + 1, x.shape[-1]), dtype), jnp.arange(num))
     x_land = seg_sum[:, :m] / jnp.maximum(seg_cnt, 1)[..., None].astype(dtype)
-    q_land, k_land, pinv = self._landmark_attention(x_land, land_ok)
+    p_ = precision
+    q_land, k_land, pinv = self._landmark_attention(x_land, land_ok, p_)
 
     # Pass 2: C~ = softmax over the tokens of Q~ K^T, times V (online softmax).
     w_kv = kernel[:, inner:]
@@ -392,8 +438,8 @@ class NystromAttention(nnx.Module):
     def ctx_body(carry, i):
       run_max, run_sum, acc = carry
       _, xc, ok = load(i)
-      kv = (xc @ w_kv).reshape(b, c, 2, h, dh)
-      s = jnp.einsum("bihc,bnhc->bhin", q_land, kv[:, :, 0])                      # [B,h,m,C]
+      kv = matmul(xc, w_kv, p_).reshape(b, c, 2, h, dh)
+      s = einsum("bihc,bnhc->bhin", q_land, kv[:, :, 0], p_)                      # [B,h,m,C]
       s = jnp.where(ok[:, None, None, :], s, -jnp.inf)
       # The result does not depend on the shift M, so no gradient flows through it
       # (as in `masked_softmax`); M stays -inf until a real token has been seen.
@@ -402,14 +448,14 @@ class NystromAttention(nnx.Module):
       decay = jnp.exp(run_max - shift)                       # exp(M_old - M_new); 0 at first
       e = jnp.exp(s - shift[..., None])                      # 0 at padding (s = -inf)
       run_sum = run_sum * decay + jnp.sum(e, axis=-1)
-      acc = acc * decay[..., None] + jnp.einsum("bhin,bnhc->bhic", e, kv[:, :, 1])
+      acc = acc * decay[..., None] + einsum("bhin,bnhc->bhic", e, kv[:, :, 1], p_)
       return (new_max, run_sum, acc), None
 
     init = (jnp.full((b, h, m), -jnp.inf, dtype), jnp.zeros((b, h, m), dtype),
             jnp.zeros((b, h, m, dh), dtype))
     (_, run_sum, acc), _ = jax.lax.scan(jax.checkpoint(ctx_body), init, jnp.arange(num))
     ctx = acc / jnp.where(run_sum > 0, run_sum, 1.0)[..., None]
-    ctx = pinv @ jnp.where(land_ok[:, None, :, None], ctx, 0.0)                     # [B,h,m,dh]
+    ctx = matmul(pinv, jnp.where(land_ok[:, None, :, None], ctx, 0.0), p_)          # [B,h,m,dh]
 
     # Pass 3: output rows, chunk by chunk, computed in the order of the real tokens. The
     # chunk's real tokens have ranks r0 .. r0 + C - 1 (at most); the value convolution
@@ -439,13 +485,13 @@ class NystromAttention(nnx.Module):
       xw = xw if pre is None else pre(xw)
       inside = (r >= 0) & (r < count[:, None])
       xw = jnp.where(inside[..., None], xw, 0).astype(dtype)
-      qv = (xw @ w_qv).reshape(b, c_out + 2 * p, -1, h, dh)
+      qv = matmul(xw, w_qv, p_).reshape(b, c_out + 2 * p, -1, h, dh)
       q = qv[:, p:p + c_out, 0] * dh ** -0.5
-      attn1 = masked_softmax(jnp.einsum("bnhc,bmhc->bhnm", q, k_land), col_ok)   # [B,h,C,m]
-      y = jnp.einsum("bhnm,bhmc->bnhc", attn1, ctx)
+      attn1 = masked_softmax(einsum("bnhc,bmhc->bhnm", q, k_land, p_), col_ok)   # [B,h,C,m]
+      y = einsum("bhnm,bhmc->bnhc", attn1, ctx, p_)
       if self.res_conv is not None:
         y = y + _depthwise_seq_conv(qv[:, :, 1], w_conv)[:, p:p + c_out]
-      y = self.to_out(y.reshape(b, c_out, inner))                 # real tokens r0 + t
+      y = linear(self.to_out, y.reshape(b, c_out, inner), p_)     # real tokens r0 + t
       ok = jax.lax.dynamic_slice_in_dim(mask, start, c_out, axis=1)
       rel = jax.lax.dynamic_slice_in_dim(rank, start, c_out, axis=1) - r0[:, None]
       y = jnp.take_along_axis(y, jnp.clip(rel, 0, c_out - 1)[..., None], axis=1)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from survjax.nn.attention import compact_index, valid_rank
-from survjax.nn.core import LN_EPS, masked_softmax, split_key, torch_uniform_init
+from survjax.nn.core import LN_EPS, linear, masked_softmax, split_key, torch_uniform_init
 from survjax.nn.grid_conv import grid_conv7, ppeg_sequence
 from survjax.nn.nystrom import NystromAttention
 
@@ -183,8 +183,10 @@ class TransLayer(nnx.Module):
                                  chunk_size=chunk_size)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               key: jax.Array | None = None, *, out_rows: int | None = None) -> jax.Array:
-    return self.attn(x, mask, key=key, out_rows=out_rows, pre=self.norm, skip=x)
+               key: jax.Array | None = None, *, out_rows: int | None = None,
+               precision: str = "float32") -> jax.Array:
+    return self.attn(x, mask, key=key, out_rows=out_rows, pre=self.norm, skip=x,
+                     precision=precision)
 
 
 class TransMIL(nnx.Module):
@@ -234,7 +236,8 @@ class TransMIL(nnx.Module):
     self.chunk_threshold = self.layer1.attn.chunk_threshold
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               key: jax.Array | None = None, return_tokens: bool = False):
+               key: jax.Array | None = None, return_tokens: bool = False,
+               precision: str = "float32"):
     """Encodes a padded bag.
 
     Sequences of more than ``chunk_threshold`` tokens (class tokens plus the grid's
@@ -251,6 +254,9 @@ class TransMIL(nnx.Module):
       mask: boolean ``[B, N]`` (True = real patch) or None (all real).
       key: PRNG key for dropout, or None.
       return_tokens: also return the token outputs.
+      precision: matmul precision, ``"float32"`` (default) or ``"bfloat16"`` (bfloat16
+        operands with float32 accumulation in the embedding and both attention layers;
+        PPEG, LayerNorms and the pseudo-inverse stay float32).
 
     Returns:
       ``cls [B, num_class_tokens, dim]``, or ``(cls, tokens [B, N, dim])``.
@@ -260,8 +266,9 @@ class TransMIL(nnx.Module):
     if mask is None:
       mask = jnp.ones((b, n), bool)
     k1, k2 = split_key(key, 2)
-    seq, seq_mask = self._last_layer_input(x, mask, k1)
-    seq = self.layer2(seq, seq_mask, key=k2, out_rows=None if return_tokens else k)
+    seq, seq_mask = self._last_layer_input(x, mask, k1, precision)
+    seq = self.layer2(seq, seq_mask, key=k2, out_rows=None if return_tokens else k,
+                      precision=precision)
     cls_out = self.norm(seq[:, :k])
     if not return_tokens:
       return cls_out
@@ -269,8 +276,8 @@ class TransMIL(nnx.Module):
     tokens = self.norm(jnp.take_along_axis(seq[:, k:], rank[..., None], axis=1))
     return cls_out, jnp.where(mask[..., None], tokens, 0.0)
 
-  def _last_layer_input(self, x: jax.Array, mask: jax.Array,
-                        key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  def _last_layer_input(self, x: jax.Array, mask: jax.Array, key: jax.Array | None,
+                        precision: str = "float32") -> tuple[jax.Array, jax.Array]:
     """Embedding, square layout, first layer and PPEG: the sequence ``[B, k + S, dim]``
     that enters ``layer2`` and its mask ``[B, k + S]`` (class tokens, then grid slots)."""
     b = x.shape[0]
@@ -279,14 +286,14 @@ class TransMIL(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...], (b, k, self.cls_token.shape[-1]))
     chunked = k + src.shape[1] > self.chunk_threshold
     if chunked:
-      seq = self._embed_chunked(x, src, valid, cls)
+      seq = self._embed_chunked(x, src, valid, cls, precision)
     else:
-      h = jax.nn.relu(self.fc(x))
+      h = jax.nn.relu(linear(self.fc, x, precision))
       grid = jnp.take_along_axis(h, src[..., None], axis=1)
       grid = jnp.where(valid[..., None], grid, 0.0)
       seq = jnp.concatenate([cls, grid], axis=1)
     seq_mask = jnp.concatenate([jnp.ones((b, k), bool), valid], axis=1)
-    seq = self.layer1(seq, seq_mask, key=key)
+    seq = self.layer1(seq, seq_mask, key=key, precision=precision)
     if chunked:
       seq = self.pos_layer(seq, side, offset=k)
     else:
@@ -342,7 +349,7 @@ class TransMIL(nnx.Module):
     return w / jnp.where(total > 0, total, 1.0)
 
   def _embed_chunked(self, x: jax.Array, src: jax.Array, valid: jax.Array,
-                     cls: jax.Array) -> jax.Array:
+                     cls: jax.Array, precision: str = "float32") -> jax.Array:
     """``concat(cls, where(valid, ReLU(fc(x))[src], 0))`` ``[B, k + S, dim]``, one
     `jax.lax.scan` step per ``chunk_size`` grid slots (the last one shifted back to end
     at ``S``; its overlap is written twice with the same values)."""
@@ -356,7 +363,7 @@ class TransMIL(nnx.Module):
       rows = jax.lax.dynamic_slice_in_dim(src, start, c, axis=1)
       ok = jax.lax.dynamic_slice_in_dim(valid, start, c, axis=1)
       xc = jnp.take_along_axis(x, rows[..., None], axis=1).astype(dtype)
-      hc = jnp.where(ok[..., None], jax.nn.relu(self.fc(xc)), 0.0)
+      hc = jnp.where(ok[..., None], jax.nn.relu(linear(self.fc, xc, precision)), 0.0)
       return jax.lax.dynamic_update_slice_in_dim(seq, hc.astype(seq.dtype), k + start,
                                                  axis=1), None
 

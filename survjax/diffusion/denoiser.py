@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from survjax.diffusion.schedules import Schedule
+from survjax.nn.core import check_precision, einsum, linear
 
 LN_EPS = 1e-6
 
@@ -83,27 +84,31 @@ class _TransformerLayer(nnx.Module):
     self.fc1 = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
     self.fc2 = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, first_only: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, first_only: bool = False,
+               precision: str = "float32") -> jax.Array:
     """Applies the layer.
 
     Args:
       x: tokens ``[B, L, D]``.
       first_only: compute (and return) only position 0, attending to all positions.
+      precision: matmul precision (`survjax.nn.core.PRECISIONS`).
 
     Returns:
       ``[B, L, D]``, or ``[B, 1, D]`` when ``first_only``.
     """
     b, l, d = x.shape
     h = self.num_heads
-    qkv = self.qkv(self.ln1(x)).reshape(b, l, 3, h, d // h)
+    p = precision
+    qkv = linear(self.qkv, self.ln1(x), p).reshape(b, l, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if first_only:
       q, x = q[:, :1], x[:, :1]
-    scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
+    scores = einsum("bqhc,bkhc->bhqk", q, k, p) / math.sqrt(d // h)
     attn = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(b, q.shape[1], d)
-    x = x + self.proj(out)
-    return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)), approximate=True))
+    out = einsum("bhqk,bkhc->bqhc", attn, v, p).reshape(b, q.shape[1], d)
+    x = x + linear(self.proj, out, p)
+    return x + linear(self.fc2, jax.nn.gelu(linear(self.fc1, self.ln2(x), p),
+                                            approximate=True), p)
 
 
 class ConditionalDenoiser(nnx.Module):
@@ -150,13 +155,16 @@ class ConditionalDenoiser(nnx.Module):
         dim, self.latent_dim, kernel_init=nnx.initializers.zeros_init(),
         bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
-  def __call__(self, z: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, t: jax.Array, cond: jax.Array, *,
+               precision: str = "float32") -> jax.Array:
     """Predicts the noise.
 
     Args:
       z: noisy latents ``z_t`` ``[B, latent_dim]``.
       t: integer timesteps ``[B]`` (0-based, ``0 <= t < T``).
       cond: condition tokens ``[B, K, D]`` (MUST: ``[c_hat; CLS_u]``).
+      precision: matmul precision, ``"float32"`` (default) or ``"bfloat16"`` (bfloat16
+        operands, float32 accumulation; `survjax.nn.core.PRECISIONS`).
 
     Returns:
       ``eps_theta(z_t, t, cond)``, ``[B, latent_dim]``.
@@ -166,14 +174,16 @@ class ConditionalDenoiser(nnx.Module):
       raise ValueError(
           f"expected z [B, {self.latent_dim}] and cond [B, {self.num_cond_tokens}, "
           f"{self.dim}], got {z.shape} and {cond.shape}")
-    temb = self.time_fc2(jax.nn.silu(self.time_fc1(timestep_embedding(t, self.dim))))
-    h = z if self.in_proj is None else self.in_proj(z)
+    p = check_precision(precision)
+    temb = linear(self.time_fc2,
+                  jax.nn.silu(linear(self.time_fc1, timestep_embedding(t, self.dim), p)), p)
+    h = z if self.in_proj is None else linear(self.in_proj, z, p)
     x = jnp.concatenate(
         [(h + temb)[:, None, :], cond + self.type_embed[...][None]], axis=1)
     n = len(self.layers)
     for i, layer in enumerate(self.layers):
-      x = layer(x, first_only=(i == n - 1))
-    return self.out(self.ln_out(x[:, 0]))
+      x = layer(x, first_only=(i == n - 1), precision=p)
+    return linear(self.out, self.ln_out(x[:, 0]), p)
 
 
 def denoising_loss(

@@ -107,13 +107,17 @@ def time_calls(
   return summarize(times)
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 20, m: int | None = None) -> float:
-  """Measured float32 matmul rate ``2 m n n / t`` (GFLOP/s, p50) of ``[m, n] @ [n, n]``."""
+def matmul_gflops(n: int = 1024, repeats: int = 20, m: int | None = None,
+                  dtype: str = "float32") -> float:
+  """Measured matmul rate ``2 m n n / t`` (GFLOP/s, p50) of ``[m, n] @ [n, n]``: float32
+  operands, or with ``dtype="bfloat16"`` bfloat16 operands and float32 accumulation (what
+  the ``precision="bfloat16"`` option of the samplers and MIL forwards computes)."""
   m = n if m is None else m
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (m, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  compiled, _ = compile_timed(lambda x, y: x @ y, a, b)
+  a = jax.random.normal(ka, (m, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+  compiled, _ = compile_timed(
+      lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32), a, b)
   stats = time_calls(compiled, a, b, repeats=repeats, warmup=2)
   return 2.0 * m * n * n / (stats["p50_ms"] * 1e-3) / 1e9
 

@@ -192,6 +192,11 @@ def main(argv=None):
                  help="steps per scan iteration of the sampler (50 = fully unrolled)")
   p.add_argument("--unroll-variants", default="",
                  help="comma-separated unroll values also timed at batch 1, e.g. 5,10,50")
+  p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                 help="the denoiser's matmul precision (make_sampler's precision)")
+  p.add_argument("--kernel", default="xla", choices=("xla", "pallas"),
+                 help="make_sampler's kernel: the XLA scan or the fused Pallas loop (GPU; "
+                      "interpreted, hence slow, on the CPU)")
   args = p.parse_args(argv)
   args.out = args.out or common.default_out("sampling_latency")
   quick = args.quick
@@ -222,9 +227,13 @@ def main(argv=None):
   schedule = linear_schedule(c["T"])
   sampler = make_sampler(graphdef, schedule=schedule, num_steps=c["num_steps"],
                          eta=c["eta"], num_samples=c["num_samples"], chunk_rows="auto",
-                         unroll=args.unroll)
+                         unroll=args.unroll, precision=args.precision, kernel=args.kernel)
   c = {**c, "chunk_rows": AUTO_CPU_CHUNK_ROWS if jax.default_backend() == "cpu" else None,
-       "unroll": args.unroll}
+       "unroll": args.unroll, "precision": args.precision, "kernel": args.kernel}
+  matmul_bf16 = (common.matmul_gflops(mm_n, repeats=10 if quick else 20, dtype="bfloat16")
+                 if args.precision == "bfloat16" else None)
+  if matmul_bf16 is not None:
+    common.log(f"bfloat16 matmul (float32 accumulation): {matmul_bf16:.0f} GFLOP/s")
   flops = denoiser_flops(c["dim"], c["num_layers"], c["mlp_ratio"], c["num_cond_tokens"])
   per_patient_flops = flops["per_call_per_latent"] * c["num_steps"] * c["num_samples"]
 
@@ -250,7 +259,20 @@ def main(argv=None):
 
   # -- batch 1 latency
   cond1 = cond_for(1)
-  compiled, compile_s = common.compile_timed(sampler, state, cond1, jax.random.key(0))
+  try:
+    compiled, compile_s = common.compile_timed(sampler, state, cond1, jax.random.key(0))
+  except Exception as e:  # noqa: BLE001 -- e.g. a Pallas lowering this backend lacks
+    if args.kernel == "xla":
+      raise
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"
+    common.log(f"kernel {args.kernel} failed to compile: {reason}")
+    common.emit(args.out, {
+        "benchmark": "sampling_latency", "mode": "quick" if quick else "full",
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.sampling_latency",
+                             *(argv if argv is not None else sys.argv[1:])]),
+        "git": common.git_state(), "device": info, "config": c,
+        "error": f"the {args.kernel} sampler did not compile: {reason}"})
+    return 1
   batch1_args = lambda i: (state, cond1, jax.random.key(i))  # noqa: E731
   batch1_first = common.time_calls(compiled, repeats=repeats, warmup=2,
                                    make_args=batch1_args)
@@ -371,6 +393,8 @@ def main(argv=None):
   matmul = max(matmul_start, matmul_end)
   for st in sweep:
     st["pct_of_matmul_rate"] = 100 * st["gflops_per_s"] / matmul
+    if matmul_bf16:
+      st["pct_of_bf16_matmul_rate"] = 100 * st["gflops_per_s"] / matmul_bf16
   peak = max(sweep, key=lambda s: s["gflops_per_s"]) if sweep else None
   if peak is not None:
     common.log(f"float32 matmul at the end: {matmul_end:.0f} GFLOP/s; peak sampler throughput "
@@ -380,6 +404,9 @@ def main(argv=None):
   result = {
       "benchmark": "sampling_latency",
       "mode": "quick" if quick else "full",
+      "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.sampling_latency",
+                           *(argv if argv is not None else sys.argv[1:])]),
+      "git": common.git_state(),
       "device": info,
       "config": c,
       "flops": flop_info,
@@ -387,7 +414,8 @@ def main(argv=None):
                               f"{mm_n}x{mm_n}x{mm_n}_end": matmul_end, "reference": matmul,
                               "15x256x256": matmul_small,
                               "precision": jax.config.jax_default_matmul_precision
-                              or "default (TF32 for float32 on NVIDIA Ampere and later)"},
+                              or "default (TF32 for float32 on NVIDIA Ampere and later)",
+                              f"{mm_n}x{mm_n}x{mm_n}_bfloat16": matmul_bf16},
       "jax": {"batch1": batch1, "batch1_python_loop": batch1_loop,
               "batch1_unroll_variants": unroll_variants, "sweep": sweep,
               "sweep_skipped": skipped, "sweep_budget_s": budget,
@@ -396,7 +424,8 @@ def main(argv=None):
               "peak": None if peak is None else {
                   "batch": peak["batch"], "gflops_per_s": peak["gflops_per_s"],
                   "patients_per_s": peak["patients_per_s"],
-                  "pct_of_matmul_rate": peak["pct_of_matmul_rate"]}},
+                  "pct_of_matmul_rate": peak["pct_of_matmul_rate"],
+                  "pct_of_bf16_matmul_rate": peak.get("pct_of_bf16_matmul_rate")}},
       "torch": torch_res,
       "ratios": ratios,
       "total_s": time.perf_counter() - t_run,

@@ -76,6 +76,11 @@ def test_sampling_latency_quick(tmp_path):
            "--repeats", "2", "--unroll-variants", "2")
   assert r["benchmark"] == "sampling_latency" and r["mode"] == "quick"
   _check_device(r)
+  assert r["command"].endswith("-m benchmarks.sampling_latency --quick --out "
+                               f"{tmp_path / 'sampling_latency.json'} --no-torch "
+                               "--batch-sizes 1,2 --repeats 2 --unroll-variants 2")
+  assert len(r["git"]["commit"]) == 40
+  assert r["config"]["precision"] == "float32" and r["config"]["kernel"] == "xla"
   assert r["torch"] is None and r["torch_unavailable_reason"] == "--no-torch"
   jx = r["jax"]
   assert jx["batch1"]["p50_ms"] > 0 and jx["batch1"]["compile_s"] > 0
@@ -87,3 +92,11 @@ def test_sampling_latency_quick(tmp_path):
   # 16.94 MFLOP per denoiser call (see denoiser_flops), 50 steps x 5 samples per patient.
   assert r["flops"]["per_patient"] == r["flops"]["per_call_per_latent"] * 250
   assert r["matmul_gflops_per_s"]["1024x1024x1024_start"] > 0
+
+
+def test_sampling_latency_bfloat16_records_the_bf16_matmul_rate(tmp_path):
+  r = _run("sampling_latency", tmp_path, "--no-torch", "--batch-sizes", "2", "--repeats", "2",
+           "--precision", "bfloat16")
+  assert r["config"]["precision"] == "bfloat16"
+  assert r["matmul_gflops_per_s"]["1024x1024x1024_bfloat16"] > 0
+  assert r["jax"]["sweep"][0]["pct_of_bf16_matmul_rate"] > 0

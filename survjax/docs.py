@@ -149,6 +149,55 @@ def diagnostics_table(runs, run: str) -> str:
                 [[f"`{k}`", f"{v:.3f}"] for k, v in diag.items()])
 
 
+def _run_folds(res) -> list[int]:
+  """Fold numbers a run evaluated, in order (``config.cv.folds``, else all)."""
+  cv = res.get("config", {}).get("cv", {})
+  return list(cv.get("folds") or range(res.get("folds", 0)))
+
+
+def held_out_table(runs, spec: str) -> str:
+  """A method's ``held_out`` statistics (`survjax.method`), names ``<row>/<column>``
+  pivoted: one row per ``<row>``, one column per ``<column>``, mean +- std over folds.
+  ``spec`` = ``<run>`` or ``<run>.<other run>...``: with several runs, each row shows
+  every run's ``model`` column beside the first run's other columns, over the folds
+  all of them evaluated (so the columns are paired)."""
+  names = spec.split(".")
+  missing = [n for n in names if n not in runs or not runs[n].get("held_out")]
+  if missing:
+    return (f"(no committed held-out statistics for `{missing[0]}`: run "
+            f"`bash scripts/reproduce_results.sh {missing[0]}`)\n")
+  folds = [_run_folds(runs[n]) for n in names]
+  common = [k for k in folds[0] if all(k in f for f in folds[1:])]
+
+  def cell(run_i, name):
+    entry = runs[names[run_i]]["held_out"].get(name)
+    if entry is None:
+      return ""
+    pos = {k: j for j, k in enumerate(folds[run_i])}
+    vals = [entry["per_fold"][pos[k]] for k in common if pos[k] < len(entry["per_fold"])]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+      return ""
+    mean, std = sum(vals) / len(vals), (sum((v - sum(vals) / len(vals)) ** 2
+                                             for v in vals) / len(vals)) ** 0.5
+    return f"{mean:.4g} +- {0.0 if std < 1e-9 * abs(mean) else std:.2g}"
+
+  held = runs[names[0]]["held_out"]
+  rows = list(dict.fromkeys(n.rpartition("/")[0] or n for n in held))
+  cols = list(dict.fromkeys(n.rpartition("/")[2] for n in held if "/" in n)) or ["value"]
+  if len(names) > 1:
+    cols = ["model"] + [c for c in cols if c != "model"]
+    header = ["quantity"] + [f"model (`{n}`)" for n in names] + [c for c in cols[1:]]
+    body = [[f"`{r}`"] + [cell(i, f"{r}/model") for i in range(len(names))]
+            + [cell(0, f"{r}/{c}") for c in cols[1:]] for r in rows]
+  else:
+    header = ["quantity"] + cols
+    body = [[f"`{r}`"] + [cell(0, f"{r}/{c}" if "/" in next(iter(held)) else r) for c in cols]
+            for r in rows]
+  text = _table(header, body)
+  return text + f"\nFolds {', '.join(map(str, common))}; mean +- std over them.\n"
+
+
 def _bench(name: str) -> dict | None:
   path = REPO / "benchmarks" / "results" / f"{name}.json"
   return json.loads(path.read_text()) if path.exists() else None
@@ -161,11 +210,202 @@ def _machine(d) -> str:
           f"threads" + (f", load average {load:.1f} during the run" if load is not None else ""))
 
 
+def _commit(d) -> str:
+  """The commit a benchmark JSON was measured at (and whether the checkout differed)."""
+  git = d.get("git") or {}
+  if not git.get("commit"):
+    return "commit not recorded (measured before the benchmark recorded it)"
+  dirty = git.get("modified_tracked_files") or []
+  return f"commit `{git['commit'][:10]}`" + (
+      f" with local changes to {len(dirty)} tracked file" + ("s" if len(dirty) != 1 else "")
+      if dirty else "")
+
+
+def _torch_version(d) -> str | None:
+  """The PyTorch version a benchmark's reference ran on, wherever the JSON keeps it."""
+  for path in (("torch", "torch_version"), ("torch_eager", "torch_version"),
+               ("torch_settings", "torch_version")):
+    node = d
+    for k in path:
+      node = node.get(k) if isinstance(node, dict) else None
+    if isinstance(node, str):
+      return node
+  for model in ("transmil", "abmil"):
+    rows = ((d.get("mil") or {}).get(model) or {}).get("torch") or []
+    if rows and isinstance(rows[0], dict) and rows[0].get("torch_version"):
+      return rows[0]["torch_version"]
+  return None
+
+
+def _caption(d, command: str) -> str:
+  """``command`` on machine, commit, versions: the provenance line under a speed table."""
+  dev = d.get("device", {})
+  versions = [f"jax {dev['jax_version']}"] if dev.get("jax_version") else []
+  tv = _torch_version(d)
+  if tv:
+    versions.append(f"torch {tv}")
+  return (f"\n`{d.get('command') or command}` on {_machine(d)}; {_commit(d)}"
+          + (f"; {', '.join(versions)}" if versions else "") + ".\n")
+
+
+def _patches(n: int) -> str:
+  """1024 -> 1k, 65536 -> 64k, 10000 -> 10k, 200000 -> 200k."""
+  return f"{n // 1024}k" if n % 1024 == 0 else f"{n / 1000:g}k"
+
+
+def _ms(x: float) -> str:
+  return f"{x:.2f} ms" if x < 1 else (f"{x:.1f} ms" if x < 100 else f"{x:.0f} ms")
+
+
+def _pct(x: float) -> str:
+  return f"{x:.0f}%" if x >= 10 else f"{x:.1f}%"
+
+
+def _flops(g: float) -> str:
+  """GFLOP/s as GFLOP/s or TFLOP/s."""
+  return f"{g / 1000:.1f} TFLOP/s" if g >= 1000 else f"{g:.0f} GFLOP/s"
+
+
+def _sampling_table(d) -> str:
+  """`benchmarks.sampling_latency`: batch-1 latency and the throughput sweep."""
+  cfg = d.get("config", {})
+  variant = ", ".join(x for x in (
+      "the fused Pallas kernel" if cfg.get("kernel", "xla") != "xla" else "",
+      "bfloat16 matmuls, float32 accumulation"
+      if cfg.get("precision", "float32") != "float32" else "") if x)
+  if "error" in d:
+    return f"Not measured ({variant or 'default sampler'}): {d['error']}\n"
+  j, t, r = d["jax"], d.get("torch") or {}, d.get("ratios") or {}
+  b1 = j["batch1"]
+  rows = [["1 patient, 50 steps x 5 samples, one `lax.scan` (p50 / p90)",
+           f"{_ms(b1['p50_ms'])} / {_ms(b1['p90_ms'])} (compile {b1['compile_s']:.1f} s)",
+           _ms(t["batch1_batched"]["p50_ms"]) + " (5 samples batched)" if t else "",
+           f"{r['torch_batched_over_jax_scan']:.2f}x" if r else ""]]
+  if t:
+    rows.append(["the same, torch one sample at a time (the paper's loop)", "",
+                 _ms(t["batch1_one_at_a_time"]["p50_ms"]),
+                 f"{r['torch_one_at_a_time_over_jax_scan']:.1f}x"])
+  rows.append(["the same, a Python loop around a jitted step",
+               _ms(j["batch1_python_loop"]["p50_ms"]), "",
+               f"(loop / scan: {j['batch1_python_loop']['p50_ms'] / b1['p50_ms']:.2f})"])
+  for v in j.get("batch1_unroll_variants") or []:
+    rows.append([f"the same, scan unrolled by {v['unroll']}", _ms(v["p50_ms"]), "",
+                 f"{b1['p50_ms'] / v['p50_ms']:.2f}x of the default"])
+  torch_sweep = {s["batch"]: s for s in t.get("sweep", [])}
+  for s in j["sweep"]:
+    ts = torch_sweep.get(s["batch"])
+    rows.append([f"throughput, batch {s['batch']}",
+                 f"{s['patients_per_s']:.1f} patients/s, {_flops(s['gflops_per_s'])} "
+                 f"({_pct(s['pct_of_matmul_rate'])} of the matmul rate)",
+                 "" if ts is None else f"{ts['patients_per_s']:.1f} patients/s",
+                 "" if ts is None else f"{s['patients_per_s'] / ts['patients_per_s']:.2f}x"])
+  mm = d.get("matmul_gflops_per_s", {})
+  ref = mm.get("reference") or max(v for k, v in mm.items()
+                                    if k.startswith(("1024x", "8192x")) and isinstance(v, float))
+  small = mm.get("15x256x256")
+  text = _table(["MUST DDIM sampler (4-layer 256-d denoiser)",
+                 f"survjax (JAX{', ' + variant if variant else ''})",
+                 "PyTorch eager", "PyTorch time / JAX time"], rows)
+  text += (f"\nBatch 1 runs at {_flops(b1['gflops_per_s'])}, "
+           f"{_pct(100 * b1['gflops_per_s'] / ref)} of the measured large-matmul rate "
+           f"({_flops(ref)})" + (f"; XLA runs the batch-1 matmul shape [15, 256] x "
+                                  f"[256, 256] at {_flops(small)}" if small else "")
+           + ".")
+  if t.get("check_max_rel_diff") is not None:
+    text += f" Samples agree with torch's to {t['check_max_rel_diff']:.1e} (relative)."
+  peak = j.get("peak") or {}
+  bf16 = mm.get(next((k for k in mm if k.endswith("_bfloat16")), ""), None)
+  if bf16 and peak.get("pct_of_bf16_matmul_rate") is not None:
+    text += (f" Peak: {peak['patients_per_s']:.0f} patients/s at batch {peak['batch']}, "
+             f"{_pct(peak['pct_of_bf16_matmul_rate'])} of the measured bfloat16 matmul "
+             f"rate ({_flops(bf16)}).")
+  return text + "\n"
+
+
+def _mil_rows(d, model: str) -> list[list[str]]:
+  m = (d.get("mil") or {}).get(model)
+  if not m:
+    return []
+  torch_by_n = {r["n"]: r for r in m.get("torch", []) if isinstance(r, dict) and "n" in r}
+  rows = []
+  for jr in m.get("jax", []):
+    n, tr = jr["n"], torch_by_n.get(jr["n"])
+    mem = lambda r: r["memory"].get("device_peak_mb", r["memory"]["peak_mb"])  # noqa: E731
+    jt = jr["forward"]["p50_ms"]
+    rows.append([f"{'TransMIL' if model == 'transmil' else 'gated ABMIL'} forward, "
+                 f"{_patches(n)} patches",
+                 f"{_ms(jt)}, peak {mem(jr) / 1024:.2f} GB",
+                 "" if tr is None else f"{_ms(tr['forward']['p50_ms'])}, peak "
+                 f"{mem(tr) / 1024:.2f} GB",
+                 "" if tr is None else f"{tr['forward']['p50_ms'] / jt:.2f}x"])
+  return rows
+
+
+def _train_table(d) -> str:
+  """`benchmarks.train_throughput`: MIL forwards against torch, MUST's training step."""
+  rows = _mil_rows(d, "transmil") + _mil_rows(d, "abmil")
+  for n, p in sorted((d.get("mil") or {}).get("transmil_paired", {}).items(),
+                     key=lambda kv: int(kv[0])):
+    rows.append([f"TransMIL forward, {_patches(int(n))} patches, median of "
+                 f"{p['num_rounds']} alternating rounds",
+                 _ms(sum(r["jax_p50_ms"] for r in p["rounds"]) / len(p["rounds"]))
+                 + " (mean of the rounds' p50)",
+                 _ms(sum(r["torch_p50_ms"] for r in p["rounds"]) / len(p["rounds"])),
+                 f"{p['median_torch_over_jax']:.2f}x (JAX faster in {p['jax_faster_rounds']} "
+                 f"of {p['num_rounds']})"])
+  must = d.get("must") or {}
+  for s in must.get("sizes", []):
+    rows.append([f"MUST stage-2 training step, {must['batch_patients']} patients, bags of "
+                 f"{s['bag'] // 1024}k",
+                 f"{_ms(s['p50_ms'])} (compile {s['compile_s']:.0f} s; "
+                 f"{_ms(s['ms_per_1k_patches'])} per 1k patches)", "", ""])
+  for s in must.get("skipped", []):
+    rows.append([f"MUST stage-2 training step, bags of {_patches(s['bag'])}",
+                 f"skipped: {s['reason']}", "", ""])
+  mem = ("device peak memory" if d.get("device", {}).get("platform") == "gpu"
+         else "whole-process peak RSS")
+  return _table(["forward (in 1024, dim 512) / training step", f"survjax (JAX), {mem}",
+                 "PyTorch eager", "PyTorch time / JAX time"], rows)
+
+
+def _cindex_table(d) -> str:
+  rows = [[f"{s['n']:,}", f"{s['survjax']['p50_ms']:.1f} ms",
+           "" if "sksurv" not in s else f"{s['sksurv']['p50_ms']:.0f} ms",
+           f"{s['speedup']:.0f}x" if s.get("speedup") else "",
+           "yes" if s.get("agree") else "no"] for s in d["sizes"]]
+  return _table(["Harrell's C-index, patients", "survjax p50", "scikit-survival p50",
+                 "speed-up", "all five outputs identical"], rows)
+
+
+def _scaling_table(d) -> str:
+  weak = {w["num_devices"]: w for w in d.get("weak", [])}
+  rows = []
+  for s in d.get("strong", []):
+    w = weak.get(s["num_devices"])
+    rows.append([f"{s['num_devices']}", f"{_ms(s['p50_ms'])} ({s['patients_per_s']:.1f} "
+                 "patients/s)",
+                 "" if w is None else f"{_ms(w['p50_ms'])} (global batch {w['global_batch']})"])
+  return (_table(["devices", f"strong scaling, global batch {d.get('strong_global_batch', '?')}",
+                  f"weak scaling, {d.get('weak_per_device_batch', '?')} per device"], rows)
+          + ("\n" + d["note"] + ".\n" if d.get("note") else ""))
+
+
 def bench_table(name: str) -> str:
   """A benchmark JSON of ``benchmarks/results/`` as a table (README speed section)."""
   d = _bench(name)
   if d is None:
-    return f"(no benchmarks/results/{name}.json)\n"
+    return (f"(pending: no `benchmarks/results/{name}.json` yet"
+            + ("; `bash benchmarks/run_gpu.sh` writes it" if name.endswith("_gpu") else "")
+            + ")\n")
+  if name.startswith("sampling_latency"):
+    return _sampling_table(d) + _caption(d, "python -m benchmarks.sampling_latency "
+                                            "(flags not recorded)")
+  if name.startswith("train_throughput"):
+    return _train_table(d) + _caption(d, "python -m benchmarks.train_throughput")
+  if name.startswith("cindex"):
+    return _cindex_table(d) + _caption(d, "python -m benchmarks.cindex")
+  if name.startswith("scaling"):
+    return _scaling_table(d) + _caption(d, "python -m benchmarks.scaling")
   if name.startswith("gcs_step"):
     rows = []
     for key in ("probes_0", "probes_1", "probes_4", "probes_16"):
@@ -211,7 +451,7 @@ def bench_table(name: str) -> str:
     command = d.get("command", "python -m benchmarks.gene_groups")
   else:
     raise KeyError(f"no table for benchmark {name!r}")
-  return text + f"\n`{command}` on {_machine(d)}.\n"
+  return text + _caption(d, command)
 
 
 def _compare_json(name: str) -> dict | None:
@@ -352,6 +592,8 @@ def render(name: str, runs) -> str:
     return scenarios_table(runs, run)
   if kind == "diagnostics":
     return diagnostics_table(runs, run)
+  if kind == "held_out":
+    return held_out_table(runs, run)
   if kind == "compare":
     return compare_table(run)
   if kind == "bench":

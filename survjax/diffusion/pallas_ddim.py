@@ -10,7 +10,8 @@ kernel launches per denoiser call (x 50 steps) that bound the XLA path at batch 
 GPU (see the README's GPU section).
 
 The kernel body is written for Triton-style lowering: only 2-D values, matmuls whose
-dimensions are multiples of 16, and no reshapes. Multi-head attention over the ``1 + K``
+dimensions are multiples of 16, blocks with power-of-two sides (the per-step tables are
+padded to one), loads by row from refs rather than slices of values, and no reshapes. Multi-head attention over the ``1 + K``
 tokens is expressed with a head-indicator matrix ``E [D, H']`` (``E[d, h] = 1`` iff
 column ``d`` belongs to head ``h``; ``H' >= 16`` with zero columns): per key token ``j``,
 
@@ -98,9 +99,9 @@ def _make_kernel(*, num_steps, num_layers, num_cond, dh, clip_x0, eps):
     w = dict(zip(_LAYER_KEYS, refs[:n_w]))
     out_ref = refs[n_w]
     e = head_ref[...]                                    # [D, H']
-    cond = cond_ref[...]                                 # [K, D] (type embedding added)
     z = z_ref[...]                                       # [R, D]
-    rows = z.shape[0]
+    # condition token j (type embedding added), one row, broadcast over the sample rows
+    conds = [cond_ref[pl.ds(j, 1), :] for j in range(num_cond)]
     f32 = jnp.float32
 
     def dot(a, b):
@@ -108,8 +109,7 @@ def _make_kernel(*, num_steps, num_layers, num_cond, dh, clip_x0, eps):
 
     def denoise(i, z):
       temb = temb_ref[pl.ds(i, 1), :]                    # [1, D]
-      toks = [z + temb] + [jnp.broadcast_to(cond[j:j + 1, :], z.shape)
-                           for j in range(num_cond)]
+      toks = [z + temb] + [jnp.broadcast_to(c, z.shape) for c in conds]
       for l in range(num_layers):
         last = l == num_layers - 1
         g = lambda k, l=l: w[k][l]                       # noqa: E731
@@ -139,8 +139,7 @@ def _make_kernel(*, num_steps, num_layers, num_cond, dh, clip_x0, eps):
                  wout_ref[...]) + bout_ref[...]
 
     def step(i, z):
-      co = coef_ref[pl.ds(i, 1), :]                      # [1, 8]
-      r, c, sab, s1m, sabp, dirc = (co[:, j:j + 1] for j in range(6))
+      r, c, sab, s1m, sabp, dirc = (coef_ref[pl.ds(i, 1), pl.ds(j, 1)] for j in range(6))
       eps_hat = denoise(i, z)
       if clip_x0 is None:
         return r * z + c * eps_hat
@@ -148,7 +147,6 @@ def _make_kernel(*, num_steps, num_layers, num_cond, dh, clip_x0, eps):
       eps_hat = (z - sab * x0) / s1m
       return sabp * x0 + dirc * eps_hat
 
-    del rows
     out_ref[...] = jax.lax.fori_loop(0, num_steps, step, z)
 
   return kernel
@@ -209,6 +207,10 @@ def ddim_sample_pallas(
   temb = model.time_fc2(jax.nn.silu(model.time_fc1(timestep_embedding(t, d))))  # [T', D]
   zero = jnp.zeros_like(r)
   coef = jnp.stack([r, c, sab, s1m, sabp, dirc, zero, zero], axis=1)             # [T', 8]
+  # Triton blocks need power-of-two sides: the per-step tables get zero rows past T'.
+  steps_pad = pl.next_power_of_2(num_steps) - num_steps
+  temb = jnp.pad(temb, ((0, steps_pad), (0, 0)))
+  coef = jnp.pad(coef, ((0, steps_pad), (0, 0)))
   num_heads = model.layers[0].num_heads
   dh = d // num_heads
   h_pad = max(16, num_heads)

@@ -33,7 +33,7 @@ conditional expectation of the true risk given the scenario (docs/results/runs/i
 | `missing_50pct_mixed` | 0.766 +- 0.024 | 0.794, 0.783, 0.733, 0.775, 0.743 | 0.811 (room +0.024) |
 | `missing_50pct_mixed/auto` | 0.747 +- 0.037 | 0.794, 0.688, 0.733, 0.775, 0.743 (chose risk, masked, risk, risk, risk) | 0.811 (room +0.024) |
 
-Training 172 s, evaluation 36 s in all folds; cohort `ba5bd8d3b885`, splits `a145d35673fa`.
+Training 488 s, evaluation 160 s in all folds; cohort `ba5bd8d3b885`, splits `a145d35673fa`.
 <!-- end generated -->
 Variants: :smoke (2 folds of 120 patients, 64-d, 3 + 2 epochs; 51 s, a pipeline check,
 C-index about 0.5), :large (Table 1 large: 756-d, 12 heads, 6/12 layers, decoder 8),
@@ -110,6 +110,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       c.train.batch_size = 256
     elif v == "last_epoch":   # keep the last fine-tuning epoch (no selection)
       m.finetune.select = ""
+    elif v == "tiles":   # raw WSI tiles instead of patch features: a ViT on 16x16 patches
+      syn.wsi_tiles = True
+      syn.tile_size, syn.tiles_per_patient = 64, 4   # 64x64 RGB on CPU (paper: 256x256)
+      m.modalities = ("rna", "dnam", "tiles")
+      m.tile = ml_collections.ConfigDict(dict(patch=16))
+      m.depth.tiles = 4                                # Table 1 small WSI encoder
+      # Real tiles (data.source=files): <tiles_dir>/<slide_id>.h5 with CLAM's imgs
+      # dataset, or <tiles_dir>/<slide_id>/ image files (survjax.data.tiles).
+      c.data.files.tiles_dir = ""
+      c.data.files.tiles_count, c.data.files.tile_size = 4, 64
     elif v == "unimodal_pretrain":   # paper Table 4's unimodal row: no cross-modal decoding
       m.decoder.cross_modal = False
       m.pretrain.hide_modality = 0.0

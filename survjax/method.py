@@ -152,4 +152,6 @@ def cohort_info(cohort, modalities) -> dict:
   for name in modalities:
     mod = cohort.modalities[name]
     info[name] = {"kind": mod.kind, "dim": mod.dim, "group_sizes": mod.group_sizes}
+    if mod.kind == "patches":   # [M, H, W, C] of a patient's images
+      info[name]["shape"] = tuple(int(d) for d in mod.values.shape[1:])
   return info

@@ -1,6 +1,7 @@
 """impuTMAE: MAE masking, the masked-patch loss, imputation, padding, and the synthetic
 cohort's RNA/methylation additions (`survjax.models.imputmae`)."""
 
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -385,3 +386,108 @@ def test_unimodal_decoder_sees_no_other_modality():
   _, method, model = _setup(c)
   rec = _jit(lambda mdl, b, k: method.reconstruct(mdl, b, k, hide_prob=0.0)[2], model)
   assert not np.allclose(rec(_jnp(raw), key)["pathology"], rec(_jnp(other), key)["pathology"])
+
+
+# ---- raw WSI tiles (:tiles) ----------------------------------------------------------------
+
+
+def test_tile_patches_cut_raster_order_and_invert():
+  from survjax.models.imputmae import tile_patches, tile_unpatch
+  img = np.random.default_rng(0).integers(0, 255, size=(2, 3, 32, 48, 3)).astype(np.float32)
+  p = tile_patches(jnp.asarray(img), 16)
+  assert p.shape == (2, 3, 6, 16 * 16 * 3)
+  # patch (row 1, column 2) of tile (1, 2) is the pixel block [16:32, 32:48], row by row
+  np.testing.assert_array_equal(p[1, 2, 1 * 3 + 2], img[1, 2, 16:32, 32:48].reshape(-1))
+  np.testing.assert_array_equal(tile_unpatch(p, 16, 32, 48), img)
+
+
+def test_synthetic_tiles_are_opt_in_and_read_the_factors_up_to_a_shift():
+  spec = dict(n_patients=30, rna_dnam=True, missing_pathology=0.3)
+  base = make_synthetic_cohort(SyntheticSpec(**spec))
+  with_tiles = make_synthetic_cohort(SyntheticSpec(wsi_tiles=True, **spec))
+  assert "tiles" not in base.modalities
+  assert _fingerprint(base) == _fingerprint(
+      dataclasses.replace(with_tiles, modalities={k: v for k, v in with_tiles.modalities.items()
+                                                  if k != "tiles"}))
+  tiles = with_tiles.modalities["tiles"]
+  assert tiles.kind == "patches" and tiles.values.shape == (30, 4, 64, 64, 3)
+  assert tiles.values.dtype == np.uint8
+  np.testing.assert_array_equal(tiles.available, with_tiles.modalities["pathology"].available)
+  assert not tiles.values[~tiles.available].any()
+  # The pathology oracle keys gain tiles, which reveal what the pathology bag reveals.
+  np.testing.assert_array_equal(with_tiles.true_risk["rna+tiles"],
+                                with_tiles.true_risk["pathology+rna"])
+  # Two tiles of one patient are one image circularly shifted, up to two draws of the
+  # noise: the best shift leaves 2 x the floor; another patient's tile leaves more.
+  floor = with_tiles.reconstruction_floor["tiles"][0]
+  np.testing.assert_allclose(floor, 8.0**2 + 1 / 12)
+
+  def best_shift_mse(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return min(np.mean((np.roll(a, (dy, dx), axis=(0, 1)) - b) ** 2)
+               for dy in range(64) for dx in range(64))
+
+  i, j = np.flatnonzero(tiles.available)[:2]
+  same = best_shift_mse(tiles.values[i, 0], tiles.values[i, 1])
+  assert 0.85 * 2 * floor < same < 1.15 * 2 * floor
+  assert best_shift_mse(tiles.values[i, 0], tiles.values[j, 0]) > 2 * same
+
+
+def _tile_config(**synthetic):
+  c = _small_config(**synthetic)
+  c.data.synthetic.update(dict(wsi_tiles=True, tile_size=32, tiles_per_patient=3))
+  c.model.modalities = ("rna", "tiles")
+  c.model.tile = ml_collections.ConfigDict(dict(patch=16))
+  return c
+
+
+def test_tiles_mask_half_of_each_tile_and_a_missing_slide_gives_no_information():
+  c = _tile_config(missing_pathology=0.4)
+  cohort, method, model = _setup(c)
+  idx = np.arange(12)
+  raw = make_batch(cohort, idx, BatchSpec(12))
+  miss = ~raw["modalities"]["tiles"]["available"]
+  assert miss[:12].any() and not miss[:12].all()
+  other = jax.tree.map(np.copy, raw)
+  other["modalities"]["tiles"]["x"][miss] = 200   # garbage where the slide is missing
+  key = jax.random.key(3)
+  run = _jit(lambda mdl, b, k: (method.patchify(mdl, b),
+                                method.encode(mdl, method.patchify(mdl, b), 0.5, k),
+                                method.pretrain_loss(mdl, b, k),
+                                method.reconstruct(mdl, b, k)), model)
+  (patches, enc, loss, (_, enc_r, pred)), (_, enc2, loss2, _) = (run(_jnp(raw), key),
+                                                                 run(_jnp(other), key))
+  assert patches["tiles"]["x"].shape == (12, 3 * 4, 16 * 16 * 3)   # 3 tiles x 2x2 patches
+  masked = np.asarray(enc["tiles"]["masked"]).reshape(12, 3, 4)
+  avail = ~miss
+  np.testing.assert_array_equal(masked[avail].sum(-1), 2)   # half of every tile
+  assert not masked[~avail].any()
+  np.testing.assert_array_equal(enc["tiles"]["z"], enc2["tiles"]["z"])
+  np.testing.assert_array_equal(loss[0], loss2[0])
+  # the loss is the masked MSE over the tiles' ViT patches (transposed-convolution head)
+  w = (enc_r["tiles"]["masked"] & jnp.asarray(raw["valid"])[:, None])[..., None]
+  np.testing.assert_allclose(loss[1]["mse_tiles"],
+                             masked_mse(pred["tiles"], patches["tiles"]["x"], w), rtol=1e-6)
+  # predictions never read a withheld slide
+  predict = _jit(method.predict, model, 1, 2)
+  r1 = predict(_jnp(raw), frozenset({"rna"}), None)
+  r2 = predict(_jnp(other), frozenset({"rna"}), None)
+  for k in r1:
+    np.testing.assert_array_equal(r1[k], r2[k])
+
+
+def test_tile_encoder_cls_is_the_mean_over_tiles_and_held_out_reports_tiles():
+  c = _tile_config()
+  cohort, method, model = _setup(c)
+  batch = _jnp(make_batch(cohort, np.arange(4), BatchSpec(4)))
+  patches = _jit(method.patchify, model)(batch)
+  cls = _jit(lambda mdl, b: method.encode(mdl, method.patchify(mdl, b), 0.0, None)
+             ["tiles"]["z"][:, 0], model)(batch)
+  x = np.asarray(patches["tiles"]["x"]).reshape(4 * 3, 4, -1)
+  z, _ = _jit(lambda mdl, x: mdl.encoders["tiles"](
+      x, jnp.broadcast_to(jnp.arange(4), (12, 4)), jnp.ones((12, 4), bool)), model)(x)
+  np.testing.assert_allclose(cls, np.asarray(z[:, 0]).reshape(4, 3, -1).mean(1), rtol=1e-5,
+                             atol=1e-6)
+  out = method.held_out(model, cohort, np.arange(40, 48), np.arange(40), jax.random.key(0))
+  assert {"masked/tiles/model", "masked/tiles/mean_fill", "masked/tiles/floor"} <= set(out)
+  assert out["masked/tiles/floor"] == pytest.approx(8.0**2 + 1 / 12)

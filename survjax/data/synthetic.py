@@ -36,6 +36,8 @@ Modalities:
   continuous, CNV-like integer levels in {-2..2}, mutation-like binary), each a noisy
   nonlinear read-out of ``[s, a_G]``.
 * ``radiology`` (bag, optional): ``T_i`` slice embeddings carrying ``[s, a_R]``.
+* ``tiles`` (patches, optional, ``wsi_tiles``): raw RGB tiles from the pathology slide
+  (same availability), reading ``[s, a_P]`` through colour gratings (`_tiles`).
 * ``rna``/``dnam`` (vector, optional): long vectors carrying ``[s, a_G]`` (methylation
   shares the genomics-specific factor rather than having its own block, so RNA and
   methylation can each be imputed from the other up to the noise), RNA as
@@ -49,13 +51,14 @@ Reconstruction oracle (`reconstruction_floor`, also ``Cohort.reconstruction_floo
 entries of the variance the generator adds around what the latent factors determine,
 i.e. the smallest mean squared error any imputation of that modality can reach even if
 it knew the patient's factors exactly: ``gene_noise^2`` for RNA, ``E Var(sigmoid(mu +
-gene_noise eps))`` for methylation (Gauss-Hermite, per entry), for a pathology patch
+gene_noise eps))`` for methylation (Gauss-Hermite, per entry), ``tile_noise^2 + 1/12``
+for a tile pixel, for a pathology patch
 ``patch_noise^2`` plus the spread of the tissue-prototype / signal mixture (which patch
 is which is random), ``0.8^2`` for a radiology slice.
 
 Oracle risk (``Cohort.true_risk``, keyed by the revealed modalities joined with ``+``,
 e.g. ``"genomics+pathology"``) is the conditional expectation of eta given the factors
-those modalities reveal (pathology ``a_P``, genomics/rna/dnam ``a_G``, radiology ``a_R``,
+those modalities reveal (pathology and tiles ``a_P``, genomics/rna/dnam ``a_G``, radiology ``a_R``,
 each also ``s``): a revealed block enters as it is, a withheld specific block as its
 conditional mean given ``s``, ``rho w_m . Q_m s``. Keys ``"const:<revealed>"`` put the
 withheld specific blocks at their mean (0) instead: the best a model can do with a
@@ -122,6 +125,13 @@ class SyntheticSpec:
   rna_dnam: bool = False
   rna_dim: int = 512
   dnam_dim: int = 512
+  # Raw WSI tiles (``tiles``, kind patches, opt-in): per patient ``tiles_per_patient``
+  # RGB uint8 tiles of ``tile_size`` pixels, from the same slide as the pathology bag
+  # (missing with it), reading [s, a_P].
+  wsi_tiles: bool = False
+  tile_size: int = 64
+  tiles_per_patient: int = 4
+  tile_noise: float = 8.0
   # Fraction of patients missing each modality at random (training-time missingness).
   missing_pathology: float = 0.0
   missing_genomics: float = 0.0
@@ -317,8 +327,15 @@ def _generate(spec: SyntheticSpec, name: str) -> tuple[Cohort, dict[str, np.ndar
       if frac > 0:
         _drop(modalities[mod_name], lose)
 
+  if spec.wsi_tiles:   # own stream, after every other draw: the rest is unchanged
+    tiles, floor["tiles"] = _tiles(np.concatenate([s, a_p], axis=1), spec)
+    avail = modalities["pathology"].available.copy()   # the same slide
+    tiles[~avail] = 0
+    modalities["tiles"] = Modality(kind="patches", available=avail, values=tiles)
+
   # E[w_m . a_m | s, other factors] = rho w_m . Q_m s (the e_m are independent of the rest).
-  reveals = {"pathology": "p", "genomics": "g", "radiology": "r", "rna": "g", "dnam": "g"}
+  reveals = {"pathology": "p", "genomics": "g", "radiology": "r", "rna": "g", "dnam": "g",
+             "tiles": "p"}
   parts = {"p": part_p, "g": part_g, "r": part_r}
   predicted = {"p": rho * (s @ q_p) @ w_p, "g": rho * (s @ q_g) @ w_g,
                "r": rho * (s @ q_r) @ w_r}
@@ -344,6 +361,41 @@ def _generate(spec: SyntheticSpec, name: str) -> tuple[Cohort, dict[str, np.ndar
   return Cohort(name=name, case_ids=case_ids, time=time, event=event,
                 modalities=modalities, true_risk=true_risk,
                 reconstruction_floor=floor), floor
+
+
+def _tiles(z: np.ndarray, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+  """RGB tiles ``uint8 [n, M, T, T, 3]`` whose content is a function of the factors ``z``
+  ``[n, F]`` up to a random translation per tile, and each patient's noise floor.
+
+  Each factor has a periodic colour grating ``B_j(y, x) = sin(2 pi (f_j . (y, x)) / T +
+  phi_j) c_j`` (integer frequencies ``f_j`` in 1..3, so a circular shift is the same
+  grating at another phase); a tile is
+
+      I = 128 + 80 tanh(sum_j z_j roll(B_j, d) / sqrt(F)) + tile_noise eps,
+
+  with one shift ``d`` per tile, rounded and clipped to [0, 255]. The floor, the smallest
+  MSE of any reconstruction of a tile's pixels (0-255 units) even knowing ``z`` and
+  ``d``, is ``tile_noise^2 + 1/12`` (rounding); clipping, which would lower it, needs a
+  noise draw beyond 5 standard deviations at the default noise.
+  """
+  rng = np.random.default_rng([spec.seed, 4])
+  n, f = z.shape
+  t, m = int(spec.tile_size), int(spec.tiles_per_patient)
+  yy, xx = np.mgrid[0:t, 0:t].astype(np.float64) / t
+  freq = rng.integers(1, 4, size=(f, 2)) * rng.choice([-1, 1], size=(f, 2))
+  phase = rng.uniform(0, 2 * np.pi, size=f)
+  colour = rng.normal(size=(f, 3)) / np.sqrt(3)
+  basis = np.stack([np.sin(2 * np.pi * (freq[j, 0] * yy + freq[j, 1] * xx) + phase[j])[..., None]
+                    * colour[j] for j in range(f)])   # [F, T, T, 3]
+  out = np.empty((n, m, t, t, 3), np.uint8)
+  shifts = rng.integers(0, t, size=(n, m, 2))
+  for i in range(n):
+    field = np.tensordot(z[i], basis, axes=1) / np.sqrt(f)   # [T, T, 3]
+    for j in range(m):
+      img = 128 + 80 * np.tanh(np.roll(field, tuple(shifts[i, j]), axis=(0, 1)))
+      img = img + spec.tile_noise * rng.normal(size=img.shape)
+      out[i, j] = np.clip(np.round(img), 0, 255).astype(np.uint8)
+  return out, np.full(n, spec.tile_noise**2 + 1.0 / 12.0)
 
 
 def _drop(mod: Modality, missing: np.ndarray) -> None:

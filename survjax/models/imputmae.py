@@ -15,9 +15,15 @@ with a boolean mask of the real ones:
 * ``bag`` (pre-extracted WSI patch features ``[B, N, D]``): every patch feature vector is
   one patch, embedded linearly; a bag is a set, so no positions.
 
+* ``patches`` (raw RGB WSI tiles ``uint8 [B, M, H, W, 3]``, config ``:tiles``): each tile
+  cut into ``16 x 16`` ViT patches (``tile.patch``; `tile_patches`, raster order), embedded
+  linearly (= a stride-16 2-D convolution) with sinusoidal positions of the raster index;
+  each tile is encoded on its own (its own CLS, ``mask_ratio`` of its patches masked) and
+  a patient's tile CLS tokens are averaged (Sec. 3.3). The decoder sees the M tiles'
+  tokens side by side; its head for tiles is a transposed convolution (kernel = stride =
+  16) from each tile's token grid back to pixels (`TileHead`).
+
 Each modality has its own encoder (``[CLS; W x_m + pos]`` -> transformer layers -> LN).
-The WSI raw-tile path of the paper (``patches`` kind, 16x16 ViT patches per 256x256
-tile, per-tile CLS averaged) is not implemented: WSI enters as feature bags.
 
 Masking (Sec. 3, pretraining). For each modality and patient with ``L`` real patches,
 ``floor(r L)`` of them (r = ``mask_ratio`` = 0.5) are hidden, chosen by MAE's
@@ -36,12 +42,14 @@ modality only:
 
     L = sum_m MSE^(m),   MSE^(m) = (1 / N_m) sum_{masked real entries i} (y_i - y^_i)^2.
 
-A missing WSI bag has no patches; the decoder imputes ``impute_bag_len`` slots for it.
+A missing WSI bag has no patches; the decoder imputes ``impute_bag_len`` slots for it
+(missing tiles: all ``M`` tiles' patch slots).
 Departure (``pretrain.hide_modality``, 0 = the paper): each available modality of a
 patient is also hidden entirely with that probability, its loss kept, so that the
 decoder learns to rebuild a modality from the others alone (`ImpuTMAE.reconstruct`).
 
-Inputs are standardised per entry (vectors) or per feature dimension (bags) with the
+Inputs are standardised per entry (vectors), per feature dimension (bags) or per entry
+of a ViT patch (tiles, pooled over tiles and patches) with the
 training patients' statistics, fitted by a first no-op feature stage ``normalise``
 (its ``prepare`` stores them in non-trainable `Stats` variables, carried in
 checkpoints); the loss is therefore in standardised units, every modality on one scale
@@ -147,6 +155,24 @@ def masked_mse(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Arr
   return jnp.sum(err) / jnp.maximum(jnp.sum(weight), 1)
 
 
+def tile_patches(img: jax.Array, p: int) -> jax.Array:
+  """Images ``[..., H, W, C]`` -> non-overlapping ``p x p`` patches ``[..., (H/p)(W/p),
+  p p C]`` in raster order (each patch flattened row by row, channels last)."""
+  *lead, h, w, c = img.shape
+  x = img.reshape(*lead, h // p, p, w // p, p, c)
+  x = jnp.moveaxis(x, -4, -3)   # [..., H/p, W/p, p, p, C]
+  return x.reshape(*lead, (h // p) * (w // p), p * p * c)
+
+
+def tile_unpatch(x: jax.Array, p: int, h: int, w: int) -> jax.Array:
+  """Inverse of `tile_patches`: ``[..., (H/p)(W/p), p p C]`` -> ``[..., H, W, C]``."""
+  *lead, _, pc = x.shape
+  c = pc // (p * p)
+  y = x.reshape(*lead, h // p, w // p, p, p, c)
+  y = jnp.moveaxis(y, -3, -4)   # [..., H/p, p, W/p, p, C]
+  return y.reshape(*lead, h, w, c)
+
+
 def _gather(x, ids):
   """``x [B, N, ...]`` rows reordered by ``ids [B, K]``."""
   return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -201,12 +227,30 @@ class PatchEncoder(nnx.Module):
     return jnp.where(mask[..., None], self.last_norm(tokens), 0.0), mask
 
 
+class TileHead(nnx.Module):
+  """Decoder head of an image modality: each tile's patch tokens ``[gh, gw, D]`` through a
+  transposed convolution (kernel = stride = the ViT patch) back to pixels ``[H, W, C]``,
+  returned as patches ``[B, M gh gw, p p C]`` (`tile_patches`) to compare with the input."""
+
+  def __init__(self, dim, layout, *, rngs):
+    self.layout = tuple(layout)   # (tiles M, grid gh, grid gw, patch p, channels C)
+    _, _, _, p, c = layout
+    self.deconv = nnx.ConvTranspose(dim, c, kernel_size=(p, p), strides=(p, p),
+                                    padding="VALID", rngs=rngs)
+
+  def __call__(self, x):
+    m, gh, gw, p, _ = self.layout
+    b = x.shape[0]
+    img = self.deconv(x.reshape(b * m, gh, gw, x.shape[-1]))   # [B M, H, W, C]
+    return tile_patches(img, p).reshape(b, m * gh * gw, -1)
+
+
 class MultimodalDecoder(nnx.Module):
   """Per-modality projection + mask token + type embedding, a shared transformer over the
   concatenated modalities, per-modality linear heads back to patch space."""
 
   def __init__(self, enc_dims, patch_dims, positional, dim, depth, num_heads, mlp_ratio,
-               *, rngs, cross_modal: bool = True):
+               *, rngs, cross_modal: bool = True, tiles=None):
     self.dim = dim
     self.cross_modal = bool(cross_modal)   # False: each modality decoded alone (unimodal)
     self.positional = tuple(sorted(positional.items()))   # hashable static metadata
@@ -217,7 +261,9 @@ class MultimodalDecoder(nnx.Module):
     self.layers = nnx.List([TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs)
                             for _ in range(depth)])
     self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
-    self.out = nnx.Dict({m: nnx.Linear(dim, p, rngs=rngs) for m, p in patch_dims.items()})
+    tiles = tiles or {}   # image modalities: a transposed-convolution head
+    self.out = nnx.Dict({m: TileHead(dim, tiles[m], rngs=rngs) if m in tiles
+                         else nnx.Linear(dim, p, rngs=rngs) for m, p in patch_dims.items()})
 
   def __call__(self, enc: dict) -> dict:
     """``enc[m]`` holds ``z [B, 1+K, D_m]``, ``keep [B, K]``, ``ids_restore [B, N]`` and
@@ -258,10 +304,20 @@ class ImpuTMAEModel(nnx.Module):
 
   def __init__(self, info: dict, modalities, cfg, *, rngs):
     self.modalities = tuple(modalities)
-    patch_dims, positional = {}, {}
+    patch_dims, positional, tiles, stat_dims = {}, {}, {}, {}
     for m in self.modalities:
       kind = info[m]["kind"]
-      if kind == "vector":
+      stat_dims[m] = info[m]["dim"]
+      if kind == "patches":   # raw RGB tiles [M, H, W, C]: ViT patches of each tile
+        n_tiles, h, w, c = info[m]["shape"]
+        p = int(cfg.get("tile", {}).get("patch", 16))
+        if h % p or w % p:
+          raise ValueError(f"impuTMAE cuts {m!r} tiles of {h}x{w} into {p}x{p} patches, "
+                           f"expected sizes that are multiples of {p}")
+        tiles[m] = (n_tiles, h // p, w // p, p, c)
+        patch_dims[m] = stat_dims[m] = p * p * c
+        positional[m] = True
+      elif kind == "vector":
         patch_dims[m] = min(int(cfg.patch_size.get(m, cfg.patch_size.get("default", 512))),
                             info[m]["dim"])
         positional[m] = True
@@ -269,8 +325,10 @@ class ImpuTMAEModel(nnx.Module):
         patch_dims[m] = info[m]["dim"]
         positional[m] = False
       else:
-        raise ValueError(f"impuTMAE reads vector and bag modalities; {m!r} is {kind!r}")
+        raise ValueError(f"impuTMAE reads vector, bag and patches modalities; {m!r} is "
+                         f"{kind!r}")
     self.patch_dims = tuple(sorted(patch_dims.items()))   # hashable static metadata
+    self.tiles = tuple(sorted(tiles.items()))
     self.encoders = nnx.Dict({
         m: PatchEncoder(patch_dims[m], cfg.dim, int(cfg.depth.get(m, cfg.depth.default)),
                         cfg.num_heads, cfg.mlp_ratio, positional[m], rngs=rngs)
@@ -279,14 +337,14 @@ class ImpuTMAEModel(nnx.Module):
     self.decoder = MultimodalDecoder({m: cfg.dim for m in self.modalities}, patch_dims,
                                      positional, dec.dim, dec.depth, dec.num_heads,
                                      dec.mlp_ratio, rngs=rngs,
-                                     cross_modal=dec.get("cross_modal", True))
+                                     cross_modal=dec.get("cross_modal", True), tiles=tiles)
     self.fusion = TransformerLayer(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
                                    rngs=rngs)
     self.surv_head = nnx.Linear(len(self.modalities) * cfg.dim, cfg.num_bins, rngs=rngs)
     # Per-entry (vectors) / per-dimension (bags) mean and standard deviation.
     self.stats = nnx.Dict({
-        m: nnx.Dict({"mean": Stats(jnp.zeros(info[m]["dim"])),
-                     "std": Stats(jnp.ones(info[m]["dim"]))})
+        m: nnx.Dict({"mean": Stats(jnp.zeros(stat_dims[m])),
+                     "std": Stats(jnp.ones(stat_dims[m]))})
         for m in self.modalities})
 
 
@@ -326,8 +384,15 @@ class ImpuTMAE:
       read = present is None or m in present
       avail = mod["available"] if read else jnp.zeros_like(mod["available"])
       st = model.stats[m]
-      x = (mod["x"].astype(jnp.float32) - st["mean"][...]) / st["std"][...]
-      if x.ndim == 2:   # vector -> [B, L, p]
+      x = mod["x"].astype(jnp.float32)
+      if x.ndim == 5:   # tiles [B, M, H, W, C] -> every tile's ViT patches [B, M N, p p C]
+        x = tile_patches(x, dict(model.tiles)[m][3]).reshape(x.shape[0], -1, p)
+      x = (x - st["mean"][...]) / st["std"][...]
+      if mod["x"].ndim == 5:
+        b, n, _ = x.shape
+        elem = jnp.ones((1, 1, p), bool)
+        shape_real = slots = jnp.ones((b, n), bool)
+      elif x.ndim == 2:   # vector -> [B, L, p]
         b, c = x.shape
         n = -(-c // p)
         x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * p - c))).reshape(b, n, p)
@@ -351,8 +416,13 @@ class ImpuTMAE:
     modality; adds the decoder's inputs."""
     keys = split_key(key, len(self.modalities))
     enc = {}
+    tiles = dict(model.tiles)
     for m, k in zip(self.modalities, keys):
       pt = patches[m]
+      if m in tiles:
+        enc[m] = self._encode_tiles(model, m, pt, ratio, k, None if hide_all is None
+                                    else hide_all[m])
+        continue
       msk = random_masking(pt["real"], ratio, k if ratio else None,
                            None if hide_all is None else hide_all[m])
       kk = msk["keep"].shape[1]
@@ -360,6 +430,40 @@ class ImpuTMAE:
       z, _ = model.encoders[m](_gather(pt["x"], ids), ids, msk["keep"])
       enc[m] = dict(msk, z=z, slots=pt["slots"])
     return enc
+
+  def _encode_tiles(self, model, m, pt, ratio, key, hide_all=None) -> dict:
+    """An image modality: each of a patient's M tiles masked (``ratio`` of its N ViT
+    patches) and encoded on its own, CLS tokens averaged over the tiles (paper Sec. 3.3);
+    the tiles' tokens laid side by side for the decoder (M N patch slots in tile-major
+    order, ``ids_restore`` into the M K kept slots followed by mask tokens)."""
+    n_tiles = dict(model.tiles)[m][0]
+    b, mn, p = pt["x"].shape
+    n = mn // n_tiles
+    x = pt["x"].reshape(b * n_tiles, n, p)
+    real = pt["real"].reshape(b * n_tiles, n)
+    hide = None if hide_all is None else jnp.repeat(hide_all, n_tiles)
+    msk = random_masking(real, ratio, key if ratio else None, hide)
+    kk = msk["keep"].shape[1]
+    ids = msk["ids_shuffle"][:, :kk]
+    z, _ = model.encoders[m](_gather(x, ids), ids, msk["keep"])   # [B M, 1 + K, D]
+    z = z.reshape(b, n_tiles, 1 + kk, -1)
+    cls = jnp.mean(z[:, :, 0], axis=1, keepdims=True)
+    ir = msk["ids_restore"].reshape(b, n_tiles, n)
+    offset = (jnp.arange(n_tiles, dtype=jnp.int32) * kk)[None, :, None]
+    flat = jnp.where(ir < kk, offset + ir, n_tiles * kk).reshape(b, mn)
+    return {"z": jnp.concatenate([cls, z[:, :, 1:].reshape(b, n_tiles * kk, -1)], axis=1),
+            "keep": msk["keep"].reshape(b, n_tiles * kk), "ids_restore": flat,
+            "masked": msk["masked"].reshape(b, mn), "slots": pt["slots"]}
+
+  def _cls_unmasked(self, model, m, x, real):
+    """CLS ``[B, D]`` of modality ``m`` from patches ``x [B, N, P]`` with the real ones
+    ``real`` all shown (tiles: the mean over the tiles' CLS)."""
+    if m in dict(model.tiles):
+      pt = {"x": x, "real": real, "slots": real}
+      return self._encode_tiles(model, m, pt, 0.0, None)["z"][:, 0]
+    n = real.shape[1]
+    z, _ = model.encoders[m](x, jnp.broadcast_to(jnp.arange(n), real.shape), real)
+    return z[:, 0]
 
   # ---- input standardisation (stage "normalise") ------------------------------------------
 
@@ -370,7 +474,14 @@ class ImpuTMAE:
     for m in self.modalities:
       mod = batch["modalities"][m]
       x = mod["x"].astype(jnp.float32)
-      if x.ndim == 2:
+      if x.ndim == 5:   # tiles: per entry of a ViT patch, pooled over tiles and patches
+        x = tile_patches(x, dict(model.tiles)[m][3]).reshape(x.shape[0], -1,
+                                                             dict(model.patch_dims)[m])
+        w = mod["available"][:, None, None]
+        x = jnp.where(w, x, 0.0)
+        out[m] = {"n": w.astype(jnp.float32)[:, 0, 0] * x.shape[1], "s": x.sum(1),
+                  "ss": (x * x).sum(1)}
+      elif x.ndim == 2:
         w = mod["available"][:, None]
         x = jnp.where(w, x, 0.0)
         out[m] = {"n": w.astype(jnp.float32)[:, 0], "s": x, "ss": x * x}
@@ -444,6 +555,10 @@ class ImpuTMAE:
       x = batch["modalities"][m]["x"]
       y = pred[m].reshape(x.shape[0], -1)[:, :x.shape[1]] if x.ndim == 2 else pred[m]
       out[m] = y * model.stats[m]["std"][...] + model.stats[m]["mean"][...]
+      if x.ndim == 5:   # back to tiles [B, M, H, W, C] (0-255 scale, not rounded)
+        n_tiles, gh, gw, p, c = dict(model.tiles)[m]
+        out[m] = tile_unpatch(out[m].reshape(x.shape[0], n_tiles, gh * gw, -1), p,
+                              gh * p, gw * p)
     return out
 
   # ---- fine-tuning ---------------------------------------------------------------------
@@ -462,10 +577,8 @@ class ImpuTMAE:
       x_imp = jnp.where(missing[:, None, None],
                         jax.lax.stop_gradient(pred[m]) * pt["elem"], pt["x"])
       real_imp = jnp.where(missing[:, None], pt["slots"], pt["real"])
-      n = real_imp.shape[1]
-      z_imp, _ = model.encoders[m](x_imp, jnp.broadcast_to(jnp.arange(n), real_imp.shape),
-                                   real_imp)
-      imputed.append(jnp.where(missing[:, None], z_imp[:, 0], cls_real))
+      cls_imp = self._cls_unmasked(model, m, x_imp, real_imp)
+      imputed.append(jnp.where(missing[:, None], cls_imp, cls_real))
       masked.append(cls_real)
     return jnp.stack(imputed, axis=1), jnp.stack(masked, axis=1)
 
@@ -527,6 +640,8 @@ class ImpuTMAE:
       st = model.stats[m]
       x = batch["modalities"][m]["x"].astype(jnp.float32)
       masked = enc[m]["masked"] & batch["valid"][:, None]
+      if x.ndim == 5:   # tiles: compared as ViT patches [B, M N, p p C], raw 0-255
+        x = tile_patches(x, dict(model.tiles)[m][3]).reshape(patches[m]["x"].shape)
       if x.ndim == 2:   # [B, N, P] patches back to the vector [B, C]
         b, c = x.shape
         p = pred[m].shape[-1]
@@ -583,6 +698,11 @@ class ImpuTMAE:
       if mod.kind == "bag":
         rows = [mod.bags[i].astype(np.float64) for i in have if len(mod.bags[i])]
         means[m] = np.concatenate(rows).mean(0) if rows else None
+      elif mod.kind == "patches":   # per entry of a ViT patch, over tiles and patches
+        p = dict(model.tiles)[m][3]
+        means[m] = (np.asarray(tile_patches(jnp.asarray(mod.values[have], jnp.float32), p))
+                    .reshape(-1, dict(model.patch_dims)[m]).astype(np.float64).mean(0)
+                    if len(have) else None)
       else:
         means[m] = mod.values[have].astype(np.float64).mean(0) if len(have) else None
     acc: dict[str, list] = {}

@@ -46,6 +46,8 @@ def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
     cohort = load_file_cohort(
         f.clinical_csv, name=data.name or "cohort", features_dir=f.features_dir or None,
         signatures_csv=f.signatures_csv or None, radiology_dir=f.radiology_dir or None,
+        tiles_dir=f.get("tiles_dir", "") or None, tiles_count=f.get("tiles_count", 4),
+        tile_size=f.get("tile_size", 64),
         expected_dim=f.feature_dim or None, allow_missing=tuple(f.allow_missing),
         impute=f.get("impute", "error"), labels=labels, tabular_columns=tabular_columns,
         tabular=dict(f.get("tabular", {})) or None)

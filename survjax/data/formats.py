@@ -450,7 +450,8 @@ def suffix_groups(columns: Sequence[str]) -> tuple[tuple[str, tuple[int, ...]], 
 
 
 def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_csv=None,
-                     radiology_dir=None,
+                     radiology_dir=None, tiles_dir=None, tiles_count: int = 4,
+                     tile_size: int = 64,
                      tabular: Mapping[str, Sequence[str] | Mapping[str, Sequence[str]]]
                      | None = None,
                      feature_ext: Sequence[str] = FEATURE_EXTENSIONS,
@@ -473,6 +474,10 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
     ``"genomics"`` is in ``allow_missing``.
   * ``radiology`` (bag, float16): ``radiology_dir/<case_id>{ext}``, slice embeddings
     ``[T, D]``; a case without a file is unavailable.
+  * ``tiles`` (patches, uint8 ``[tiles_count, tile_size, tile_size, 3]``): raw WSI tiles
+    of each case's slides from ``tiles_dir/<slide_id>.h5`` (CLAM's ``imgs`` dataset) or
+    ``tiles_dir/<slide_id>/`` (image files), `survjax.data.tiles`; a case without any is
+    unavailable.
   * one tokens modality per ``tabular`` entry: ``{"clinical": ["age", "stage"]}`` makes
     one token per column; ``{"clinical": {"demo": ["age", "sex"], "tumor": ["stage"]}}``
     makes one token per group. Non-numeric columns are one-hot encoded (columns
@@ -516,7 +521,8 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
   if impute not in IMPUTE_POLICIES:
     raise InputError(f"impute is {impute!r}, expected one of {list(IMPUTE_POLICIES)}",
                      path="config.data.files.impute")
-  table = read_clinical_csv(clinical_csv, slides=features_dir is not None, labels=labels)
+  table = read_clinical_csv(clinical_csv, slides=features_dir is not None or tiles_dir is not None,
+                            labels=labels)
   path = table.path
   allow = _check_allow_missing(allow_missing, tabular, path)
   gaps: dict[str, np.ndarray] = {}
@@ -529,8 +535,12 @@ def load_file_cohort(clinical_csv, *, name: str, features_dir=None, signatures_c
     modalities["genomics"] = genomics
   if radiology_dir is not None:
     modalities["radiology"] = _radiology(table, Path(radiology_dir), tuple(feature_ext))
+  if tiles_dir is not None:
+    from survjax.data.tiles import tiles_modality
+    modalities["tiles"] = tiles_modality(table.case_ids, table.slide_ids, tiles_dir,
+                                         count=int(tiles_count), tile_size=int(tile_size))
   for mod_name, spec in (tabular or {}).items():
-    if mod_name in modalities or mod_name in ("pathology", "genomics", "radiology"):
+    if mod_name in modalities or mod_name in ("pathology", "genomics", "radiology", "tiles"):
       raise InputError(f"tabular modality name {mod_name!r} is taken, expected a new name",
                        path=path)
     modalities[mod_name] = _tabular(table, mod_name, spec, impute, gaps,

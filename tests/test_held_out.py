@@ -85,3 +85,49 @@ def test_a_method_without_the_hook_reports_no_held_out(tmp_path):
   res = run_cv(ToyMethod(epochs=(1, 1)), cohort, c, tmp_path / "run")
   assert "held_out" not in res
   assert "Held-out statistics" not in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_eval_require_evaluates_the_test_patients_that_have_a_modality(tmp_path):
+  # impuTMAE's protocol: every patient with RNA, the others naturally missing. Here with
+  # genomics: test patients without it drop out of every scenario, training is unchanged.
+  import csv
+  from survjax.evaluate.metrics import concordance_index
+  cohort = make_synthetic_cohort(SyntheticSpec(n_patients=80, bag_min=8, bag_max=20,
+                                               patch_dim=8, missing_genomics=0.3,
+                                               radiology=True, radiology_dim=8,
+                                               missing_radiology=0.3))
+  mods = ("pathology", "genomics", "radiology")
+  c = base_config("toy")
+  c.cv.num_folds = 2
+  c.cv.splits_dir = str(tmp_path / "splits")
+  c.eval.scenarios = ("full", "missing_pathology")
+  c.eval.latency = False
+  c.eval.require = ("genomics",)
+  c.data.buckets = (16, 64)
+  c.progress = False
+  run_cv(RecordingToy(modalities=mods, epochs=(2, 1)), cohort, c, tmp_path / "run")
+  folds, _ = cohort_folds(cohort, c)
+  has = cohort.modalities["genomics"].available
+  for k, (_, va) in enumerate(folds):
+    keep = va[has[va]]
+    assert 0 < len(keep) < len(va)
+    fold = json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())
+    assert fold["n_test"] == len(keep)
+    with open(tmp_path / "run" / f"fold_{k}" / "risks.csv") as f:
+      rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == list(cohort.case_ids[keep])
+    risk = np.array([float(r["full"]) for r in rows])
+    c_direct = concordance_index(cohort.time[keep], cohort.event[keep], risk)[0]
+    assert fold["scenarios"]["full"]["c_index"] == pytest.approx(c_direct, abs=1e-9)
+    # natural missingness of radiology among them counts as withheld in the oracle
+    lacking = ~cohort.modalities["radiology"].available[keep]
+    assert lacking.any()
+    oracle = np.where(lacking, cohort.true_risk["genomics+pathology"][keep],
+                      cohort.true_risk["genomics+pathology+radiology"][keep])
+    assert fold["scenarios"]["full"]["oracle_c_index"] == pytest.approx(
+        concordance_index(cohort.time[keep], cohort.event[keep], oracle)[0], abs=1e-9)
+  assert "that have genomics" in (tmp_path / "run" / "report.md").read_text()
+  c.eval.require = ("nothing",)
+  from survjax.errors import InputError
+  with pytest.raises(InputError, match="eval.require names modality 'nothing'"):
+    run_cv(RecordingToy(modalities=mods, epochs=(1, 1)), cohort, c, tmp_path / "run2")

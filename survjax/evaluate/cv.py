@@ -154,6 +154,11 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv",
            restart: bool = False) -> dict:
   """Cross-validates ``method`` on ``cohort``; returns the ``results.json`` dict.
 
+  ``config.eval.require`` (optional, e.g. ``("rna",)``): every scenario is evaluated on
+  the test patients that have those modalities in the data, the others as they are
+  (impuTMAE's protocol: all patients with RNA, the rest naturally missing); training is
+  unchanged.
+
   Args:
     mode: "cv" trains and evaluates every fold; "train" only trains (checkpoints);
       "eval" evaluates folds whose training finished (re-evaluating every fold); "tune"
@@ -185,6 +190,11 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: b
   if missing:
     raise InputError(f"method {method.name} needs modality {missing[0]!r}, cohort "
                      f"{cohort.name!r} has {list(cohort.modalities)}", path="config.data")
+  require = tuple(config.eval.get("require", ()) or ())
+  unknown = [m for m in require if m not in cohort.modalities]
+  if unknown:
+    raise InputError(f"eval.require names modality {unknown[0]!r}, expected one of "
+                     f"{list(cohort.modalities)}", path="config.eval.require")
   if method.time_model not in ("discrete", "cox"):
     raise InputError(f"method {method.name} has time_model {method.time_model!r}, expected "
                      "'discrete' or 'cox'", path="config.method")
@@ -231,11 +241,18 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
   eval_spec = eval_batch_spec(config, mesh)
   fold_results = []
   is_main = jax.process_index() == 0
+  require = tuple(config.eval.get("require", ()) or ())
   for k in run_folds:
     tr, va = folds[k]
     # Per-fold transforms fitted on the training patients only: data.files.impute, then
     # the loader's standardisation flags (cohort.standardize).
     cohort_k = standardize_fold(impute_fold(cohort, tr), tr)
+    if require:   # evaluated on the test patients that have these modalities in the data
+      va = va[cohort.complete(require)[va]]
+      if len(va) < 2 or not cohort.event[va].any():
+        raise InputError(f"fold {k} keeps {len(va)} test patients with {list(require)} "
+                         "and no event among them, expected at least two patients and one "
+                         "event", path="config.eval.require")
     result_path = workdir / f"fold_{k}" / "result.json"
     if mode == "cv" and result_path.exists():
       fold = json.loads(result_path.read_text())

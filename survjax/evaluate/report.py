@@ -246,6 +246,11 @@ def render_report(results: dict, cohort=None) -> str:
     lines += ["```", cohort.summary(), "```", ""]
   lines += [f"{results['folds']}-fold cross-validation, patient-level, stratified by event "
             "and time. C-index (Harrell) on held-out patients, mean ± std over folds.", ""]
+  require = (results.get("config", {}).get("eval", {}) or {}).get("require") or ()
+  if require:
+    lines += [f"Evaluated on the held-out patients that have {', '.join(require)} in the "
+              "data (`eval.require`); their other modalities as they are (natural "
+              "missingness, which the oracle counts as withheld).", ""]
   has_oracle = any("oracle_c_index" in v for v in results["scenarios"].values())
   has_room = any("oracle_const_c_index" in v for v in results["scenarios"].values())
   head = ("| scenario | C-index | Uno's C |" + (" oracle C-index |" if has_oracle else "")

@@ -131,3 +131,25 @@ def test_eval_require_evaluates_the_test_patients_that_have_a_modality(tmp_path)
   from survjax.errors import InputError
   with pytest.raises(InputError, match="eval.require names modality 'nothing'"):
     run_cv(RecordingToy(modalities=mods, epochs=(1, 1)), cohort, c, tmp_path / "run2")
+
+
+def test_a_run_recorded_before_a_synthetic_knob_existed_resumes_at_its_default(tmp_path):
+  # Generator knobs are opt-in: a run directory made before one existed made the cohort
+  # the knob's default makes now, so it resumes; another value is refused, naming it.
+  from survjax import rundir
+  from survjax.errors import InputError
+  c = base_config("toy")
+  fp = {"cohort_fingerprint": "a", "splits_fingerprint": "b"}
+  rundir.check_or_record(tmp_path, c, fp)
+  recorded = json.loads((tmp_path / "run.json").read_text())
+  del recorded["training_config"]["data.synthetic.wsi_tiles"]
+  del recorded["training_config"]["data.synthetic.tile_noise"]
+  (tmp_path / "run.json").write_text(json.dumps(recorded))
+  rundir.check_or_record(tmp_path, c, fp)   # defaults: accepted
+  c.data.synthetic.wsi_tiles = True
+  with pytest.raises(InputError, match="data.synthetic.wsi_tiles <absent> -> True"):
+    rundir.check_or_record(tmp_path, c, fp)
+  c.data.synthetic.wsi_tiles = False
+  c.model = {"lr": 1.0}   # any other key absent from the record is still a difference
+  with pytest.raises(InputError, match="model.lr <absent> -> 1.0"):
+    rundir.check_or_record(tmp_path, c, fp)

@@ -33,6 +33,47 @@ in ``O(N d K)`` without ever forming the ``N x N`` matrix ``S``.
 
 All functions are pure and work on one patient; `batched_plan` vmaps them over a batch so
 the whole batch is solved inside one jitted step.
+
+Solver settings (``mode``). ``"lse"`` is ott's log-domain Sinkhorn: two log-sum-exp
+passes (an ``exp`` per entry) per iteration, safe for any cost. ``"kernel"`` is ott's
+kernel (scaling) mode, ``Sinkhorn(lse_mode=False)``: the kernel ``exp(-C / eps)`` is formed
+once and each iteration is two matrix-vector products, several times cheaper on a CPU. In
+float32 it is safe when no kernel entry under- or overflows, i.e. when ``max |C| / eps``
+stays below `KERNEL_MAX_COST` (80; ``exp(-80) = 1.8e-35`` is above float32's smallest
+normal number). TTA's costs are bounded: ``C = -log softmax`` of cosines over a
+temperature ``T`` lies in ``[0, 2 / T + log K]`` (7.5 for ``T = 0.5``, ``K = 32``), i.e.
+``C / eps <= 75`` at ``eps = 0.1`` (the structure term moves it by at most ``2 lambda``).
+`batched_plan` checks this bound and ott's own convergence flag (plus finite scalings) for
+every patient and re-solves the whole batch in ``"lse"`` mode (one ``lax.cond`` at the
+batch level, so the fallback costs nothing when unused) if any patient is outside the
+safe range or did not converge.
+
+``momentum`` is ott's over-relaxation (`ott.solvers.linear.acceleration.Momentum` with a
+constant weight ``w``): each update becomes ``u_new^w u_old^(1 - w)`` (kernel mode) or
+``w f_new + (1 - w) f_old`` (log mode). The unbalanced iteration contracts at least by
+``tau_b`` per step, for which the classical optimal weight is
+``2 / (1 + sqrt(1 - tau_b))`` (1.54 at ``tau_b = 1 / 1.1``); ``w = 1.5`` roughly halves
+the iterations to the threshold here (benchmarks/uot.py). With ``w != 1`` the token marginal
+is no longer exact after the last update but, like the prototype marginal, within the
+stopping threshold (ott's error sums both marginals' L1 errors).
+
+``threshold`` is ott's: the L1 norm of the dual gradient, i.e. the token-marginal L1 error
+plus the prototype-marginal L1 error against its KL-optimal target ``b exp(-g / gamma)``,
+per patient (under ``vmap`` every patient runs until the slowest converges; finished
+patients are frozen). Under ``vmap`` ott's every-``inner_iterations`` error check becomes a
+select, so the error is computed every iteration anyway; ``inner_iterations = 1`` then
+stops at the first iteration below the threshold at no extra cost.
+
+The dustbin and ``rho``. ott relaxes every prototype-side entry with the same ``tau_b``,
+the dustbin included: its target is ``1 - rho`` but, being free while the prototypes cost
+about ``log K``, it takes more than that (0.90 instead of 0.50 for 32 random-ish
+prototypes at ``rho = 0.5``, ``gamma = 1``; POT and a float64 solver of the same
+problem agree, benchmarks/uot.py). It carries exactly ``1 - rho`` only as ``gamma -> inf``
+(and nothing at ``rho = 1``, whatever ``gamma``). The reference's
+solver (P2OT-style ``SemiCurrSinkhornKnopp``) applies the KL power to the prototype
+columns only, i.e. a hard dustbin constraint of exactly ``1 - rho``; ott's
+`LinearProblem` takes one scalar ``tau_b`` (it compares ``tau_b`` with 1.0 in Python), so
+that variant is not expressible with ott's solver as is.
 """
 
 from __future__ import annotations
@@ -44,13 +85,31 @@ import jax.numpy as jnp
 
 with warnings.catch_warnings():
   warnings.simplefilter("ignore", DeprecationWarning)  # ott imports jaxopt
-  from ott.geometry import geometry
+  from ott.geometry import epsilon_scheduler, geometry
   from ott.problems.linear import linear_problem
-  from ott.solvers.linear import implicit_differentiation, sinkhorn
+  from ott.solvers.linear import acceleration, implicit_differentiation, sinkhorn
 
-__all__ = ["kl_tau", "prototype_marginal", "solve_uot", "structure_gradient",
-           "structure_objective",
-           "structure_objective_dense", "prototype_plan", "batched_plan"]
+__all__ = ["KERNEL_MAX_COST", "MODES", "kl_tau", "prototype_marginal", "ott_solve",
+           "solve_uot", "structure_gradient", "structure_objective", "structure_objective_dense",
+           "prototype_plan", "batched_plan"]
+
+MODES = ("kernel", "lse")
+KERNEL_MAX_COST = 80.0  # max |C| / eps allowed in float32 kernel mode
+
+
+@jax.tree_util.register_pytree_node_class
+class _FixedEpsilon(epsilon_scheduler.Epsilon):
+  """A constant ``eps`` that ott's geometry sees as a Python float at every iteration.
+
+  ott's default scheduler returns ``max(init * decay**it, 1) * eps`` computed from the
+  traced iteration number, so kernel mode's ``kernel ** (eps_target / eps_it)`` becomes
+  an elementwise ``pow`` of the whole kernel in every update (plus ``exp`` of the cost,
+  recomputed inside the loop); with a constant XLA folds the exponent 1 away.
+  """
+
+  def __call__(self, it):
+    del it
+    return self.target
 
 
 def kl_tau(gamma: float, epsilon: float) -> float:
@@ -68,31 +127,59 @@ def prototype_marginal(num_prototypes: int, rho, dustbin: bool = True) -> jax.Ar
                           jnp.reshape(1.0 - rho, (1,))])
 
 
+def ott_solve(cost, a, b, *, epsilon, tau_a, tau_b, threshold, max_iterations, implicit,
+              mode, momentum, inner_iterations) -> sinkhorn.SinkhornOutput:
+  """ott's `SinkhornOutput` of the problem `solve_uot` solves (same arguments)."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mode == "kernel":
+    if implicit:
+      raise ValueError("implicit differentiation needs mode='lse'")
+    geom = geometry.Geometry(kernel_matrix=jnp.exp(-cost / epsilon),
+                             epsilon=_FixedEpsilon(epsilon))
+  else:
+    geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
+  prob = linear_problem.LinearProblem(geom, a, b, tau_a=tau_a, tau_b=tau_b)
+  solver = sinkhorn.Sinkhorn(
+      lse_mode=mode == "lse", threshold=threshold, max_iterations=max_iterations,
+      inner_iterations=inner_iterations,
+      momentum=acceleration.Momentum(value=momentum, inner_iterations=inner_iterations),
+      implicit_diff=implicit_differentiation.ImplicitDiff() if implicit else None)
+  return solver(prob)
+
+
 def solve_uot(cost: jax.Array, a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
               tau_a: float = 1.0, tau_b: float = 1.0, threshold: float = 1e-4,
-              max_iterations: int = 500, implicit: bool = False):
-  """One entropic (unbalanced) OT problem with ott-jax's log-domain Sinkhorn.
+              max_iterations: int = 500, implicit: bool = False, mode: str = "lse",
+              momentum: float = 1.0, inner_iterations: int = 10):
+  """One entropic (unbalanced) OT problem with ott-jax's Sinkhorn.
 
   Args:
     cost: ``[N, M]`` cost matrix.
     a, b: ``[N]``, ``[M]`` non-negative marginals (zero entries get zero rows/columns).
     epsilon: entropic regularisation.
     tau_a, tau_b: ott's marginal relaxations (1 = hard constraint).
-    threshold: marginal-error stopping threshold.
+    threshold: marginal-error stopping threshold (ott's L1 dual-gradient norm).
     max_iterations: iteration cap.
     implicit: differentiate by implicit differentiation of the optimality conditions
-      (ott's `ImplicitDiff`); otherwise the solve is not meant to be differentiated
-      (callers stop the gradient) and ott unrolls nothing.
+      (ott's `ImplicitDiff`, log mode only); otherwise the solve is not meant to be
+      differentiated (callers stop the gradient) and ott unrolls nothing.
+    mode: ``"lse"`` (log domain) or ``"kernel"`` (scalings; see the module docstring for
+      when it is safe: here it is not checked, `prototype_plan` does).
+    momentum: ott's constant over-relaxation weight (1 = plain Sinkhorn).
+    inner_iterations: iterations between two of ott's error checks.
 
   Returns:
     ``(plan [N, M], converged bool)``.
   """
-  geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
-  prob = linear_problem.LinearProblem(geom, a, b, tau_a=tau_a, tau_b=tau_b)
-  solver = sinkhorn.Sinkhorn(
-      threshold=threshold, max_iterations=max_iterations,
-      implicit_diff=implicit_differentiation.ImplicitDiff() if implicit else None)
-  out = solver(prob)
+  out = ott_solve(cost, a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b,
+                  threshold=threshold, max_iterations=max_iterations, implicit=implicit,
+                  mode=mode, momentum=momentum, inner_iterations=inner_iterations)
+  if mode == "kernel":
+    geom = out.ot_prob.geom
+    u, v = out.scalings
+    finite = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(v))
+    return geom.transport_from_scalings(u, v), out.converged & finite
   return out.matrix, out.converged
 
 
@@ -121,7 +208,8 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
                    epsilon: float = 0.1, gamma: float = 1.0, dustbin: bool = True,
                    structure_lambda: float = 0.0, outer_iterations: int = 3,
                    threshold: float = 1e-4, max_iterations: int = 500,
-                   implicit: bool = False):
+                   implicit: bool = False, mode: str = "lse", momentum: float = 1.0,
+                   inner_iterations: int = 10):
   """Transport plan of one patient's tokens onto ``K`` prototypes (+ dustbin).
 
   The cost is ``C_ik = -log softmax_k(logits_i)`` (0 for the dustbin column); see the
@@ -138,11 +226,15 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
     dustbin: append the dustbin column.
     structure_lambda: weight ``lambda`` of the structure term (0 = plain UOT).
     outer_iterations: majorisation-minimisation steps of the structure-aware solve.
-    threshold, max_iterations, implicit: see `solve_uot`.
+    threshold, max_iterations, implicit, mode, momentum, inner_iterations: see
+      `solve_uot`.
 
   Returns:
     ``(plan [N, K (+1)], converged)``; rows of padded tokens are exactly 0, real rows sum
-    to ``1 / n`` (to the solver's tolerance); all zeros when no token is real.
+    to ``1 / n`` (to the solver's tolerance); all zeros when no token is real. In
+    ``"kernel"`` mode ``converged`` is also False when ``max |C| / eps`` exceeds
+    `KERNEL_MAX_COST` or a scaling is not finite (`batched_plan` then re-solves in
+    ``"lse"`` mode).
   """
   num_protos = logits.shape[-1]
   cost = -jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -154,8 +246,17 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
   a = jnp.where(empty, 1.0 / m.shape[0], m / jnp.maximum(jnp.sum(m), 1.0))
   b = prototype_marginal(num_protos, rho, dustbin)
   kw = dict(epsilon=epsilon, tau_a=1.0, tau_b=kl_tau(gamma, epsilon), threshold=threshold,
-            max_iterations=max_iterations, implicit=implicit)
-  plan, converged = solve_uot(cost, a, b, **kw)
+            max_iterations=max_iterations, implicit=implicit, mode=mode, momentum=momentum,
+            inner_iterations=inner_iterations)
+
+  def solve(c):
+    plan, converged = solve_uot(c, a, b, **kw)
+    if mode == "kernel":  # float32 kernel entries must not underflow (module docstring)
+      # Padded rows cost 0, so the largest |C| is over real entries (and the dustbin).
+      converged &= jnp.max(jnp.abs(c)) <= KERNEL_MAX_COST * epsilon
+    return plan, converged
+
+  plan, converged = solve(cost)
   if structure_lambda > 0:
     if feats is None:
       raise ValueError("the structure-aware plan needs token features")
@@ -164,16 +265,30 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
     f = jnp.where(mask[:, None], f, 0.0)
     for _ in range(outer_iterations):
       # Majorise -lambda <S, Q Q^T> at the current plan: linear cost -2 lambda S Q_t.
-      plan, converged = solve_uot(cost - 2.0 * structure_lambda * structure_gradient(plan, f),
-                                  a, b, **kw)
+      plan, ok = solve(cost - 2.0 * structure_lambda * structure_gradient(plan, f))
+      converged &= ok
   return jnp.where(empty, 0.0, plan), converged
+
+
+def _vmapped_plan(logits, mask, rho, feats, kwargs):
+  if feats is None:
+    return jax.vmap(lambda l, m: prototype_plan(l, m, rho, **kwargs))(logits, mask)
+  return jax.vmap(lambda l, m, f: prototype_plan(l, m, rho, feats=f, **kwargs))(
+      logits, mask, feats)
 
 
 def batched_plan(logits: jax.Array, mask: jax.Array, rho, feats: jax.Array | None = None,
                  **kwargs):
   """`prototype_plan` for every patient at once (``jax.vmap``): ``[B, N, K]`` logits,
-  ``[B, N]`` mask, ``[B, N, d]`` feats (or None) -> ``([B, N, K (+1)], [B] converged)``."""
-  if feats is None:
-    return jax.vmap(lambda l, m: prototype_plan(l, m, rho, **kwargs))(logits, mask)
-  return jax.vmap(lambda l, m, f: prototype_plan(l, m, rho, feats=f, **kwargs))(
-      logits, mask, feats)
+  ``[B, N]`` mask, ``[B, N, d]`` feats (or None) -> ``([B, N, K (+1)], [B] converged)``.
+
+  In ``mode="kernel"`` the batch is re-solved in ``"lse"`` mode without momentum when any
+  patient's kernel solve is unsafe or did not converge (see the module docstring).
+  """
+  kwargs.setdefault("mode", "lse")
+  if kwargs["mode"] != "kernel":
+    return _vmapped_plan(logits, mask, rho, feats, kwargs)
+  plan, converged = _vmapped_plan(logits, mask, rho, feats, kwargs)
+  fallback = {**kwargs, "mode": "lse", "momentum": 1.0}
+  return jax.lax.cond(jnp.all(converged), lambda: (plan, converged),
+                      lambda: _vmapped_plan(logits, mask, rho, feats, fallback))

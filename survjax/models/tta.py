@@ -97,6 +97,9 @@ class _OT:
   threshold: float
   max_iterations: int
   grad: str
+  mode: str
+  momentum: float
+  inner_iterations: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +171,13 @@ class TTAModel(nnx.Module):
   def plans(self, toks, logits, rho):
     """Transport plans ``{m: [B, N_m, K + 1]}`` (stop-gradient unless ``ot.grad``)."""
     o = self.cfg.ot
+    implicit = o.grad == "implicit"
     kw = dict(epsilon=o.epsilon, gamma=o.gamma, dustbin=True,
               structure_lambda=o.structure_lambda, outer_iterations=o.outer_iterations,
-              threshold=o.threshold, max_iterations=o.max_iterations,
-              implicit=o.grad == "implicit")
+              threshold=o.threshold, max_iterations=o.max_iterations, implicit=implicit,
+              # ott's implicit differentiation runs in the log domain only
+              mode="lse" if implicit else o.mode, momentum=o.momentum,
+              inner_iterations=o.inner_iterations)
     names = list(toks)
     if o.grad != "implicit":
       logits = {m: jax.lax.stop_gradient(l) for m, l in logits.items()}

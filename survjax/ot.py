@@ -249,14 +249,18 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
             max_iterations=max_iterations, implicit=implicit, mode=mode, momentum=momentum,
             inner_iterations=inner_iterations)
 
-  def solve(c):
+  def solve(c, max_abs_cost):
     plan, converged = solve_uot(c, a, b, **kw)
     if mode == "kernel":  # float32 kernel entries must not underflow (module docstring)
-      # Padded rows cost 0, so the largest |C| is over real entries (and the dustbin).
-      converged &= jnp.max(jnp.abs(c)) <= KERNEL_MAX_COST * epsilon
+      converged &= max_abs_cost <= KERNEL_MAX_COST * epsilon
     return plan, converged
 
-  plan, converged = solve(cost)
+  # max |C| over real rows (padded rows and the dustbin cost 0): C >= 0 and its row maximum
+  # is logsumexp - min of the logits, read off [N] vectors (the cost itself then feeds only
+  # the kernel's exp, which XLA fuses with it).
+  lg = logits.astype(jnp.float32)
+  row_max = jax.nn.logsumexp(lg, axis=-1) - jnp.min(lg, axis=-1)
+  plan, converged = solve(cost, jnp.max(jnp.where(mask, row_max, 0.0)))
   if structure_lambda > 0:
     if feats is None:
       raise ValueError("the structure-aware plan needs token features")
@@ -265,7 +269,8 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
     f = jnp.where(mask[:, None], f, 0.0)
     for _ in range(outer_iterations):
       # Majorise -lambda <S, Q Q^T> at the current plan: linear cost -2 lambda S Q_t.
-      plan, ok = solve(cost - 2.0 * structure_lambda * structure_gradient(plan, f))
+      c = cost - 2.0 * structure_lambda * structure_gradient(plan, f)
+      plan, ok = solve(c, jnp.max(jnp.abs(c)))  # padded rows: 0 - 0
       converged &= ok
   return jnp.where(empty, 0.0, plan), converged
 

@@ -167,12 +167,14 @@ def _run_torch(params: dict, args, threads: int) -> tuple[dict | None, str | Non
            "--one-at-a-time-repeats", str(kw["one_at_a_time_repeats"]),
            "--batch-sizes", ",".join(map(str, sweep)), "--max-seconds",
            str(kw["max_seconds"]), "--device", kw["device"]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    env = dict(os.environ, OMP_WAIT_POLICY=args.torch_omp_wait_policy)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
   if proc.returncode != 0:
     tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
     return None, f"{py} torch_reference.py exited {proc.returncode}: {tail[0]}"
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   res["mode"] = f"subprocess: {py}"
+  res["omp_wait_policy"] = args.torch_omp_wait_policy
   return res, None
 
 
@@ -188,6 +190,10 @@ def main(argv=None):
   p.add_argument("--torch-repeats", type=int, default=None)
   p.add_argument("--torch-python", default=os.environ.get("SURVJAX_TORCH_PYTHON"))
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--torch-omp-wait-policy", default="PASSIVE",
+                 help="OMP_WAIT_POLICY of the torch subprocess (PASSIVE: OpenMP's default "
+                      "spinning made torch's 2 threads 30-250x slower on a loaded 2-core "
+                      "machine; ACTIVE for the spinning default)")
   p.add_argument("--unroll", type=int, default=1,
                  help="steps per scan iteration of the sampler (50 = fully unrolled)")
   p.add_argument("--unroll-variants", default="",

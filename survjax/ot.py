@@ -50,9 +50,9 @@ safe range or did not converge.
 
 ``momentum`` is ott's over-relaxation (`ott.solvers.linear.acceleration.Momentum` with a
 constant weight ``w``): each update becomes ``u_new^w u_old^(1 - w)`` (kernel mode) or
-``w f_new + (1 - w) f_old`` (log mode). The unbalanced iteration contracts at least by
-``tau_b`` per step, for which the classical optimal weight is
-``2 / (1 + sqrt(1 - tau_b))`` (1.54 at ``tau_b = 1 / 1.1``); ``w = 1.5`` roughly halves
+``w f_new + (1 - w) f_old`` (log mode). The unbalanced iteration contracts by a factor of
+at most ``tau_b`` per step (Sejourne et al. 2019), for which the classical optimal weight is
+``2 / (1 + sqrt(1 - tau_b))`` (1.54 at ``tau_b = 1 / 1.1``); ``w = 1.5`` more than halves
 the iterations to the threshold here (benchmarks/uot.py). With ``w != 1`` the token marginal
 is no longer exact after the last update but, like the prototype marginal, within the
 stopping threshold (ott's error sums both marginals' L1 errors).
@@ -69,11 +69,13 @@ the dustbin included: its target is ``1 - rho`` but, being free while the protot
 about ``log K``, it takes more than that (0.90 instead of 0.50 for 32 random-ish
 prototypes at ``rho = 0.5``, ``gamma = 1``; POT and a float64 solver of the same
 problem agree, benchmarks/uot.py). It carries exactly ``1 - rho`` only as ``gamma -> inf``
-(and nothing at ``rho = 1``, whatever ``gamma``). The reference's
-solver (P2OT-style ``SemiCurrSinkhornKnopp``) applies the KL power to the prototype
-columns only, i.e. a hard dustbin constraint of exactly ``1 - rho``; ott's
-`LinearProblem` takes one scalar ``tau_b`` (it compares ``tau_b`` with 1.0 in Python), so
-that variant is not expressible with ott's solver as is.
+(and nothing at ``rho = 1``, whatever ``gamma``). P2OT's ``SemiCurrSinkhornKnopp``
+(github.com/rhfeiyang/PPOT), whose dustbin and ``rho`` ramp this design follows, applies
+the KL power to the prototype columns only, i.e. a hard dustbin constraint of exactly
+``1 - rho`` (whether TTA's released code does the same is not checked here: only its
+abstract is in ../shared/papers). ott's `LinearProblem` takes one scalar ``tau_b`` (it
+compares ``tau_b`` with 1.0 in Python), so that variant is not expressible with ott's
+solver as is.
 """
 
 from __future__ import annotations

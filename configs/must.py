@@ -77,6 +77,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # At most `epochs`; the epoch with the best inner-validation C-index is kept.
   m.stage2 = ml_collections.ConfigDict(dict(epochs=12, lr=1e-3, weight_decay=1e-5,
                                             select="c_index", patience=4))
+  # The missing path trained in the main stage: each complete pair also takes the path a
+  # patient without each modality takes, the missing slot filled by an imputer (a
+  # regression of u^_m on [u^_have; c~]); `fill` is the path the risk takes.
+  m.missing_weight = 1.0   # 0: the head is trained with both modalities only (paper)
+  m.imputer = True
+  m.fill = "imputer"       # "diffusion": eq. 20-22 (paper) | "zeros" | "mean" | "unimodal"
   # Unimodal heads on [u^_m; c~_m] of the frozen network, trained after the main stage:
   # the `unimodal` row of each missing scenario (the `auto` row picks on validation).
   m.unimodal_heads = True
@@ -132,6 +138,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     elif v.startswith("rank"):
       m.rank = int(v[4:])
     elif v in ("paper_decomp", "decomp_sg"):  # eq. 13-14 as written; collapses (see above)
+      m.missing_weight, m.imputer, m.fill = 0.0, False, "diffusion"   # as :paper_missing
       m.decomp_relative = False
       m.stage2.epochs, m.stage2.lr = 30, 2e-4   # at most; the epoch chosen on validation
       m.decomp_stop_gradient = v == "decomp_sg"   # no gradient into g through eq. 13
@@ -143,10 +150,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       m.grad_clip = 0.0
       m.project_recovered_shared = False
       m.unimodal_heads = False
+      m.missing_weight, m.imputer, m.fill = 0.0, False, "diffusion"
       m.ldm.latent_dim = 0
       m.ldm.condition_source = "c_hat"
       m.ldm.clip_x0 = 0.0
       m.ldm.steps, m.ldm.steps_per_epoch = 10000, 1000
+    elif v == "paper_missing":  # the head trained on complete pairs, the diffusion fill
+      m.missing_weight, m.imputer, m.fill = 0.0, False, "diffusion"
+    elif v == "missing_zeros":  # the missing path trained with zeros in the missing slot
+      m.imputer, m.fill = False, "zeros"
     elif v == "train_missing":
       c.data.synthetic.missing_pathology = 0.15
       c.data.synthetic.missing_genomics = 0.15

@@ -308,7 +308,7 @@ def test_missing_modality_prediction_composes_eqs_20_to_22(toy):
   u_gen = method.generate(model, "genomics", g - u_p, key)
   logits = model.head(u_p, model.project_shared(g - u_p), u_gen)
   want = np.asarray(survival.discrete_time_risk(logits))
-  np.testing.assert_allclose(got["risk"], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got["diffusion"], want, rtol=1e-4, atol=1e-5)
   # Conditioning the denoiser on the projected c~ instead changes the fill.
   u_proj = method.generate(model, "genomics", model.project_shared(g - u_p), key)
   assert np.abs(np.asarray(u_proj - u_gen)).max() > 1e-6
@@ -374,7 +374,7 @@ def test_missing_modality_path_never_reads_the_missing_inputs(toy, missing):
   key = jax.random.key(0)
   out_nan = _predict(method, model, batch_nan, frozenset({have}), key)
   out_zero = _predict(method, model, batch_zero, frozenset({have}), key)
-  assert set(out_nan) == {"risk", "zeros", "mean", "unimodal"}
+  assert set(out_nan) == {"risk", "diffusion", "zeros", "mean", "unimodal"}
   for k in out_nan:
     assert np.all(np.isfinite(out_nan[k])), k
     np.testing.assert_array_equal(out_nan[k], out_zero[k])
@@ -445,14 +445,15 @@ def test_generated_component_follows_the_ldm_not_the_fill(toy):
   nnx.update(den, params)
   out2 = _predict(method, model, batch, present, jax.random.key(0))
   assert leaves
-  assert not np.allclose(out1["risk"], out2["risk"])
-  np.testing.assert_array_equal(out1["zeros"], out2["zeros"])
-  np.testing.assert_array_equal(out1["mean"], out2["mean"])
+  assert not np.allclose(out1["diffusion"], out2["diffusion"])
+  for row in ("risk", "zeros", "mean"):  # risk: the imputer's fill (the default)
+    np.testing.assert_array_equal(out1[row], out2[row])
 
 
 @pytest.mark.parametrize("variant", ["smoke", "paper_schedule", "no_warmup", "cond_c",
                                      "paper_ldm", "rank16", "train_missing", "paper_decomp",
-                                     "decomp_sg", "smoke,decomp_sg"])
+                                     "decomp_sg", "smoke,decomp_sg", "paper_missing",
+                                     "missing_zeros"])
 def test_every_documented_config_variant_builds(variant):
   """Each variant named in configs/must.py's docstring parses into a MUST method."""
   config = must_config.get_config(variant)
@@ -500,3 +501,66 @@ def test_decomposition_losses_need_two_patients_per_batch():
   config.train.batch_size = 1
   with pytest.raises(InputError, match="train.batch_size 1 leaves eq. 13-14"):
     get_method(config)
+
+
+def test_imputer_fill_is_the_risk_and_the_imputer_only_regresses(toy):
+  """With ``fill = "imputer"`` the one-modality risk is phi([u^_P; P(g_P - u^_P); f_G(x)])
+  with x = [u^_P; P(g_P - u^_P)], composed by hand; ``fill = "diffusion"`` makes the
+  diffusion row the risk. In the main stage's one-modality losses, L_impute equals a
+  numpy reference and trains the imputers only, while the survival loss of the missing
+  path reaches the encoders but not the imputers (their output is held fixed)."""
+  cohort, method, bins = toy
+  assert method.fill == "imputer" and method.cfg.missing_weight > 0
+  model = _model(method, cohort)
+  batch = make_batch(cohort, np.arange(8), BatchSpec(batch_size=8), bins=bins,
+                     hide=("genomics",), fill=np.nan)
+  present = frozenset({"pathology"})
+  got = _predict(method, model, batch, present, jax.random.key(0))
+  g, u = model.specific_only(batch, "pathology")
+  c_tilde = model.project_shared(g - u)
+  u_fill = model.imputers["genomics"](jnp.concatenate([u, c_tilde], -1))
+  want = survival.discrete_time_risk(model.head(u, c_tilde, u_fill))
+  np.testing.assert_allclose(got["risk"], np.asarray(want), rtol=1e-4, atol=1e-5)
+  diffusion = get_method(_tiny_config(fill="diffusion"))
+  by_diffusion = _predict(diffusion, model, batch, present, jax.random.key(0))
+  np.testing.assert_array_equal(by_diffusion["risk"], got["diffusion"])
+  np.testing.assert_array_equal(by_diffusion["imputer"], got["risk"])
+
+  full = make_batch(cohort, np.arange(12), BatchSpec(batch_size=16), bins=bins)
+  weights = jnp.asarray(full["valid"], jnp.float32)
+  graphdef, state = nnx.split(model)
+
+  def losses(s):
+    m = nnx.merge(graphdef, s)
+    return method.one_modality_losses(m, m.components(full), full, weights, jax.random.key(1))
+
+  l_miss, l_imp = jax.jit(losses)(state)
+  comp = jax.jit(lambda s: nnx.merge(graphdef, s).components(full))(state)
+  ref = 0.0
+  w = np.asarray(weights)
+  for have, miss, name in (("p", "g", "genomics"), ("g", "p", "pathology")):
+    x = jnp.concatenate([comp[f"u_{have}"], model.project_shared(comp[f"g_{have}"]
+                                                                  - comp[f"u_{have}"])], -1)
+    pred, target = np.asarray(model.imputers[name](x)), np.asarray(comp[f"u_{miss}"])
+    centre = (w[:, None] * target).sum(0) / w.sum()
+    ref += ((w * ((pred - target) ** 2).sum(1)).sum()
+            / (w * ((target - centre) ** 2).sum(1)).sum())
+  np.testing.assert_allclose(float(l_imp), ref, rtol=1e-4)
+
+  def norms(tree):
+    return {jax.tree_util.keystr(p): float(jnp.abs(v).max())
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  g_imp = norms(jax.jit(jax.grad(lambda s: losses(s)[1]))(state))
+  g_miss = norms(jax.jit(jax.grad(lambda s: losses(s)[0]))(state))
+  assert all(v == 0 for k, v in g_imp.items() if "imputers" not in k)
+  assert any(v > 0 for k, v in g_imp.items() if "imputers" in k)
+  assert all(v == 0 for k, v in g_miss.items() if "imputers" in k)
+  assert any(v > 0 for k, v in g_miss.items() if "encoder_p" in k)
+  assert any(v > 0 for k, v in g_miss.items() if "encoder_g" in k)
+
+
+def test_a_fill_the_model_lacks_is_refused():
+  with pytest.raises(InputError, match="fill 'imputer' is not available"):
+    get_method(_tiny_config(imputer=False))
+  with pytest.raises(InputError, match="fill 'unknown' is not available"):
+    get_method(_tiny_config(fill="unknown"))

@@ -194,6 +194,35 @@ def test_epoch_selection_matches_a_reference_loop_over_validation_scores():
 
 
 
+def test_selection_over_modality_subsets_scores_the_mean_of_their_cindexes():
+  """With ``select_present`` the validation score is the mean over the subsets of
+  scikit-survival's C of ``predict`` shown that subset, on the complete validation
+  patients."""
+  from sksurv.metrics import concordance_index_censored
+  from survjax.data.batching import BatchSpec, make_batch
+  import jax
+  cohort = make_synthetic_cohort(SPEC)
+  tr, val = inner_validation(np.arange(60), cohort.time, cohort.event, 0.25, 0)
+  method = ToyMethod(epochs=(2, 0))
+  model = method.build({k: {"dim": cohort.modalities[k].dim}
+                        for k in ("pathology", "genomics")}, nnx.Rngs(0))
+  trainer = Trainer(method, mesh=make_mesh(1), batch_size=16, max_instances=32, progress=False)
+  trainer.fit(model, cohort, tr)
+  subsets = (("pathology", "genomics"), ("pathology",), ("genomics",))
+  stage = dataclasses.replace(method.stages()[0], select="c_index", select_present=subsets)
+  batch = make_batch(cohort, val, BatchSpec(batch_size=len(val)))
+  want = [concordance_index_censored(
+      cohort.event[val], cohort.time[val],
+      np.asarray(method.predict(model, batch, frozenset(p), jax.random.key(0))["risk"]))[0]
+      for p in subsets]
+  assert len(set(np.round(want, 6))) == 3   # the subsets disagree, so the mean is a test
+  got = trainer.validation_score(stage, model, cohort, val, None)
+  assert got == pytest.approx(np.mean(want), abs=1e-9)
+  only_full = dataclasses.replace(stage, select_present=None)
+  assert trainer.validation_score(only_full, model, cohort, val, None) == pytest.approx(
+      want[0], abs=1e-9)
+
+
 def _fake_run(path, method, folds, rows, fingerprint="abc"):
   """A run directory as run_cv writes it: results.json + fold_<k>/risks.csv."""
   path.mkdir(parents=True)

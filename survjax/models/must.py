@@ -72,13 +72,24 @@ ablation "missing component filled by the LDM vs zeros vs the training mean").
 Training-time missingness (supp. 8.2): unpaired patients use a zero ``u^`` for the
 missing modality and the survival loss only.
 
-Not in the paper, a fallback (config ``unimodal_heads``): after the main stage, with the
-network frozen, one head per modality learns the survival loss from ``[u^_m; c~_m]``, the
-two vectors one modality alone gives at inference (the ``unimodal`` row of a missing
-scenario). With an inner validation split, the evaluation adds an ``auto`` row that uses,
-per fold, whichever of the diffusion fill, zeros, mean and unimodal head scores best on the
-validation patients under that scenario (`survjax.evaluate.cv`); the ``risk`` output, which
-``--mode=predict`` uses, stays the paper's diffusion fill.
+Not in the paper, a missing path trained for what it reads (config ``missing_weight``,
+``imputer``, ``fill``): in the main stage every complete pair also takes, for each
+modality m, the path a patient without m takes at inference, ``phi([u^_have; c~;
+u_fill])``, weighted ``missing_weight`` in the loss (its gradient reaches the encoders).
+``u_fill`` is an imputer's regression of u^_m on ``[u^_have; c~]`` (an MLP fitted to the
+stop-gradient u^_m relative to its variance, `relative_sq_error`; its output reaches the
+head held fixed), or zeros without one. ``fill`` names the path ``risk`` takes with a
+modality missing (``diffusion``: eq. 20-22; ``imputer``; ``zeros``; ``mean``;
+``unimodal``); the other paths are rows beside it. With ``missing_weight`` and a fill the
+main stage trains, its epoch is chosen on the mean validation C-index with both
+modalities and with each alone (`Stage.select_present`).
+
+A fallback (config ``unimodal_heads``): after the main stage, with the network frozen, one
+head per modality learns the survival loss from ``[u^_m; c~_m]``, the two vectors one
+modality alone gives at inference (the ``unimodal`` row of a missing scenario). With an
+inner validation split, the evaluation adds an ``auto`` row that uses, per fold, whichever
+row scores best on the validation patients under that scenario (`survjax.evaluate.cv`);
+the ``risk`` output, which ``--mode=predict`` uses, is the ``fill`` path.
 
 The risk score is ``-sum_k S(k)`` (MCAT convention).
 """
@@ -169,6 +180,16 @@ def decomposition_losses(comp: dict, weights: jax.Array, relative: bool = False)
   l_dec = ratio(res_p, variance(comp["g_p"])) + ratio(res_g, variance(comp["g_g"]))
   l_sh = ratio(res_sh, 0.5 * (variance(comp["c_pg"]) + variance(comp["c_gp"])))
   return l_dec, l_sh
+
+
+def relative_sq_error(pred, target, weights):
+  """``sum_j w_j ||pred_j - target_j||^2 / sum_j w_j ||target_j - tbar||^2`` with ``tbar``
+  the weighted mean of ``target``: the share of the targets' between-patient variation
+  that ``pred`` leaves unexplained (1 for the constant ``tbar``)."""
+  w = weights / jnp.maximum(jnp.sum(weights), 1.0)
+  centre = jnp.sum(w[:, None] * target, 0)
+  err = jnp.sum(w * jnp.sum((pred - target) ** 2, -1))
+  return err / (jnp.sum(w * jnp.sum((target - centre) ** 2, -1)) + 1e-8)
 
 
 class LatentStats(nnx.Variable):
@@ -304,6 +325,9 @@ class MUSTModel(nnx.Module):
       self.unimodal_heads = nnx.Dict({
           m: MLPHead(2 * d, cfg.head_hidden, cfg.num_bins, cfg.dropout, rngs=rngs)
           for m in names})
+    if cfg.get("imputer", False):  # imputers[m]: u^_m from [u^_other; c~_other]
+      self.imputers = nnx.Dict({m: MLPHead(2 * d, cfg.head_hidden, d, 0.0, rngs=rngs)
+                                for m in names})
     k = cfg.ldm.get("latent_dim", 0) or d
     self.denoisers = nnx.Dict({
         m: ConditionalDenoiser(dim=d, num_layers=cfg.ldm.num_layers, num_heads=cfg.ldm.num_heads,
@@ -458,6 +482,13 @@ class MUST:
   def num_bins(self):
     return self.cfg.num_bins
 
+  FILLS = ("diffusion", "imputer", "zeros", "mean", "unimodal")
+
+  @property
+  def fill(self) -> str:
+    """What `predict`'s ``risk`` reads in the missing slot (config ``fill``)."""
+    return self.cfg.get("fill", "diffusion")
+
   def __post_init__(self):
     """Checks the sizes the config sets, before anything is built or written."""
     c = self.cfg
@@ -474,6 +505,12 @@ class MUST:
                        "decomposition losses) without a between-patient variance, expected "
                        "a batch of 2 or more patients (accumulate for larger effective "
                        "batches)", path="config.train.batch_size")
+    has = {"imputer": c.get("imputer", False), "unimodal": c.get("unimodal_heads", False)}
+    available = [f for f in self.FILLS if has.get(f, True)]
+    if self.fill not in available:
+      raise InputError(f"fill {self.fill!r} is not available, expected one of {available} "
+                       "(imputer needs model.imputer, unimodal model.unimodal_heads)",
+                       path="config.model.fill")
     if not 0 <= c.ldm.get("latent_dim", 0) <= c.dim:
       raise InputError(f"latent_dim {c.ldm.latent_dim} is out of range, expected 0 (all "
                        f"{c.dim} dimensions) to model.dim = {c.dim}",
@@ -547,7 +584,49 @@ class MUST:
                             + jnp.abs(_cos(comp["u_p"], comp["c_pg"]))
                             + jnp.abs(_cos(comp["u_g"], comp["c_gp"])), paired)
     loss = l_surv + c.lambda_dec * l_dec + c.lambda_sh * l_sh + c.lambda_orth * l_orth
-    return loss, {"surv": l_surv, "decomp": l_dec, "shared": l_sh, "orth": l_orth}
+    metrics = {"surv": l_surv, "decomp": l_dec, "shared": l_sh, "orth": l_orth}
+    if c.get("imputer", False) or c.get("missing_weight", 0.0):
+      l_miss, l_imp = self.one_modality_losses(model, comp, batch, paired,
+                                               jax.random.fold_in(k_h, 1))
+      loss = loss + c.get("missing_weight", 0.0) * l_miss + l_imp
+      metrics.update(surv_missing=l_miss, impute=l_imp)
+    return loss, metrics
+
+  def one_modality_losses(self, model, comp, batch, weights, key):
+    """``(L_missing, L_impute)`` on the complete pairs of ``batch`` (``weights``).
+
+    L_missing is the mean over m of the survival loss of the path a patient without m
+    takes at inference (eq. 20-22): the head reads ``[u^_have; c~; u_fill]`` with
+    ``c~`` = `recover_shared` from the present modality and the fill of the missing
+    slot that training can compute: the imputer's (config ``imputer``), else zeros
+    (supp. 8.2's unpaired branch). Its gradient reaches the encoders, so they learn to
+    predict from one modality too.
+
+    L_impute fits each imputer to the missing modality's u^, relative to its
+    between-patient variance (as eq. 13-14), ``sum_j ||f_m(x_j) - u^_mj||^2 /
+    sum_j ||u^_mj - mean u^_m||^2`` with ``x = [u^_have; c~]``. Inputs and targets are
+    held fixed (stop-gradient) and the head reads the imputer's output held fixed, so
+    the imputer is a regression of u^_m on what the present modality gives, no more.
+    """
+    name_p, name_g = self.modalities
+    use_imputer = self.cfg.get("imputer", False)
+    losses, imputes = [], []
+    for i, (have, miss, name_miss) in enumerate((("p", "g", name_g), ("g", "p", name_p))):
+      u_have = comp[f"u_{have}"]
+      c_tilde = self.recover_shared(model, comp[f"g_{have}"], u_have)
+      if use_imputer:
+        x = jax.lax.stop_gradient(jnp.concatenate([u_have, c_tilde], -1))
+        u_fill = model.imputers[name_miss](x)
+        imputes.append(relative_sq_error(u_fill, jax.lax.stop_gradient(comp[f"u_{miss}"]),
+                                         weights))
+        u_fill = jax.lax.stop_gradient(u_fill)
+      else:
+        u_fill = jnp.zeros_like(u_have)
+      k = jax.random.fold_in(key, i)
+      logits = (model.head(u_have, c_tilde, u_fill, key=k) if have == "p"
+                else model.head(u_fill, c_tilde, u_have, key=k))
+      losses.append(self._surv(logits, batch, weights))
+    return 0.5 * (losses[0] + losses[1]), sum(imputes, jnp.zeros(()))
 
   def recover_shared(self, model, g, u_hat):
     """The shared component from one modality as the head reads it: ``c~ = g - u^``
@@ -641,10 +720,15 @@ class MUST:
       out.append(Stage("warmup", self.warmup_loss, adamw(c.stage1.lr, c.stage1.weight_decay),
                        epochs=c.stage1.epochs, trainable=everything_but_ldm,
                        patients=c.train_patients))
+    # The main stage trains the missing path when `missing_weight` > 0 and, if the
+    # fill is one it trains (not the LDM's, trained later), is chosen on it as well.
+    select_present = None
+    if c.get("missing_weight", 0.0) and self.fill in ("imputer", "zeros"):
+      select_present = (self.modalities,) + tuple((m,) for m in self.modalities)
     out.append(Stage("main", self.main_loss, adamw(c.stage2.lr, c.stage2.weight_decay),
                      epochs=c.stage2.epochs, trainable=everything_but_ldm,
                      patients=c.train_patients, select=c.stage2.get("select") or None,
-                     patience=c.stage2.get("patience", 0)))
+                     select_present=select_present, patience=c.stage2.get("patience", 0)))
     ldm = c.ldm
     for modality in self.modalities[::-1]:
       prepare, loss = self._ldm_stage_fns(modality)
@@ -688,15 +772,13 @@ class MUST:
                                self.sample_latent(model, modality, c_tilde, key).mean(axis=1))
 
   def _hazard_logits(self, model, batch, present, key):
-    """The head's logits for ``present`` modalities and what the missing path needs:
-    ``(logits of the paper's path, extras)``; with one modality, eq. 20-22 (c~ from the
-    present modality, u~ of the missing one by DDIM) and ``extras`` holds ``have``,
-    ``missing``, ``u_have``, ``c_tilde``, ``u_gen`` and the head as a function of the
-    missing slot."""
+    """The head's logits for ``present`` modalities, with one of them each fill's
+    ``{fill: logits}`` (eq. 20-22 for ``diffusion``: c~ from the present modality, u~ of
+    the missing one by DDIM; `FILLS`, those the model has); with both, ``{None: logits}``."""
     if present == frozenset(self.modalities):
       comp = model.components(batch)
       c_hat = 0.5 * (comp["c_pg"] + comp["c_gp"])
-      return model.head(comp["u_p"], c_hat, comp["u_g"]), None
+      return {None: model.head(comp["u_p"], c_hat, comp["u_g"])}
     if len(present) != 1:
       raise ValueError(f"MUST needs at least one modality, got {sorted(present)}")
     (have,) = present
@@ -704,30 +786,29 @@ class MUST:
     missing = name_g if have == name_p else name_p
     g, u_have = model.specific_only(batch, have)
     c_tilde = self.recover_shared(model, g, u_have)                            # eq. 20
-    u_gen = self.generate(model, missing, self.diffusion_condition(model, g, u_have),
-                          key)                                                 # eq. 21
 
     def head(u_missing):                                                       # eq. 22
       if have == name_p:
         return model.head(u_have, c_tilde, u_missing)
       return model.head(u_missing, c_tilde, u_have)
 
-    extras = dict(have=have, missing=missing, u_have=u_have, c_tilde=c_tilde, u_gen=u_gen,
-                  head=head)
-    return head(u_gen), extras
+    u_gen = self.generate(model, missing, self.diffusion_condition(model, g, u_have),
+                          key)                                                 # eq. 21
+    out = {"diffusion": head(u_gen), "zeros": head(jnp.zeros_like(u_gen)),
+           "mean": head(jnp.broadcast_to(model.latent_mean[missing][...], u_gen.shape))}
+    if self.cfg.get("imputer", False):
+      out["imputer"] = head(model.imputers[missing](jnp.concatenate([u_have, c_tilde], -1)))
+    if self.cfg.get("unimodal_heads", False):
+      out["unimodal"] = model.unimodal_heads[have](jnp.concatenate([u_have, c_tilde], -1))
+    return out
 
   def predict(self, model, batch, present, key):
-    risk = survival.discrete_time_risk
-    logits, x = self._hazard_logits(model, batch, present, key)
-    if x is None:
-      return {"risk": risk(logits)}
-    u_mean = jnp.broadcast_to(model.latent_mean[x["missing"]][...], x["u_gen"].shape)
-    out = {"risk": risk(logits), "zeros": risk(x["head"](jnp.zeros_like(x["u_gen"]))),
-           "mean": risk(x["head"](u_mean))}
-    if self.cfg.get("unimodal_heads", False):
-      out["unimodal"] = risk(model.unimodal_heads[x["have"]](
-          jnp.concatenate([x["u_have"], x["c_tilde"]], -1)))
-    return out
+    """``risk``: with a modality missing, the `fill` path's; the other fills as rows."""
+    rows = {k: survival.discrete_time_risk(v)
+            for k, v in self._hazard_logits(model, batch, present, key).items()}
+    if None in rows:
+      return {"risk": rows[None]}
+    return {"risk": rows.pop(self.fill), **rows}
 
   def survival(self, model, batch, present, key):
     """Optional hook (`survjax.method.Method`): ``S(k)`` ``[B, K]`` at the end of each bin,
@@ -735,7 +816,8 @@ class MUST:
     with both modalities ``phi([u^_P; c^; u^_G])``, with one the diffusion fill of eq. 22
     (DDIM with ``key``; None = ``jax.random.key(0)``)."""
     key = jax.random.key(0) if key is None else key
-    return survival.survival_curve(self._hazard_logits(model, batch, present, key)[0])
+    logits = self._hazard_logits(model, batch, present, key)
+    return survival.survival_curve(logits.get(None, logits.get(self.fill)))
 
   @property
   def attention(self):

@@ -134,7 +134,7 @@ class Trainer:
     self.progress = progress and jax.process_index() == 0
     self.traces = collections.Counter()
     self.chosen_epochs: dict[int, dict[str, int]] = {}
-    self._val_predict = None
+    self._val_predict = {}
     self._val_losses: dict[str, Any] = {}
     self._steps: dict[tuple[int, int | None], Any] = {}
     self._chunks: dict[tuple[int, int | None], Any] = {}
@@ -379,8 +379,9 @@ class Trainer:
     return selection
 
   def validation_score(self, stage: Stage, model, cohort, val_idx, bins) -> float:
-    """Stage ``select`` metric on the inner validation patients (complete ones for
-    ``c_index``: the prediction sees every modality)."""
+    """Stage ``select`` metric on the inner validation patients. ``c_index``: Harrell's C
+    of ``predict``'s risk on the complete validation patients, shown every modality or,
+    with ``stage.select_present``, each of those subsets in turn (the mean of the C's)."""
     graphdef, state = nnx.split(model)
     val_idx = np.asarray(val_idx)
     spec = dataclasses.replace(self.spec, max_instances=self.eval_max_instances)
@@ -388,22 +389,14 @@ class Trainer:
     if stage.select == "c_index":
       from survjax.evaluate.metrics import concordance_index
       val_idx = val_idx[cohort.complete(self.method.modalities)[val_idx]]
-      if self._val_predict is None:
-        present = frozenset(self.method.modalities)
-
-        def predict(graphdef, state, batch, key):
-          self.traces["validation"] += 1
-          return self.method.predict(nnx.merge(graphdef, state), batch, present, key)["risk"]
-        self._val_predict = jax.jit(predict, static_argnums=0)
-      risk = np.empty(len(val_idx))
-      pos = {p: j for j, p in enumerate(val_idx)}
-      for batch in iterate_batches(cohort, val_idx, spec, bins=bins, sort_by_length=True):
-        out = sharding.to_host(self._val_predict(graphdef, state,
-                                                 sharding.shard_batch(batch, self.mesh), key))
-        risk[[pos[p] for p in batch["index"][batch["valid"]]]] = out[batch["valid"]]
-      if not np.all(np.isfinite(risk)):
-        return float("-inf")
-      return float(concordance_index(cohort.time[val_idx], cohort.event[val_idx], risk)[0])
+      scores = []
+      for present in stage.select_present or (tuple(self.method.modalities),):
+        risk = self._validation_risk(frozenset(present), graphdef, state, cohort, val_idx,
+                                     spec, bins, key)
+        if not np.all(np.isfinite(risk)):
+          return float("-inf")
+        scores.append(concordance_index(cohort.time[val_idx], cohort.event[val_idx], risk)[0])
+      return float(np.mean(scores))
     if stage.select == "loss":
       losses, weights = [], []
       for batch in iterate_batches(cohort, val_idx, spec, bins=bins, sort_by_length=True):
@@ -413,6 +406,22 @@ class Trainer:
         weights.append(int(batch["valid"].sum()))
       return float(np.average(losses, weights=weights))
     raise ValueError(f"stage {stage.name}: select={stage.select!r}, expected 'c_index' or 'loss'")
+
+  def _validation_risk(self, present, graphdef, state, cohort, val_idx, spec, bins, key):
+    """``predict``'s risk of ``val_idx`` shown the ``present`` modalities (jitted once per
+    subset)."""
+    if present not in self._val_predict:
+      def predict(graphdef, state, batch, key):
+        self.traces["validation"] += 1
+        return self.method.predict(nnx.merge(graphdef, state), batch, present, key)["risk"]
+      self._val_predict[present] = jax.jit(predict, static_argnums=0)
+    risk = np.empty(len(val_idx))
+    pos = {p: j for j, p in enumerate(val_idx)}
+    for batch in iterate_batches(cohort, val_idx, spec, bins=bins, sort_by_length=True):
+      out = sharding.to_host(self._val_predict[present](
+          graphdef, state, sharding.shard_batch(batch, self.mesh), key))
+      risk[[pos[p] for p in batch["index"][batch["valid"]]]] = out[batch["valid"]]
+    return risk
 
   def _val_loss(self, stage: Stage):
     if stage.name not in self._val_losses:

@@ -3,8 +3,9 @@ r"""MUST on the embedded synthetic TCGA-like cohort (the main job).
   python -m survjax.main --config=configs/must.py --workdir=runs/must
 
 5-fold cross-validation, scenarios full / missing_pathology / missing_genomics, each
-missing one also with the zeros and training-mean fills, the unimodal head and the choice
-among them on validation (``/auto``); about 10 min on 2 CPU cores.
+missing one by the imputer's fill (the default path) and also with the paper's diffusion
+fill, zeros, the training mean, the unimodal head and the choice among them on validation
+(``/auto``); about 10 min on 2 CPU cores.
 Expected result (docs/results/runs/must.json; `bash scripts/reproduce_results.sh must`):
 
 <!-- generated: scenarios.must -->
@@ -30,10 +31,14 @@ collapse), batch 32 of padded bags instead of batch 1 with accumulation, trainin
 32 patches, a 10-epoch warm-up, a main stage of at most 12 epochs whose epoch is chosen on
 an inner validation part (20% of each training fold), a 600-step LDM on u^ (the paper's
 256 dimensions, standardised) conditioned on c~ = g - u^, DDIM clipping at +-3, gradient
-clipping at 1.0, and unimodal fallback heads (the ``/unimodal`` and ``/auto`` rows; the
-``missing_*`` row itself is the paper's diffusion fill). The main stage's learning rate and
+clipping at 1.0, unimodal fallback heads (the ``/unimodal`` and ``/auto`` rows), and a
+missing path trained in the main stage: each complete pair also takes the path of a
+patient without each modality, whose missing slot an imputer fills (a regression of u^_m
+on what the present modality gives); the ``missing_*`` row is that path, the paper's
+diffusion fill is ``/diffusion``, and the main stage's epoch is chosen on the mean
+validation C-index with both modalities and each alone. The main stage's learning rate and
 the rank (``--mode=tune``) and the LDM's latent (``:tune_ldm``, against 8 whitened
-principal coordinates) were chosen on a development draw (``data.synthetic.seed=1``),
+principal coordinates) were chosen, for ``:paper_missing``, on a development draw (``data.synthetic.seed=1``),
 docs/results/must.md; the draws reported there (seeds 0, 2, 3, 4) never took part.
 
 Variants: ``:smoke`` (2 folds of 120 patients, 64-d; about a minute), ``:paper`` (every
@@ -43,7 +48,9 @@ u^ trained on c^ for 10k steps, no clipping), ``:paper_decomp`` (eq. 13-14 as wr
 most 30 main epochs at the paper's lr 2e-4), ``:decomp_sg`` (the same, no gradient into g through eq. 13),
 ``:paper_schedule`` (30 + 30 epochs, a 10x longer LDM), ``:paper_ldm`` (the LDM trained
 on c^), ``:no_warmup``, ``:cond_c`` ([c] conditioning), ``:rank16`` /
-``:rank128``, ``:train_missing`` (15% of patients miss each modality and train unpaired,
+``:rank128``, ``:paper_missing`` (the head trained on complete pairs only, the diffusion
+fill as the risk: the paper's missing path, the previous default), ``:missing_zeros``
+(the missing path trained with zeros in the missing slot), ``:train_missing`` (15% of patients miss each modality and train unpaired,
 supp. 8.2), ``:tune_ldm`` (``--mode=tune`` grid of the LDM's latent, scored on the missing
 scenarios).
 """

@@ -17,8 +17,8 @@ deviation (`survjax.data.formats.standardize_fold`); one-hot columns stay 0/1.
 Differences from configs/must.py, for a cohort of 198 patients with 51 events: model width
 D = 64, rank r = 16, 4 heads, a 2-layer denoiser trained 1000 steps at the paper's lr
 1e-4 without x0 clipping, batch 16. Stages and learning rates are the paper's (30 + 30
-epochs, main lr 2e-4). Like configs/must.py, the denoiser diffuses the 8 whitened
-principal coordinates of u^ and is conditioned on the surrogate c~ = g - u^.
+epochs, main lr 2e-4). The missing path is configs/must.py's (trained in the main stage,
+the imputer's fill as the risk, the diffusion fill as a row).
 
 Reference rows: `survjax.evaluate.reference` fits sksurv's CoxPHSurvivalAnalysis (ridge
 alpha = 1) and RandomSurvivalForest (100 trees) on the same features (genes + clinical,

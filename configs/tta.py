@@ -49,13 +49,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.num_bins = 4
   m.standardize_genomics = True
   # mode/momentum/inner_iterations: ott's kernel-mode Sinkhorn with over-relaxation 1.5,
-  # error checked every iteration (survjax/ot.py; benchmarks/uot.py). Until 2026-12 the
-  # default was the log domain without momentum ("lse", 1.0, 10); the plans agree to the
-  # threshold (tests/test_tta.py), docs/results/runs/tta.json was made with that setting.
+  # error checked every iteration; chunk_bytes: patients solved in groups whose plans fit
+  # 1.5 MiB (this CPU's L2 is 2 MiB per core; training batches of 128-patch bags fit whole)
+  # (survjax/ot.py; benchmarks/uot.py). Until 2026-12 the default was the log domain
+  # without momentum ("lse", 1.0, 10, 0); the plans agree to the threshold
+  # (tests/test_tta.py), docs/results/runs/tta.json was made with that setting.
   m.ot = ml_collections.ConfigDict(dict(
       epsilon=0.1, gamma=1.0, joint=True, structure_lambda=0.0, outer_iterations=3,
       threshold=1e-3, max_iterations=200, grad="stop", mode="kernel", momentum=1.5,
-      inner_iterations=1))
+      inner_iterations=1, chunk_bytes=3 << 19))
   m.rho_ramp_epochs = 3  # the reference: 10 (of a longer GPU run)
   m.ce_weight = 0.5
   m.apart_weight = 0.5

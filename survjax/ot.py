@@ -277,25 +277,35 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
   return jnp.where(empty, 0.0, plan), converged
 
 
-def _vmapped_plan(logits, mask, rho, feats, kwargs):
-  if feats is None:
-    return jax.vmap(lambda l, m: prototype_plan(l, m, rho, **kwargs))(logits, mask)
-  return jax.vmap(lambda l, m, f: prototype_plan(l, m, rho, feats=f, **kwargs))(
-      logits, mask, feats)
+def _vmapped_plan(logits, mask, rho, feats, kwargs, chunk):
+  """`prototype_plan` vmapped over the patients, ``chunk`` patients at a time."""
+  one = lambda x: prototype_plan(x[0], x[1], rho, feats=x[2], **kwargs)
+  xs = (logits, mask, feats)
+  if chunk >= logits.shape[0]:
+    return jax.vmap(one)(xs)
+  return jax.lax.map(one, xs, batch_size=chunk)
 
 
 def batched_plan(logits: jax.Array, mask: jax.Array, rho, feats: jax.Array | None = None,
-                 **kwargs):
+                 *, chunk_bytes: int = 0, **kwargs):
   """`prototype_plan` for every patient at once (``jax.vmap``): ``[B, N, K]`` logits,
   ``[B, N]`` mask, ``[B, N, d]`` feats (or None) -> ``([B, N, K (+1)], [B] converged)``.
 
   In ``mode="kernel"`` the batch is re-solved in ``"lse"`` mode without momentum when any
   patient's kernel solve is unsafe or did not converge (see the module docstring).
+
+  ``chunk_bytes > 0`` solves the patients in consecutive groups (``lax.map`` over groups,
+  ``vmap`` within a group) whose float32 plans fit in that many bytes, so that a group's
+  kernel stays in the CPU's cache across the iterations, and a group stops with its own
+  slowest patient; 0 (or a batch that fits) vmaps the whole batch. The plans are the same.
   """
   kwargs.setdefault("mode", "lse")
+  b, n, k = logits.shape
+  per_patient = 4 * n * (k + int(kwargs.get("dustbin", True)))
+  chunk = b if chunk_bytes <= 0 else max(1, min(b, chunk_bytes // per_patient))
   if kwargs["mode"] != "kernel":
-    return _vmapped_plan(logits, mask, rho, feats, kwargs)
-  plan, converged = _vmapped_plan(logits, mask, rho, feats, kwargs)
+    return _vmapped_plan(logits, mask, rho, feats, kwargs, chunk)
+  plan, converged = _vmapped_plan(logits, mask, rho, feats, kwargs, chunk)
   fallback = {**kwargs, "mode": "lse", "momentum": 1.0}
   return jax.lax.cond(jnp.all(converged), lambda: (plan, converged),
-                      lambda: _vmapped_plan(logits, mask, rho, feats, fallback))
+                      lambda: _vmapped_plan(logits, mask, rho, feats, fallback, chunk))

@@ -128,7 +128,7 @@ PREVIOUS = dict(mode="lse", momentum=1.0, inner_iterations=10, threshold=1e-3,
                 max_iterations=200)
 _batched = jax.jit(ot.batched_plan, static_argnames=(
     "epsilon", "gamma", "dustbin", "structure_lambda", "outer_iterations", "threshold",
-    "max_iterations", "implicit", "mode", "momentum", "inner_iterations"))
+    "max_iterations", "implicit", "mode", "momentum", "inner_iterations", "chunk_bytes"))
 
 
 def test_kernel_mode_plan_agrees_with_the_log_domain_default():
@@ -148,6 +148,9 @@ def test_kernel_mode_plan_agrees_with_the_log_domain_default():
     prev, conv_p = _batched(logits, mask, rho, f, structure_lambda=lam, **PREVIOUS)
     fast, prev = np.asarray(fast), np.asarray(prev)
     assert bool(np.all(conv_f)) and bool(np.all(conv_p))
+    if lam == 0 and rho == 0.5:  # patients in groups of 2 (lax.map): the same plans
+      grouped, _ = _batched(logits, mask, rho, chunk_bytes=2 * 4 * n * (k + 1), **FAST)
+      np.testing.assert_allclose(np.asarray(grouped), fast, rtol=1e-5, atol=1e-9)
     np.testing.assert_array_less(np.abs(fast - prev).sum((1, 2)), 2e-3)
     assert np.all(fast[~np.asarray(mask)] == 0.0)
     if lam == 0:

@@ -390,6 +390,33 @@ def _scaling_table(d) -> str:
           + ("\n" + d["note"] + ".\n" if d.get("note") else ""))
 
 
+def _profile_table(d) -> str:
+  """`benchmarks.profile_must_step`: MUST's step, forward against backward, by op kind."""
+  rounds = d["times"]
+  med = lambda k: sorted(r[k] for r in rounds)[len(rounds) // 2]  # noqa: E731
+  fwd, vg, step = med("forward_ms"), med("value_and_grad_ms"), med("step_ms")
+  cost = d["xla_cost"]
+  rows = [["forward (the loss alone)", _ms(fwd), f"{cost['forward']['gflop']:.1f} GFLOP, "
+           f"{cost['forward']['bytes_accessed_gb']:.2f} GB accessed"],
+          ["value_and_grad (forward + backward)", _ms(vg),
+           f"{cost['value_and_grad']['gflop']:.1f} GFLOP, "
+           f"{cost['value_and_grad']['bytes_accessed_gb']:.2f} GB accessed"],
+          ["backward alone (value_and_grad - forward)", f"{_ms(vg - fwd)} "
+           f"({(vg - fwd) / fwd:.1f}x the forward)",
+           f"{cost['value_and_grad']['gflop'] - cost['forward']['gflop']:.1f} GFLOP"],
+          ["training step (value_and_grad + optimiser)", _ms(step), ""]]
+  tr = d["trace"]
+  for k, v in tr["by_direction_ms"].items():
+    rows.append([f"traced value_and_grad: {k}", _ms(v),
+                 f"{100 * v / tr['total_ms']:.0f}% of the traced thunk time"])
+  for k, v in list(tr["by_kind_ms"].items())[:8]:
+    rows.append([f"traced value_and_grad: `{k}` thunks", _ms(v),
+                 f"{100 * v / tr['total_ms']:.0f}%"])
+  s = d["setup"]
+  return _table([f"MUST main-stage step, {s['batch']} patients x {s['bag']} patches "
+                 "(p50; median of alternating rounds)", "time", "XLA cost / share"], rows)
+
+
 def bench_table(name: str) -> str:
   """A benchmark JSON of ``benchmarks/results/`` as a table (README speed section)."""
   d = _bench(name)
@@ -406,6 +433,8 @@ def bench_table(name: str) -> str:
     return _cindex_table(d) + _caption(d, "python -m benchmarks.cindex")
   if name.startswith("scaling"):
     return _scaling_table(d) + _caption(d, "python -m benchmarks.scaling")
+  if name.startswith("profile_must_step"):
+    return _profile_table(d) + _caption(d, "python -m benchmarks.profile_must_step")
   if name.startswith("gcs_step"):
     rows = []
     for key in ("probes_0", "probes_1", "probes_4", "probes_16"):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -174,12 +175,15 @@ def _jax_mil_model(name: str, in_dim: int, dim: int, num_landmarks: int | None =
   raise ValueError(name)
 
 
-def _jax_mil_forward(name: str, graphdef):
-  """Jitted ``(state, x [B, N, D], mask [B, N]) -> output`` of the MIL model."""
+def _jax_mil_forward(name: str, graphdef, precision: str = "float32"):
+  """Jitted ``(state, x [B, N, D], mask [B, N]) -> output`` of the MIL model (matmuls at
+  ``precision``, `survjax.nn.core.PRECISIONS`)."""
 
   @jax.jit
   def fwd(state, x, mask):
-    out = nnx.merge(graphdef, state)(x, mask)
+    model = nnx.merge(graphdef, state)
+    out = (model(x, mask) if precision == "float32"
+           else model(x, mask, precision=precision))
     return out[0] if name == "abmil" else out  # ABMIL: pooled (attention not returned)
 
   return fwd
@@ -216,7 +220,8 @@ def jax_mil_worker(spec: dict) -> dict:
   x = random_bag(n, spec["in_dim"])
   mask = jnp.ones((1, n), bool)
   jax.block_until_ready((x, mask))
-  fwd = _jax_mil_forward(spec["model"], graphdef)
+  precision = spec.get("precision", "float32")
+  fwd = _jax_mil_forward(spec["model"], graphdef, precision)
   compiled, compile_s = common.compile_timed(fwd, state, x, mask)
   t0 = time.perf_counter()
   jax.block_until_ready(compiled(state, x, mask))
@@ -235,8 +240,16 @@ def jax_mil_worker(spec: dict) -> dict:
   stats["first_call_ms"] = first_s * 1e3
   peak = max(peak_first["peak_mb"], end["peak_mb"])
   device_stats = jax.devices()[0].memory_stats() or {}
+  threshold = getattr(model, "chunk_threshold", None)
   return {
       "model": spec["model"], "n": n, "compile_s": compile_s, "forward": stats,
+      "precision": precision,
+      # TransMIL: sequences past this many tokens take the chunked path (the default
+      # follows the device's memory, survjax.nn.nystrom.chunk_elements)
+      "chunk_threshold": threshold,
+      # one class token + the square grid's capacity (TransMIL's own test)
+      "chunked": (None if threshold is None
+                  else bool(1 + (math.isqrt(max(n - 1, 0)) + 1) ** 2 > threshold)),
       "input_mb": n * spec["in_dim"] * 4 / 2**20,
       "memory": {"baseline_mb": baseline["peak_mb"],
                  "baseline_before_model_mb": baseline_pre_model["peak_mb"],
@@ -293,7 +306,8 @@ def mil_forward(args, torch_py: str | None, torch_reason: str | None) -> dict:
           common.log(f"  {name} n={n}: skipped ({s['skipped'][-1]['reason']})")
           continue
       spec = {"model": name, "n": n, "in_dim": args.in_dim, "dim": args.dim,
-              "repeats": reps, "max_seconds": args.mil_size_seconds}
+              "repeats": reps, "max_seconds": args.mil_size_seconds,
+              "precision": args.precision}
       res, reason = _run_jax_worker(spec, timeout=1200)
       if res is None:
         s["jax"].append({"n": n, "failed": reason})
@@ -548,6 +562,9 @@ def main(argv=None):
                  help="TransMIL sizes re-measured in alternating JAX/torch rounds "
                       "(default 10000, quick none)")
   p.add_argument("--paired-rounds", type=int, default=3)
+  p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                 help="matmul precision of the JAX MIL forwards of the size sweep (the paired "
+                      "rounds and the numeric checks stay float32)")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:

@@ -333,7 +333,10 @@ def _mil_rows(d, model: str) -> list[list[str]]:
     mem = lambda r: r["memory"].get("device_peak_mb", r["memory"]["peak_mb"])  # noqa: E731
     jt = jr["forward"]["p50_ms"]
     rows.append([f"{'TransMIL' if model == 'transmil' else 'gated ABMIL'} forward, "
-                 f"{_patches(n)} patches",
+                 f"{_patches(n)} patches"
+                 + (" (chunked path)" if jr.get("chunked") else "")
+                 + (f", {jr['precision']} matmuls" if jr.get("precision", "float32")
+                    != "float32" else ""),
                  f"{_ms(jt)}, peak {mem(jr) / 1024:.2f} GB",
                  "" if tr is None else f"{_ms(tr['forward']['p50_ms'])}, peak "
                  f"{mem(tr) / 1024:.2f} GB",

@@ -30,7 +30,9 @@ path, which stays the default everywhere. On the CPU the kernel can only run
 interpreted (``interpret=True``, the default there): a correctness reference, slow.
 On a GPU it lowers through Triton; that lowering has not yet been run (no GPU in the
 session that wrote it): `benchmarks/run_gpu.sh` times it and falls back to reporting
-the lowering error.
+the lowering error. Each program loads whole weight matrices (up to ``D x 4D`` per
+layer) as blocks, which may exceed what Triton keeps in registers and shared memory;
+tiling those products over ``K`` inside the kernel is the next step if it does.
 """
 
 from __future__ import annotations

@@ -43,7 +43,13 @@ Variants: :smoke (2 folds of 120 patients, 64-d, 3 + 2 epochs; 51 s, a pipeline 
 C-index about 0.5), :large (Table 1 large: 756-d, 12 heads, 6/12 layers, decoder 8),
 :paper_dims (256-d, 6/4 layers), :paper_schedule
 (800 pretraining epochs, warm-up 50, lr 1e-4, batch 256), :last_epoch (no epoch
-selection), :masked (missing modalities left masked).
+selection), :masked (missing modalities left masked), :unimodal_pretrain (the decoder
+decodes each modality from its own tokens, no modality hidden whole: paper Table 4's
+unimodal row; 5 folds about 12 min on a loaded CPU, docs/results/imputmae.md), :tiles
+(raw RGB WSI tiles instead of patch features: 4 tiles of 64 x 64 per patient, a 4-layer
+ViT on 16 x 16 patches, transposed-convolution decoder head; data.files.tiles_dir reads
+CLAM imgs HDF5 files or image folders; `:tiles,smoke` runs end to end in about 10 min on
+a loaded 2-core CPU, C-index about 0.5; no 5-fold result yet).
 """
 
 import ml_collections

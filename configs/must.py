@@ -76,6 +76,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.lambda_sh = 1.0
   m.lambda_orth = 0.5
   m.grad_clip = 1.0
+  m.precision = "float32"   # "bfloat16": bf16 matmuls, float32 accumulation (TransMIL, DDIM)
   m.decomp_stop_gradient = False   # True: eq. 13 takes g as a fixed target (:decomp_sg)
   m.decomp_relative = True   # eq. 13-14 over the between-patient variance (False: as written)
   m.train_patients = "complete"   # paper protocol; "any" = training-time missingness

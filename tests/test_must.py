@@ -564,3 +564,22 @@ def test_a_fill_the_model_lacks_is_refused():
     get_method(_tiny_config(imputer=False))
   with pytest.raises(InputError, match="fill 'unknown' is not available"):
     get_method(_tiny_config(fill="unknown"))
+
+
+def test_bfloat16_matmuls_move_the_risks_little(toy):
+  """``precision = "bfloat16"`` (TransMIL and the denoiser; float32 accumulation) on the
+  same parameters: every risk row within 3% of the float32 row's range, and not equal
+  (the bf16 path is taken)."""
+  cohort, method, bins = toy
+  bf16 = get_method(_tiny_config(precision="bfloat16"))
+  info = cohort_info(cohort, method.modalities)
+  m32, m16 = method.build(info, nnx.Rngs(0)), bf16.build(info, nnx.Rngs(0))
+  for hide, present in (((), {"pathology", "genomics"}), (("pathology",), {"genomics"}),
+                        (("genomics",), {"pathology"})):
+    batch = make_batch(cohort, np.arange(16), BatchSpec(batch_size=16), bins=bins, hide=hide)
+    r32 = _predict(method, m32, batch, frozenset(present), jax.random.key(0))
+    r16 = _predict(bf16, m16, batch, frozenset(present), jax.random.key(0))
+    for row in r32:
+      np.testing.assert_allclose(r16[row], r32[row], atol=0.03 * np.ptp(r32[row]), err_msg=row)
+    if "pathology" in present:
+      assert not np.array_equal(r16["risk"], r32["risk"])

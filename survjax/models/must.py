@@ -97,6 +97,7 @@ The risk score is ``-sum_k S(k)`` (MCAT convention).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -240,10 +241,11 @@ class BagEncoder(nnx.Module):
   def __init__(self, in_dim: int, cfg, *, rngs: nnx.Rngs):
     self.transmil = TransMIL(in_dim, dim=cfg.dim, num_heads=cfg.num_heads,
                              num_landmarks=cfg.num_landmarks, rngs=rngs)
+    self.precision = cfg.get("precision", "float32")
 
   def __call__(self, mod, key=None):
     cls, tokens = self.transmil(mod["x"].astype(jnp.float32), mod["mask"], key=key,
-                                return_tokens=True)
+                                return_tokens=True, precision=self.precision)
     return cls[:, 0], tokens, mod["mask"]
 
   def attention(self, mod):
@@ -760,7 +762,10 @@ class MUST:
     cond = model.condition(modality, model.standardize_condition(modality, c_tilde),
                            ldm.condition == "c_cls")
     denoiser = model.denoisers[modality]
-    _, samples = ddim.ddim_sample(denoiser, cond, key, self._schedule(),
+    precision = self.cfg.get("precision", "float32")
+    eps_fn = (denoiser if precision == "float32"
+              else functools.partial(denoiser, precision=precision))
+    _, samples = ddim.ddim_sample(eps_fn, cond, key, self._schedule(),
                                   num_steps=ldm.ddim_steps, eta=ldm.eta,
                                   num_samples=ldm.num_samples, dim=denoiser.latent_dim,
                                   clip_x0=ldm.get("clip_x0") or None)

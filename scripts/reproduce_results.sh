@@ -3,7 +3,7 @@
 # runs each config below into runs/<name>, copies its results.json to
 # docs/results/runs/<name>.json, then rewrites the generated tables
 # (python -m survjax.docs). Runs already finished are reused (a run directory resumes).
-#   bash scripts/reproduce_results.sh              # everything (about two hours on 2 cores)
+#   bash scripts/reproduce_results.sh              # everything (about four hours on 2 cores)
 #   bash scripts/reproduce_results.sh must snn     # some of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +38,15 @@ declare -A CONFIGS=(
   [abmil_parachute_cohort]="configs/abmil.py:parachute_cohort"
   [tta]="configs/tta.py"
   [imputmae]="configs/imputmae.py"
+  [imputmae_hide0]="configs/imputmae.py --config.model.pretrain.hide_modality=0.0"
+  [imputmae_unimodal_pretrain]="configs/imputmae.py:unimodal_pretrain"
+  [snn_imputmae_cohort]="configs/snn.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
+  [abmil_imputmae_cohort]="configs/abmil.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
 )
 ORDER=(must_tune must_tune_ldm must abmil transmil snn must_paper_decomp must_breast tta parachute
        parachute_no_dce parachute_no_gcs parachute_no_dce_no_gcs abmil_radiology
-       abmil_parachute_cohort imputmae must_seed2 abmil_seed2 snn_seed2 must_seed3 abmil_seed3
+       abmil_parachute_cohort imputmae imputmae_hide0 imputmae_unimodal_pretrain
+       snn_imputmae_cohort abmil_imputmae_cohort must_seed2 abmil_seed2 snn_seed2 must_seed3 abmil_seed3
        snn_seed3 must_seed4 abmil_seed4 snn_seed4 must_paper must_paper_missing
        must_paper_missing_seed2 must_paper_missing_seed3 must_paper_missing_seed4)
 names=("$@")
@@ -84,6 +89,8 @@ for s in 0 2 3 4; do
   compare "draw${s}_fill_genomics" "must$sfx:missing_genomics/zeros" "runs/must$sfx"
 done
 compare tta_vs_must must:full runs/tta runs/must runs/abmil runs/snn
+compare imputmae_vs_unimodal_baselines snn_imputmae_cohort:full runs/imputmae \
+  runs/snn_imputmae_cohort runs/abmil_imputmae_cohort
 compare parachute_ablations parachute:full runs/parachute runs/parachute_no_dce \
   runs/parachute_no_gcs runs/parachute_no_dce_no_gcs runs/abmil_radiology runs/abmil_parachute_cohort
 "$PY" scripts/cohort_oracles.py > /dev/null

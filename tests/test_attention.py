@@ -143,11 +143,12 @@ def test_transmil_attention_chunked_path_equals_unchunked():
 
 # ---- MUST ---------------------------------------------------------------------------------
 
-def _tiny_must_config() -> ml_collections.ConfigDict:
+def _tiny_must_config(**model) -> ml_collections.ConfigDict:
   c = must_config.get_config("smoke")
   m = c.model
   m.dim, m.num_heads, m.num_landmarks, m.rank, m.head_hidden = 32, 4, 8, 8, 32
   m.ldm.num_layers, m.ldm.num_heads, m.ldm.ddim_steps, m.ldm.num_samples = 1, 4, 5, 2
+  m.update(model)
   return c
 
 
@@ -234,11 +235,14 @@ def test_must_survival_with_both_modalities(must_toy):
   assert np.ptp(s[:, -1]) > 0  # patients differ
 
 
+@pytest.mark.parametrize("fill", ["imputer", "diffusion"])
 @pytest.mark.parametrize("missing", ["genomics", "pathology"])
-def test_must_survival_with_one_modality_is_the_diffusion_fill_head(must_toy, missing):
-  """S from phi([u^_P; P (g - u^); u~_G]) (or the mirror), u~ the DDIM mean with the
-  hook's key; the same curve `predict`'s risk comes from; the missing data never read."""
-  cohort, method, model = must_toy
+def test_must_survival_with_one_modality_is_the_fill_paths_head(must_toy, missing, fill):
+  """S from phi([u^_P; P (g - u^); u_fill]) (or the mirror), u_fill the imputer's (the
+  default) or the DDIM mean with the hook's key (``fill = "diffusion"``); the same curve
+  `predict`'s risk comes from; the missing data never read."""
+  cohort, _, model = must_toy
+  method = get_method(_tiny_must_config(fill=fill))
   have = "pathology" if missing == "genomics" else "genomics"
   batch = make_batch(cohort, np.arange(6), BatchSpec(batch_size=6), hide=(missing,),
                      fill=np.nan)
@@ -249,9 +253,12 @@ def test_must_survival_with_one_modality_is_the_diffusion_fill_head(must_toy, mi
   np.testing.assert_allclose(-s.sum(axis=1), risk, rtol=1e-5, atol=1e-6)
   def head_logits(model, batch):
     g, u = model.specific_only(batch, have)
-    u_gen = method.generate(model, missing, g - u, key)
     c = model.project_shared(g - u)
-    return model.head(u, c, u_gen) if have == "pathology" else model.head(u_gen, c, u)
+    if fill == "diffusion":
+      u_fill = method.generate(model, missing, g - u, key)
+    else:
+      u_fill = model.imputers[missing](jnp.concatenate([u, c], -1))
+    return model.head(u, c, u_fill) if have == "pathology" else model.head(u_fill, c, u)
 
   logits = _jit_hook(head_logits, model)(batch)
   np.testing.assert_allclose(s, _reference_curve(logits), rtol=1e-4, atol=1e-6)

@@ -11,19 +11,21 @@ Expected result (docs/results/runs/must.json; `bash scripts/reproduce_results.sh
 <!-- generated: scenarios.must -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.782 +- 0.046 | 0.775, 0.826, 0.766, 0.835, 0.706 | 0.843 |
-| `missing_pathology/mean` | 0.765 +- 0.055 | 0.765, 0.821, 0.743, 0.822, 0.673 | 0.810 (room +0.032) |
-| `missing_pathology` | 0.745 +- 0.045 | 0.719, 0.765, 0.752, 0.811, 0.678 | 0.810 (room +0.032) |
-| `missing_pathology/unimodal` | 0.750 +- 0.043 | 0.750, 0.791, 0.736, 0.796, 0.678 | 0.810 (room +0.032) |
-| `missing_pathology/zeros` | 0.766 +- 0.059 | 0.774, 0.821, 0.751, 0.822, 0.662 | 0.810 (room +0.032) |
-| `missing_pathology/auto` | 0.761 +- 0.060 | 0.765, 0.821, 0.736, 0.822, 0.662 (chose mean, mean, unimodal, zeros, zeros) | 0.810 (room +0.032) |
-| `missing_genomics/mean` | 0.743 +- 0.028 | 0.756, 0.775, 0.737, 0.753, 0.692 | 0.802 (room +0.029) |
-| `missing_genomics` | 0.758 +- 0.028 | 0.775, 0.772, 0.752, 0.784, 0.706 | 0.802 (room +0.029) |
-| `missing_genomics/unimodal` | 0.749 +- 0.032 | 0.794, 0.762, 0.724, 0.764, 0.702 | 0.802 (room +0.029) |
-| `missing_genomics/zeros` | 0.736 +- 0.026 | 0.752, 0.769, 0.735, 0.735, 0.690 | 0.802 (room +0.029) |
-| `missing_genomics/auto` | 0.749 +- 0.035 | 0.794, 0.762, 0.735, 0.764, 0.690 (chose unimodal, unimodal, zeros, unimodal, zeros) | 0.802 (room +0.029) |
+| `full` | 0.792 +- 0.047 | 0.788, 0.840, 0.772, 0.843, 0.716 | 0.843 |
+| `missing_pathology/diffusion` | 0.756 +- 0.058 | 0.739, 0.814, 0.735, 0.824, 0.668 | 0.810 (room +0.032) |
+| `missing_pathology/mean` | 0.771 +- 0.051 | 0.776, 0.818, 0.745, 0.828, 0.688 | 0.810 (room +0.032) |
+| `missing_pathology` | 0.770 +- 0.048 | 0.778, 0.813, 0.753, 0.819, 0.688 | 0.810 (room +0.032) |
+| `missing_pathology/unimodal` | 0.764 +- 0.037 | 0.742, 0.825, 0.727, 0.789, 0.737 | 0.810 (room +0.032) |
+| `missing_pathology/zeros` | 0.774 +- 0.052 | 0.771, 0.818, 0.765, 0.833, 0.683 | 0.810 (room +0.032) |
+| `missing_pathology/auto` | 0.772 +- 0.050 | 0.776, 0.818, 0.753, 0.824, 0.688 (chose mean, mean, risk, diffusion, risk) | 0.810 (room +0.032) |
+| `missing_genomics/diffusion` | 0.762 +- 0.049 | 0.780, 0.803, 0.721, 0.818, 0.690 | 0.802 (room +0.029) |
+| `missing_genomics/mean` | 0.757 +- 0.044 | 0.769, 0.815, 0.715, 0.789, 0.697 | 0.802 (room +0.029) |
+| `missing_genomics` | 0.769 +- 0.040 | 0.780, 0.808, 0.757, 0.804, 0.698 | 0.802 (room +0.029) |
+| `missing_genomics/unimodal` | 0.744 +- 0.034 | 0.789, 0.738, 0.736, 0.768, 0.689 | 0.802 (room +0.029) |
+| `missing_genomics/zeros` | 0.753 +- 0.040 | 0.773, 0.801, 0.726, 0.777, 0.690 | 0.802 (room +0.029) |
+| `missing_genomics/auto` | 0.771 +- 0.041 | 0.789, 0.808, 0.757, 0.804, 0.697 (chose unimodal, risk, risk, risk, mean) | 0.802 (room +0.029) |
 
-Training 552 s, evaluation 123 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
+Training 3243 s, evaluation 594 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
 <!-- end generated -->
 The paper's settings (Sec. 3, supp. 6-7) except, each a field below: eq. 13-14 relative
 to the between-patient variance (``model.decomp_relative``; as written they are met by

@@ -30,21 +30,23 @@ must_breast`, about 2 minutes):
 <!-- generated: scenarios.must_breast -->
 | scenario | C-index | per fold | oracle |
 |---|---|---|---|
-| `full` | 0.605 +- 0.025 | 0.561, 0.623, 0.599, 0.606, 0.636 |  |
-| `missing_clinical/mean` | 0.590 +- 0.034 | 0.554, 0.549, 0.609, 0.641, 0.594 |  |
-| `missing_clinical` | 0.499 +- 0.065 | 0.394, 0.454, 0.539, 0.562, 0.548 |  |
-| `missing_clinical/unimodal` | 0.562 +- 0.099 | 0.478, 0.613, 0.645, 0.663, 0.412 |  |
-| `missing_clinical/zeros` | 0.583 +- 0.047 | 0.538, 0.521, 0.599, 0.648, 0.607 |  |
-| `missing_clinical/auto` | 0.578 +- 0.059 | 0.478, 0.613, 0.609, 0.641, 0.548 (chose unimodal, unimodal, mean, mean, risk) |  |
-| `missing_genes/mean` | 0.539 +- 0.082 | 0.397, 0.653, 0.553, 0.535, 0.559 |  |
-| `missing_genes` | 0.600 +- 0.064 | 0.670, 0.655, 0.516, 0.530, 0.626 |  |
-| `missing_genes/unimodal` | 0.594 +- 0.040 | 0.519, 0.620, 0.609, 0.589, 0.633 |  |
-| `missing_genes/zeros` | 0.533 +- 0.074 | 0.391, 0.585, 0.556, 0.541, 0.594 |  |
-| `missing_genes/auto` | 0.533 +- 0.083 | 0.397, 0.655, 0.516, 0.535, 0.559 (chose mean, risk, risk, mean, mean) |  |
+| `full` | 0.595 +- 0.035 | 0.545, 0.575, 0.635, 0.584, 0.636 |  |
+| `missing_clinical/diffusion` | 0.535 +- 0.070 | 0.490, 0.494, 0.493, 0.527, 0.672 |  |
+| `missing_clinical/mean` | 0.573 +- 0.059 | 0.526, 0.505, 0.572, 0.676, 0.585 |  |
+| `missing_clinical` | 0.570 +- 0.048 | 0.516, 0.556, 0.586, 0.654, 0.537 |  |
+| `missing_clinical/unimodal` | 0.562 +- 0.117 | 0.439, 0.597, 0.704, 0.657, 0.412 |  |
+| `missing_clinical/zeros` | 0.577 +- 0.064 | 0.529, 0.495, 0.586, 0.682, 0.594 |  |
+| `missing_clinical/auto` | 0.587 +- 0.083 | 0.439, 0.597, 0.572, 0.654, 0.672 (chose unimodal, unimodal, mean, risk, diffusion) |  |
+| `missing_genes/diffusion` | 0.576 +- 0.098 | 0.606, 0.738, 0.451, 0.505, 0.578 |  |
+| `missing_genes/mean` | 0.541 +- 0.060 | 0.455, 0.639, 0.513, 0.535, 0.562 |  |
+| `missing_genes` | 0.475 +- 0.117 | 0.250, 0.582, 0.543, 0.481, 0.518 |  |
+| `missing_genes/unimodal` | 0.565 +- 0.082 | 0.407, 0.601, 0.569, 0.618, 0.633 |  |
+| `missing_genes/zeros` | 0.533 +- 0.074 | 0.404, 0.607, 0.497, 0.571, 0.585 |  |
+| `missing_genes/auto` | 0.516 +- 0.045 | 0.455, 0.582, 0.543, 0.481, 0.518 (chose mean, risk, risk, risk, risk) |  |
 | CoxPH (sksurv), `full` | 0.655 +- 0.080 | 0.587, 0.658, 0.806, 0.594, 0.633 |  |
 | RSF (sksurv), `full` | 0.704 +- 0.056 | 0.663, 0.780, 0.707, 0.746, 0.623 |  |
 
-Training 57 s, evaluation 12 s in all folds; cohort `fa5c7c931f97`, splits `b3fbc2e640ae`.
+Training 398 s, evaluation 65 s in all folds; cohort `fa5c7c931f97`, splits `b3fbc2e640ae`.
 <!-- end generated -->
 On 198 patients with 51 events the classical reference rows are there to say whether
 a 64-d transformer with a decomposition and two diffusion models can be pinned down.

@@ -7,8 +7,8 @@ Command:
 Cox loss, AdamW lr 1e-4 (cosine, 5% warm-up), weight decay 1e-5 on matrices only, clip 5,
 batch 32, 6 epochs (rho ramped over 3; the epoch chosen on the inner validation split),
 training bags of 128 patches, whole bags at evaluation; ott-jax Sinkhorn eps 0.1, gamma 1,
-threshold 1e-3 (kernel mode, over-relaxation 1.5; survjax/ot.py). About 7 min on 2 CPU
-cores with the previous log-domain solver (the Sinkhorn solves dominated).
+threshold 1e-3 (kernel mode, over-relaxation 1.5; survjax/ot.py). Training and evaluation
+times of the committed run are under the table (it ran on a loaded machine).
 
 Expected result (5 folds of the default synthetic cohort, MUST's folds;
 docs/results/runs/tta.json, `bash scripts/reproduce_results.sh tta`):
@@ -20,7 +20,7 @@ docs/results/runs/tta.json, `bash scripts/reproduce_results.sh tta`):
 | `missing_pathology` | 0.719 +- 0.060 | 0.729, 0.785, 0.633, 0.780, 0.669 | 0.810 (room +0.032) |
 | `missing_genomics` | 0.700 +- 0.062 | 0.776, 0.742, 0.722, 0.652, 0.606 | 0.802 (room +0.029) |
 
-Training 298 s, evaluation 62 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
+Training 465 s, evaluation 72 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
 <!-- end generated -->
 Variants (comma-separated): ``smoke`` = 120 patients, 3 folds, 2 epochs, bags of 64;
 ``discrete`` = discrete-time NLL with 4 bins instead of Cox; ``structure`` = the
@@ -53,7 +53,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # 1.5 MiB (this CPU's L2 is 2 MiB per core; training batches of 128-patch bags fit whole)
   # (survjax/ot.py; benchmarks/uot.py). Until 2026-12 the default was the log domain
   # without momentum ("lse", 1.0, 10, 0); the plans agree to the threshold
-  # (tests/test_tta.py), docs/results/runs/tta.json was made with that setting.
+  # (tests/test_tta.py).
   m.ot = ml_collections.ConfigDict(dict(
       epsilon=0.1, gamma=1.0, joint=True, structure_lambda=0.0, outer_iterations=3,
       threshold=1e-3, max_iterations=200, grad="stop", mode="kernel", momentum=1.5,

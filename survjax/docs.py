@@ -75,8 +75,10 @@ def synthetic_table(runs) -> str:
   """MUST and the unimodal baselines on the embedded cohort (README)."""
   full, mp, mg = "full", "missing_pathology", "missing_genomics"
   rows = [
-      ["MUST, diffusion fill (`configs/must.py`)", _cell(runs, "must", full),
+      ["MUST, imputer fill (`configs/must.py`)", _cell(runs, "must", full),
        _cell(runs, "must", mp), _cell(runs, "must", mg)],
+      ["MUST, diffusion fill (the paper's, same network)", "",
+       _cell(runs, "must", f"{mp}/diffusion"), _cell(runs, "must", f"{mg}/diffusion")],
       ["MUST, zeros fill", "", _cell(runs, "must", f"{mp}/zeros"),
        _cell(runs, "must", f"{mg}/zeros")],
       ["MUST, training-mean fill", "", _cell(runs, "must", f"{mp}/mean"),
@@ -85,6 +87,9 @@ def synthetic_table(runs) -> str:
        _cell(runs, "must", f"{mg}/unimodal")],
       ["MUST, chosen on validation (`/auto`)", "", _cell(runs, "must", f"{mp}/auto"),
        _cell(runs, "must", f"{mg}/auto")],
+      ["MUST `:paper_missing` (head trained on complete pairs), diffusion / zeros / mean fill",
+       _cell(runs, "must_paper_missing", full), _fills(runs, "must_paper_missing", mp),
+       _fills(runs, "must_paper_missing", mg)],
       ["MUST `:paper`, diffusion / zeros / mean fill", _cell(runs, "must_paper", full),
        _fills(runs, "must_paper", mp), _fills(runs, "must_paper", mg)],
       ["MUST `:paper_decomp`, diffusion / zeros / mean fill",
@@ -102,16 +107,19 @@ def synthetic_table(runs) -> str:
 
 
 def breast_table(runs) -> str:
+  def fills(row):  # the default's fill / the diffusion fill / zeros
+    parts = [_cell(runs, "must_breast", r, std=False)
+             for r in (row, f"{row}/diffusion", f"{row}/zeros")]
+    return " / ".join(parts) if all(parts) else ""
   rows = [
       ["MUST (clinical tokens + gene tokens)", _cell(runs, "must_breast", "full"),
-       _fills(runs, "must_breast", "missing_genes"),
-       _fills(runs, "must_breast", "missing_clinical")],
+       fills("missing_genes"), fills("missing_clinical")],
       ["Cox PH (sksurv, same folds)", _reference(runs, "must_breast", "coxph"), "", ""],
       ["random survival forest (sksurv, same folds)", _reference(runs, "must_breast", "rsf"),
        "", ""],
   ]
-  return _table(["model", "full", "missing genes (LDM / zeros / mean)",
-                 "missing clinical (LDM / zeros / mean)"], rows)
+  return _table(["model", "full", "missing genes (imputer / LDM / zeros)",
+                 "missing clinical (imputer / LDM / zeros)"], rows)
 
 
 def scenarios_table(runs, run: str) -> str:
@@ -504,12 +512,17 @@ DRAWS = (0, 2, 3, 4)   # MUST's default draw and its evaluation draws (scripts/r
 
 
 def _compare_rows(name: str) -> dict | None:
-  """MUST's rows of a committed comparison by scenario row (the competitor is the
-  reference)."""
+  """MUST's rows of a committed comparison by ``<run>:<row>``, the run named without its
+  draw suffix (``must_seed2`` -> ``must``; the competitor is the reference)."""
   data = _compare_json(name)
   if data is None:
     return None
-  return {r["row"].split(":", 1)[1]: r for r in data["rows"] if r["row"].startswith("must")}
+  out = {}
+  for r in data["rows"]:
+    run, row = r["row"].split(":", 1)
+    if run.startswith("must"):
+      out[f"{re.sub(r'_seed[0-9]+$', '', run)}:{row}"] = r
+  return out
 
 
 def _diff(row) -> str:
@@ -519,22 +532,35 @@ def _diff(row) -> str:
   return f"{row['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] {row['verdict']}"
 
 
+# MUST's missing-modality paths as the draws tables name them: (label, run, row suffix).
+# `must` is the default (the missing path trained in the main stage, the imputer's fill);
+# `must_paper_missing` the head trained on complete pairs with the diffusion fill.
+_MISSING_PATHS = (("imputer fill (default)", "must", ""),
+                  ("diffusion fill", "must", "/diffusion"),
+                  ("unimodal head", "must", "/unimodal"),
+                  ("auto", "must", "/auto"),
+                  ("`:paper_missing`, diffusion fill", "must_paper_missing", ""),
+                  ("`:paper_missing`, auto", "must_paper_missing", "/auto"))
+
+
 def draws_table() -> str:
   """MUST against what a user could do instead, on each synthetic draw: paired
   differences (95% bootstrap interval, verdict) from the committed comparisons
   ``draw<seed>_*`` (docs/results/must.md)."""
-  spec = [  # (question, comparison, MUST row)
-      ("both: MUST vs ABMIL (pathology)", "pathology_present", "full"),
-      ("both: MUST vs SNN (genomics)", "genomics_present", "full"),
+  spec = [  # (question, comparison, MUST run:row)
+      ("both: MUST vs ABMIL (pathology)", "pathology_present", "must:full"),
+      ("both: MUST vs SNN (genomics)", "genomics_present", "must:full"),
+      ("both: `:paper_missing` vs ABMIL (pathology)", "pathology_present",
+       "must_paper_missing:full"),
   ]
   for missing, present, comp, ref in (("genomics", "pathology", "pathology_present", "ABMIL"),
                                       ("pathology", "genomics", "genomics_present", "SNN")):
-    for variant in ("", "/unimodal", "/auto"):
-      what = {"": "diffusion fill", "/unimodal": "unimodal head", "/auto": "auto"}[variant]
-      spec.append((f"{missing} missing: MUST {what} vs {ref} ({present})", comp,
-                   f"missing_{missing}{variant}"))
-    spec.append((f"{missing} missing: diffusion fill vs zeros", f"fill_{missing}",
-                 f"missing_{missing}"))
+    for label, run, variant in _MISSING_PATHS:
+      spec.append((f"{missing} missing: MUST {label} vs {ref} ({present})", comp,
+                   f"{run}:missing_{missing}{variant}"))
+    for label, variant in (("imputer fill", ""), ("diffusion fill", "/diffusion")):
+      spec.append((f"{missing} missing: {label} vs zeros (same network)", f"fill_{missing}",
+                   f"must:missing_{missing}{variant}"))
   rows = []
   for question, comp, row in spec:
     cells = [question]
@@ -545,7 +571,8 @@ def draws_table() -> str:
   rooms = ["imputation room (oracle - constant-fill oracle): pathology / genomics missing"]
   for s in DRAWS:
     table = _compare_rows(f"draw{s}_fill_pathology") or {}
-    r = [table.get(f"missing_{m}", {}).get("imputation_room") for m in ("pathology", "genomics")]
+    r = [table.get(f"must:missing_{m}", {}).get("imputation_room")
+         for m in ("pathology", "genomics")]
     rooms.append(" / ".join(f"{x:+.3f}" for x in r) if None not in r else "")
   rows.append(rooms)
   return _table(["paired difference, 95% CI"] + [f"draw {s}" for s in DRAWS], rows)
@@ -555,12 +582,12 @@ def draws_cindex_table(runs) -> str:
   """C-index (mean over folds) of MUST's rows and the unimodal baselines on each draw, and
   their mean over the evaluation draws 2-4 (docs/results/must.md)."""
   rows = []
-  spec = [("MUST", "must", "full"), ("ABMIL (pathology)", "abmil", "full"),
-          ("SNN (genomics)", "snn", "full")]
+  spec = [("MUST", "must", "full"), ("MUST `:paper_missing`", "must_paper_missing", "full"),
+          ("ABMIL (pathology)", "abmil", "full"), ("SNN (genomics)", "snn", "full")]
   for missing in ("pathology", "genomics"):
-    for variant in ("", "/zeros", "/mean", "/unimodal", "/auto"):
-      spec.append((f"MUST, {missing} missing, {variant[1:] or 'diffusion fill'}",
-                   "must", f"missing_{missing}{variant}"))
+    for label, run, variant in _MISSING_PATHS[:2] + (("zeros", "must", "/zeros"),
+                                                     ("mean", "must", "/mean")) + _MISSING_PATHS[2:]:
+      spec.append((f"MUST, {missing} missing, {label}", run, f"missing_{missing}{variant}"))
   for label, run, row in spec:
     values = []
     for s in DRAWS:

@@ -53,7 +53,10 @@ a 64-d transformer with a decomposition and two diffusion models can be pinned d
 Eq. 13-14 stay as the paper writes them here (``model.decomp_relative = False``), and
 they collapse as on the synthetic cohort (``spread`` in ``results.json``); with the
 relative form (``--config.model.decomp_relative=True``) nothing collapses, but an
-earlier session measured both fills below zeros that way.
+earlier session measured both fills below zeros that way. The missing path trained in
+the main stage (configs/must.py's default) does not carry over to this cohort: with the
+genes missing its imputer's fill is below both the diffusion fill and zeros (the table;
+``--config.model.fill=diffusion`` makes the diffusion fill the risk).
 """
 
 import ml_collections

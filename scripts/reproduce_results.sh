@@ -89,6 +89,8 @@ for s in 0 2 3 4; do
   compare "draw${s}_fill_genomics" "must$sfx:missing_genomics/zeros" "runs/must$sfx"
 done
 compare tta_vs_must must:full runs/tta runs/must runs/abmil runs/snn
+compare tta_vs_must_missing_pathology must:missing_pathology runs/tta runs/must
+compare tta_vs_must_missing_genomics must:missing_genomics runs/tta runs/must
 compare imputmae_vs_unimodal_baselines snn_imputmae_cohort:full runs/imputmae \
   runs/snn_imputmae_cohort runs/abmil_imputmae_cohort
 compare parachute_ablations parachute:full runs/parachute runs/parachute_no_dce \

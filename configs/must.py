@@ -5,7 +5,8 @@ r"""MUST on the embedded synthetic TCGA-like cohort (the main job).
 5-fold cross-validation, scenarios full / missing_pathology / missing_genomics, each
 missing one by the imputer's fill (the default path) and also with the paper's diffusion
 fill, zeros, the training mean, the unimodal head and the choice among them on validation
-(``/auto``); about 10 min on 2 CPU cores.
+(``/auto``). The paper's path took about 10 min on 2 quiet CPU cores; the committed run's
+times (under the table) were taken on a loaded machine.
 Expected result (docs/results/runs/must.json; `bash scripts/reproduce_results.sh must`):
 
 <!-- generated: scenarios.must -->

@@ -39,9 +39,9 @@ def _cell(runs, run: str, row: str, std: bool = True) -> str:
   return f"{scen['c_index_mean']:.3f}"
 
 
-def _fills(runs, run, row):
-  """``fill / zeros / mean`` of a MUST missing scenario."""
-  parts = [_cell(runs, run, r, std=False) for r in (row, f"{row}/zeros", f"{row}/mean")]
+def _fills(runs, run, row, variants=("zeros", "mean")):
+  """``fill / <variant> / ...`` of a MUST missing scenario (its row, then its variants)."""
+  parts = [_cell(runs, run, r, std=False) for r in (row, *(f"{row}/{v}" for v in variants))]
   return " / ".join(parts) if all(parts) else ""
 
 
@@ -108,9 +108,7 @@ def synthetic_table(runs) -> str:
 
 def breast_table(runs) -> str:
   def fills(row):  # the default's fill / the diffusion fill / zeros
-    parts = [_cell(runs, "must_breast", r, std=False)
-             for r in (row, f"{row}/diffusion", f"{row}/zeros")]
-    return " / ".join(parts) if all(parts) else ""
+    return _fills(runs, "must_breast", row, ("diffusion", "zeros"))
   rows = [
       ["MUST (clinical tokens + gene tokens)", _cell(runs, "must_breast", "full"),
        fills("missing_genes"), fills("missing_clinical")],

@@ -100,7 +100,7 @@ class _OT:
   mode: str
   momentum: float
   inner_iterations: int
-  chunk_bytes: int
+  patients_per_solve: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +190,7 @@ class TTAModel(nnx.Module):
       cat = lambda parts: jnp.concatenate(parts, axis=1)
       f = cat([feats[m] for m in ms]) if o.structure_lambda > 0 else None
       plan, _ = ot.batched_plan(cat([logits[m] for m in ms]), cat([toks[m][1] for m in ms]),
-                                rho, f, chunk_bytes=o.chunk_bytes, **kw)
+                                rho, f, patients_per_solve=o.patients_per_solve, **kw)
       sizes = [toks[m][0].shape[1] for m in ms]
       splits = jnp.split(plan, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)], axis=1)
       return dict(zip(ms, splits))

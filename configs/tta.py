@@ -20,7 +20,7 @@ docs/results/runs/tta.json, `bash scripts/reproduce_results.sh tta`):
 | `missing_pathology` | 0.719 +- 0.060 | 0.729, 0.785, 0.633, 0.780, 0.669 | 0.810 (room +0.032) |
 | `missing_genomics` | 0.700 +- 0.062 | 0.776, 0.742, 0.722, 0.652, 0.606 | 0.802 (room +0.029) |
 
-Training 465 s, evaluation 72 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
+Training 104 s, evaluation 18 s in all folds; cohort `39bb1fbfa51f`, splits `14a80ec98584`.
 <!-- end generated -->
 Variants (comma-separated): ``smoke`` = 120 patients, 3 folds, 2 epochs, bags of 64;
 ``discrete`` = discrete-time NLL with 4 bins instead of Cox; ``structure`` = the

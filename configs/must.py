@@ -52,7 +52,9 @@ most 30 main epochs at the paper's lr 2e-4), ``:decomp_sg`` (the same, no gradie
 ``:paper_schedule`` (30 + 30 epochs, a 10x longer LDM), ``:paper_ldm`` (the LDM trained
 on c^), ``:no_warmup``, ``:cond_c`` ([c] conditioning), ``:rank16`` /
 ``:rank128``, ``:paper_missing`` (the head trained on complete pairs only, the diffusion
-fill as the risk: the paper's missing path, the previous default), ``:missing_zeros``
+fill as the risk: the paper's missing path, the previous default), ``:paper_imputer`` (the
+same head, the imputer's fill as the risk: a fill against zeros in a head that never saw
+an empty slot), ``:missing_zeros``
 (the missing path trained with zeros in the missing slot), ``:train_missing`` (15% of patients miss each modality and train unpaired,
 supp. 8.2), ``:tune_ldm`` (``--mode=tune`` grid of the LDM's latent, scored on the missing
 scenarios).
@@ -168,6 +170,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       m.ldm.steps, m.ldm.steps_per_epoch = 10000, 1000
     elif v == "paper_missing":  # the head trained on complete pairs, the diffusion fill
       m.missing_weight, m.imputer, m.fill = 0.0, False, "diffusion"
+    elif v == "paper_imputer":  # the head trained on complete pairs, the imputer's fill
+      m.missing_weight, m.imputer, m.fill = 0.0, True, "imputer"
     elif v == "missing_zeros":  # the missing path trained with zeros in the missing slot
       m.imputer, m.fill = False, "zeros"
     elif v == "train_missing":

@@ -42,13 +42,21 @@ declare -A CONFIGS=(
   [imputmae_unimodal_pretrain]="configs/imputmae.py:unimodal_pretrain"
   [snn_imputmae_cohort]="configs/snn.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
   [abmil_imputmae_cohort]="configs/abmil.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
+  [must_imputmae_cohort]="configs/must.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
+  [tta_imputmae_cohort]="configs/tta.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
+  [must_paper_imputer]="configs/must.py:paper_imputer"
+  [must_paper_imputer_seed2]="configs/must.py:paper_imputer --config.data.synthetic.seed=2"
+  [must_paper_imputer_seed3]="configs/must.py:paper_imputer --config.data.synthetic.seed=3"
+  [must_paper_imputer_seed4]="configs/must.py:paper_imputer --config.data.synthetic.seed=4"
 )
 ORDER=(must_tune must_tune_ldm must abmil transmil snn must_paper_decomp must_breast tta parachute
        parachute_no_dce parachute_no_gcs parachute_no_dce_no_gcs abmil_radiology
        abmil_parachute_cohort imputmae imputmae_hide0 imputmae_unimodal_pretrain
        snn_imputmae_cohort abmil_imputmae_cohort must_seed2 abmil_seed2 snn_seed2 must_seed3 abmil_seed3
        snn_seed3 must_seed4 abmil_seed4 snn_seed4 must_paper must_paper_missing
-       must_paper_missing_seed2 must_paper_missing_seed3 must_paper_missing_seed4)
+       must_paper_missing_seed2 must_paper_missing_seed3 must_paper_missing_seed4
+       must_imputmae_cohort tta_imputmae_cohort must_paper_imputer must_paper_imputer_seed2
+       must_paper_imputer_seed3 must_paper_imputer_seed4)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do
@@ -82,17 +90,24 @@ compare must_vs_genomics_only snn:full runs/must runs/snn
 for s in 0 2 3 4; do
   sfx=$([ $s = 0 ] && echo "" || echo "_seed$s")
   compare "draw${s}_pathology_present" "abmil$sfx:full" "runs/must$sfx" \
-    "runs/must_paper_missing$sfx" "runs/abmil$sfx"
+    "runs/must_paper_missing$sfx" "runs/must_paper_imputer$sfx" "runs/abmil$sfx"
   compare "draw${s}_genomics_present" "snn$sfx:full" "runs/must$sfx" \
-    "runs/must_paper_missing$sfx" "runs/snn$sfx"
+    "runs/must_paper_missing$sfx" "runs/must_paper_imputer$sfx" "runs/snn$sfx"
   compare "draw${s}_fill_pathology" "must$sfx:missing_pathology/zeros" "runs/must$sfx"
   compare "draw${s}_fill_genomics" "must$sfx:missing_genomics/zeros" "runs/must$sfx"
+  # The same fills in the paper's head (trained on complete pairs only).
+  compare "draw${s}_paper_head_fill_pathology" "must_paper_imputer$sfx:missing_pathology/zeros" \
+    "runs/must_paper_imputer$sfx"
+  compare "draw${s}_paper_head_fill_genomics" "must_paper_imputer$sfx:missing_genomics/zeros" \
+    "runs/must_paper_imputer$sfx"
 done
 compare tta_vs_must must:full runs/tta runs/must runs/abmil runs/snn
 compare tta_vs_must_missing_pathology must:missing_pathology runs/tta runs/must
 compare tta_vs_must_missing_genomics must:missing_genomics runs/tta runs/must
 compare imputmae_vs_unimodal_baselines snn_imputmae_cohort:full runs/imputmae \
   runs/snn_imputmae_cohort runs/abmil_imputmae_cohort
+compare imputmae_vs_methods imputmae:full runs/imputmae runs/must_imputmae_cohort \
+  runs/tta_imputmae_cohort runs/snn_imputmae_cohort runs/abmil_imputmae_cohort
 compare parachute_ablations parachute:full runs/parachute runs/parachute_no_dce \
   runs/parachute_no_gcs runs/parachute_no_dce_no_gcs runs/abmil_radiology runs/abmil_parachute_cohort
 "$PY" scripts/cohort_oracles.py > /dev/null

@@ -7,8 +7,8 @@ Command:
 Cox loss, AdamW lr 1e-4 (cosine, 5% warm-up), weight decay 1e-5 on matrices only, clip 5,
 batch 32, 6 epochs (rho ramped over 3; the epoch chosen on the inner validation split),
 training bags of 128 patches, whole bags at evaluation; ott-jax Sinkhorn eps 0.1, gamma 1,
-threshold 1e-3 (kernel mode, over-relaxation 1.5; survjax/ot.py). Training and evaluation
-times of the committed run are under the table (it ran on a loaded machine).
+threshold 1e-3 (kernel mode, over-relaxation 1.55, a loop per patient; survjax/ot.py).
+Training and evaluation times of the committed run (2 quiet CPU cores) are under the table.
 
 Expected result (5 folds of the default synthetic cohort, MUST's folds;
 docs/results/runs/tta.json, `bash scripts/reproduce_results.sh tta`):

@@ -474,6 +474,25 @@ def bench_table(name: str) -> str:
                    f"{pr['prototypes']} prototypes + dustbin", "p50", "time / ott-jax",
                    "CPU time / ott-jax"], rows)
     command = "python -m benchmarks.uot --torch-python=..."
+  elif name.startswith("tta_step"):
+    sh, j = d["shapes"], d["jax"]
+    base = j["p50_ms"]
+    rows = [[f"JAX (jit), ott-jax solver (compile {j['compile_s']:.0f} s)",
+             f"{_ms(j['p50_ms'])} / {_ms(j['p90_ms'])}",
+             f"{_ms(j['sinkhorn']['p50_ms'])} ({max(j['sinkhorn']['iterations_max'])})",
+             "1.00x"]]
+    for r in d.get("torch_eager_runs", []):
+      if "p50_ms" not in r:
+        rows.append([f"PyTorch eager, {r['config']}", r.get("error", "no result"), "", ""])
+        continue
+      rows.append([f"PyTorch eager, {r['config']}", f"{_ms(r['p50_ms'])} / {_ms(r['p90_ms'])}",
+                   f"{_ms(r['sinkhorn']['p50_ms'])} ({max(r['sinkhorn']['iterations'])})",
+                   f"{r['p50_ms'] / base:.2f}x"])
+    text = _table([f"TTA training step, {sh['batch']} patients x ({sh['bag']} patches + "
+                   f"{len(sh['gene_groups'])} gene groups), d {sh['dim']}, "
+                   f"{sh['prototypes']} prototypes", "p50 / p90",
+                   "Sinkhorn p50 (max iterations)", "time / JAX"], rows)
+    command = "python -m benchmarks.tta_step --torch-python=..."
   elif name.startswith("mae_pretrain"):
     j, t = d["jax"]["step"], d["torch"]["step"]
     rows = [["JAX (jit)", f"{j['p50_ms']:.0f} / {j['p90_ms']:.0f} ms", "1.0x"],

@@ -3,7 +3,9 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -168,3 +170,27 @@ def test_divergence_names_step_fold_and_checkpoint(cohort, tmp_path):
   bad.modalities["genomics"].values[5, 0] = np.inf
   with pytest.raises(TrainingDiverged, match=r"fold 0, stage 'a', epoch \d+, step \d+; last good checkpoint"):
     _fit(bad, ToyMethod(epochs=(2, 1)), ckpt=Checkpointer(tmp_path / "c"))
+
+
+def test_accumulated_schedule_runs_over_updates_not_micro_batches():
+  # `accumulate` micro-batches of the same gradient make one update of that gradient, so
+  # 10 micro-batches at accumulate 2 (schedule given in micro-batches: 10 total, 2 warm-up)
+  # must equal 5 plain updates of a 5-update schedule (1 warm-up), step by step.
+  from survjax.train.optim import make_optimizer
+  params = {"w": jnp.arange(4.0)}
+  grad = {"w": jnp.array([0.3, -1.0, 2.0, 0.5])}
+
+  def run(accumulate, total, warmup, steps):
+    tx = make_optimizer(1e-2, 1e-3, accumulate=accumulate, schedule="cosine",
+                        total_steps=total, warmup_steps=warmup)
+    p, state, seen = params, tx.init(params), []
+    for _ in range(steps):
+      upd, state = tx.update(grad, state, p)
+      p = optax.apply_updates(p, upd)
+      seen.append(p["w"])
+    return seen
+
+  acc = run(2, 10, 2, 10)
+  plain = run(1, 5, 1, 5)
+  for i in range(5):
+    np.testing.assert_allclose(acc[2 * i + 1], plain[i], rtol=1e-6, atol=1e-7)

@@ -55,12 +55,17 @@ def make_optimizer(lr: float | Callable, weight_decay: float = 0.0, grad_clip: f
     weight_decay: decoupled weight decay.
     grad_clip: global-norm clip (0 = none).
     accumulate: micro-batches per update.
-    schedule, total_steps, warmup_steps: see `lr_schedule`.
+    schedule, total_steps, warmup_steps: see `lr_schedule`; the steps count micro-batches
+      (the schedule runs over ``ceil(total_steps / accumulate)`` updates).
     decay_mask: optax ``mask`` of the parameters that weight decay applies to (e.g. not
       norms and biases), or None for all.
   """
   if not callable(lr):
-    lr = lr_schedule(lr, schedule, total_steps=total_steps, warmup_steps=warmup_steps)
+    # total_steps and warmup_steps count micro-batches; the schedule inside MultiSteps
+    # advances once per update, i.e. every `accumulate` micro-batches.
+    per_update = lambda n: -(-n // accumulate)
+    lr = lr_schedule(lr, schedule, total_steps=per_update(total_steps),
+                     warmup_steps=per_update(warmup_steps))
   tx = optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask)
   if grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)

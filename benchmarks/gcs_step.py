@@ -187,10 +187,10 @@ def main(argv=None):
   if args.torch_worker:
     print(json.dumps(_torch_worker(args.repeats, args.threads)))
     return
-  from benchmarks.common import device_info, write_json
+  from benchmarks.common import device_info, git_state, write_json
   result = {"benchmark": "gcs_step", "shapes": dict(batch=B, slices=N, radiology_dim=DR,
                                                      pathology_dim=DP, dim=D),
-            "device": device_info(), "jax": _jax_run(args.repeats)}
+            "device": device_info(), "git": git_state(), "jax": _jax_run(args.repeats)}
   py = args.torch_python or sys.executable
   proc = subprocess.run([py, __file__, "--torch-worker", "--repeats", str(args.repeats),
                          "--threads", str(args.threads)], capture_output=True, text=True,

@@ -171,7 +171,7 @@ def ott_solve(cost, a, b, *, epsilon, tau_a, tau_b, threshold, max_iterations, i
   In kernel mode the longer side becomes ott's columns (the problem transposed: ``cost.T``,
   ``b``, ``a`` and the two ``tau`` swapped, the same solution): ott stores the kernel
   row-major, and both matrix-vector products of an iteration then run along contiguous
-  rows of the long side, about 5x faster on a ``4096 x 33`` kernel (benchmarks/uot.py).
+  rows of the long side (several times faster on TTA's ``4096 x 33`` kernels).
   ott updates its column scalings first, so the transposed solve visits the sides in the
   other order; both stop on the same error.
   """

@@ -354,7 +354,7 @@ def main(argv=None):
 
 def _ott_iterations(jax, jnp, np, cost, a, b, settings):
   """Iterations ott's solver takes per patient with these settings (the solve of
-  `survjax.ot.solve_uot`, through `survjax.ot.ott_solve` to read ott's output; untimed)."""
+  `survjax.ot.uot_potentials`, through `survjax.ot.ott_solve` to read ott's output; untimed)."""
   from survjax import ot
   st = {k: v for k, v in settings.items() if k != "patients_per_solve"}
   one = lambda c: ot.ott_solve(

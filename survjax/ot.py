@@ -78,6 +78,7 @@ solver as is.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import jax
@@ -90,7 +91,7 @@ with warnings.catch_warnings():
   from ott.solvers.linear import acceleration, implicit_differentiation, sinkhorn
 
 __all__ = ["KERNEL_MAX_COST", "MODES", "kl_tau", "prototype_marginal", "ott_solve",
-           "solve_uot", "plan_from_potentials", "structure_gradient", "structure_objective",
+           "uot_potentials", "plan_from_potentials", "structure_gradient", "structure_objective",
            "structure_objective_dense",
            "prototype_plan", "batched_plan"]
 
@@ -165,7 +166,7 @@ def _relax(w, old, new):
 
 def ott_solve(cost, a, b, *, epsilon, tau_a, tau_b, threshold, max_iterations, implicit,
               mode, momentum, inner_iterations) -> tuple[sinkhorn.SinkhornOutput, bool]:
-  """ott's `SinkhornOutput` of the problem `solve_uot` solves (same arguments), and
+  """ott's `SinkhornOutput` of the problem `uot_potentials` solves (same arguments), and
   whether ott was given it transposed.
 
   In kernel mode the longer side becomes ott's columns (the problem transposed: ``cost.T``,
@@ -196,11 +197,12 @@ def ott_solve(cost, a, b, *, epsilon, tau_a, tau_b, threshold, max_iterations, i
   return solver(prob), transposed
 
 
-def solve_uot(cost: jax.Array, a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
-              tau_a: float = 1.0, tau_b: float = 1.0, threshold: float = 1e-4,
-              max_iterations: int = 500, implicit: bool = False, mode: str = "lse",
-              momentum: float = 1.0, inner_iterations: int = 10):
-  """One entropic (unbalanced) OT problem with ott-jax's Sinkhorn.
+def uot_potentials(cost: jax.Array, a: jax.Array, b: jax.Array, *, epsilon: float = 0.1,
+                   tau_a: float = 1.0, tau_b: float = 1.0, threshold: float = 1e-4,
+                   max_iterations: int = 500, implicit: bool = False, mode: str = "lse",
+                   momentum: float = 1.0, inner_iterations: int = 10):
+  """One entropic (unbalanced) OT problem with ott-jax's Sinkhorn: its dual potentials
+  (the plan is `plan_from_potentials`).
 
   Args:
     cost: ``[N, M]`` cost matrix.
@@ -218,20 +220,14 @@ def solve_uot(cost: jax.Array, a: jax.Array, b: jax.Array, *, epsilon: float = 0
     inner_iterations: iterations between two of ott's error checks.
 
   Returns:
-    ``(plan [N, M], converged bool)``.
+    ``(f [N], g [M], converged)``; in kernel mode ``f = eps log u`` (``-inf`` on zero-mass
+    rows). ``converged`` is ott's flag, and also requires every recorded error and, in
+    kernel mode, every scaling to be finite.
   """
-  f, g, converged = _potentials(
+  out, transposed = ott_solve(
       cost, a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b, threshold=threshold,
       max_iterations=max_iterations, implicit=implicit, mode=mode, momentum=momentum,
       inner_iterations=inner_iterations)
-  return plan_from_potentials(cost, f, g, epsilon), converged
-
-
-def _potentials(cost, a, b, *, epsilon, mode, **kw):
-  """``(f [N], g [M], converged)`` of `solve_uot`'s problem; in kernel mode ``f = eps log
-  u`` (``-inf`` on zero-mass rows). ``converged`` is ott's flag, and also requires every
-  recorded error and, in kernel mode, every scaling to be finite."""
-  out, transposed = ott_solve(cost, a, b, epsilon=epsilon, mode=mode, **kw)
   # ott stops when its error turns infinite but still reports convergence then (its flag
   # reads the last error slot, left at -1): an over-relaxed kernel solve can diverge so.
   converged = out.converged & jnp.all(jnp.isfinite(out.errors))
@@ -307,7 +303,7 @@ def _potentials_batch(cost, a, b, max_cost, empty, mask, feats, *, chunk, epsilo
 
   def one(x):
     c_i, a_i, max_c = x
-    f, g, converged = _potentials(c_i, a_i, b, **kw)
+    f, g, converged = uot_potentials(c_i, a_i, b, **kw)
     if solver["mode"] == "kernel":  # float32 kernel entries must not underflow (module doc)
       converged &= max_c <= KERNEL_MAX_COST * epsilon
     return f, g, converged
@@ -373,7 +369,7 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
     structure_lambda: weight ``lambda`` of the structure term (0 = plain UOT).
     outer_iterations: majorisation-minimisation steps of the structure-aware solve.
     threshold, max_iterations, implicit, mode, momentum, inner_iterations: see
-      `solve_uot`.
+      `uot_potentials`.
 
   Returns:
     ``(plan [N, K (+1)], converged)``; rows of padded tokens are exactly 0, real rows sum
@@ -382,8 +378,6 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
     `KERNEL_MAX_COST` or a scaling is not finite (`batched_plan` then re-solves in
     ``"lse"`` mode).
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   plan, converged = _plans(
       logits[None], mask[None], rho, None if feats is None else feats[None], chunk=1,
       fallback=False, epsilon=epsilon, gamma=gamma, dustbin=dustbin,
@@ -391,6 +385,11 @@ def prototype_plan(logits: jax.Array, mask: jax.Array, rho, *, feats: jax.Array 
       threshold=threshold, max_iterations=max_iterations, implicit=implicit, mode=mode,
       momentum=momentum, inner_iterations=inner_iterations)
   return plan[0], converged[0]
+
+
+# `batched_plan`'s options and their defaults: `prototype_plan`'s keywords but ``feats``.
+_PLAN_OPTIONS = {name: p.default for name, p in inspect.signature(prototype_plan).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and name != "feats"}
 
 
 def batched_plan(logits: jax.Array, mask: jax.Array, rho, feats: jax.Array | None = None,
@@ -410,14 +409,10 @@ def batched_plan(logits: jax.Array, mask: jax.Array, rho, feats: jax.Array | Non
   In ``mode="kernel"`` the batch is re-solved in ``"lse"`` mode without momentum when any
   patient's kernel solve is unsafe or did not converge (see the module docstring).
   """
-  opts = dict(epsilon=0.1, gamma=1.0, dustbin=True, structure_lambda=0.0, outer_iterations=3,
-              threshold=1e-4, max_iterations=500, implicit=False, mode="lse", momentum=1.0,
-              inner_iterations=10)
-  unknown = set(kwargs) - set(opts)
+  unknown = set(kwargs) - set(_PLAN_OPTIONS)
   if unknown:
     raise TypeError(f"batched_plan got unexpected options {sorted(unknown)}")
-  opts.update(kwargs)
-  if opts["mode"] not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {opts['mode']!r}")
+  opts = {**_PLAN_OPTIONS, **kwargs}
   chunk = logits.shape[0] if patients_per_solve <= 0 else patients_per_solve
   return _plans(logits, mask, rho, feats, chunk=chunk, fallback=True, **opts)
+

@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+# impuTMAE's cohort (configs/imputmae.py's data.synthetic) for the methods compared with it.
+IMPUTMAE_COHORT="--config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 \
+--config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 \
+--config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
 declare -A CONFIGS=(
   [must]="configs/must.py"
   [must_seed2]="configs/must.py --config.data.synthetic.seed=2"
@@ -40,10 +44,10 @@ declare -A CONFIGS=(
   [imputmae]="configs/imputmae.py"
   [imputmae_hide0]="configs/imputmae.py --config.model.pretrain.hide_modality=0.0"
   [imputmae_unimodal_pretrain]="configs/imputmae.py:unimodal_pretrain"
-  [snn_imputmae_cohort]="configs/snn.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
-  [abmil_imputmae_cohort]="configs/abmil.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
-  [must_imputmae_cohort]="configs/must.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
-  [tta_imputmae_cohort]="configs/tta.py --config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
+  [snn_imputmae_cohort]="configs/snn.py $IMPUTMAE_COHORT"
+  [abmil_imputmae_cohort]="configs/abmil.py $IMPUTMAE_COHORT"
+  [must_imputmae_cohort]="configs/must.py $IMPUTMAE_COHORT"
+  [tta_imputmae_cohort]="configs/tta.py $IMPUTMAE_COHORT"
   [must_paper_imputer]="configs/must.py:paper_imputer"
   [must_paper_imputer_seed2]="configs/must.py:paper_imputer --config.data.synthetic.seed=2"
   [must_paper_imputer_seed3]="configs/must.py:paper_imputer --config.data.synthetic.seed=3"

@@ -1,29 +1,30 @@
-"""One impuTMAE pretraining step (forward, backward, AdamW): JAX (jitted) vs PyTorch eager.
+"""One impuTMAE pretraining step (forward, backward, clipped AdamW): JAX vs PyTorch eager.
 
     PYTHONPATH=. python -m benchmarks.mae_pretrain --torch-python /work/torchenv/bin/python
+    PYTHONPATH=. python -m benchmarks.mae_pretrain --torch-python ... --dim 256 --depth 6 \
+        --pathology-depth 4 --out benchmarks/results/mae_pretrain_paper_dims_cpu.json
 
-The JAX side is `survjax.models.imputmae` itself (``pretrain_loss`` of the default
-config, ``hide_modality = 0``) under one ``jax.jit`` of the whole step; the PyTorch side
+The JAX side is the trainer's own step (`benchmarks.common.make_train_step`) for the
+``pretrain`` stage of `survjax.models.imputmae` (``hide_modality = 0``): value_and_grad
+of eq. 1-2 over the encoders and the decoder, global-norm clipping, AdamW, one
+``jax.jit`` with parameters and optimiser state donated. The PyTorch side
 (``--torch-worker``, numpy + torch only, run in the Python that has torch) is the same
 encoder-decoder written as a PyTorch user would: per-modality linear patch embedding,
 sinusoidal positions, CLS, pre-LN ``nn.TransformerEncoderLayer`` (GELU, no dropout),
 MAE argsort masking of 50% of the patches, a multimodal decoder over the concatenated
-modalities, per-modality linear heads, MSE on the masked patches, AdamW. Shapes are
-the default config's training batch: 32 patients, RNA and methylation 2048 values in
-512-value patches, WSI bags of 16 patch features of 128, every modality present. Compile
-time is reported apart; steps are timed after warm-up (p50 / p90 ms). Writes
-``benchmarks/results/mae_pretrain_cpu.json`` (``--out``). The JAX parameter count also
-holds the fine-tuning fusion block and head (206k at 128-d), which get zero gradients
-here; the encoder-decoder parameters are the same in both.
-
-Measured (128-d, 2 + 3 layers, 2-core Xeon shared with other jobs, load average 7.6):
-JAX 202 ms p50 (273 p90, compile 21 s), PyTorch 2.13 eager 1225 ms p50 (1949 p90): 6.1x.
-Under that load the ratio is rough (DESIGN.md: up to 25% run-to-run drift when idle).
+modalities, per-modality linear heads, MSE on the masked patches, ``clip_grad_norm_``,
+AdamW. Shapes are the default config's training batch: 32 patients, RNA and methylation
+2048 values in 512-value patches, WSI bags of 16 patch features of 128, every modality
+present. The default model is the config's (128-d, 2 encoder layers, decoder 3 layers);
+the second command is Table 1's small variant (``:paper_dims``: 256-d, 6 layers for the
+vectors, 4 for the WSI, decoder 256-d). Compile time is reported apart; steps are timed
+after warm-up (p50 / p90 ms). Results: README (generated from the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -73,7 +74,8 @@ def _torch_worker(args) -> dict:
   class MAE(nn.Module):
     def __init__(self):
       super().__init__()
-      self.enc = nn.ModuleDict({m: Encoder(p, args.depth) for m, (p, _, _) in mods.items()})
+      self.enc = nn.ModuleDict({m: Encoder(p, args.pathology_depth if m == "pathology"
+                                           else args.depth) for m, (p, _, _) in mods.items()})
       self.proj = nn.ModuleDict({m: nn.Linear(d, dd) for m in mods})
       self.mask_token = nn.ParameterDict({m: nn.Parameter(0.02 * torch.randn(1, 1, dd))
                                           for m in mods})
@@ -123,6 +125,7 @@ def _torch_worker(args) -> dict:
     opt.zero_grad(set_to_none=True)
     loss = model(xs)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return loss.detach().item()
 
@@ -155,6 +158,7 @@ def _jax_side(args) -> dict:
   c = get_config()
   c.model.dim = c.model.decoder.dim = args.dim
   c.model.depth.default = args.depth
+  c.model.depth.pathology = args.pathology_depth
   c.model.decoder.depth = args.decoder_depth
   c.model.pretrain.hide_modality = 0.0
   method = get_method(c)
@@ -176,27 +180,25 @@ def _jax_side(args) -> dict:
                "pathology": {"x": rng.normal(size=(b, sh["bag"], sh["bag_dim"])).astype(
                    np.float16), "mask": np.ones((b, sh["bag"]), bool), "available": ones}}}
   batch = jax.tree.map(jnp.asarray, batch)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adamw(1e-3, weight_decay=1e-2)
+  stage = next(st for st in method.stages() if st.name == "pretrain")
+  tx = stage.optimizer
+  if not isinstance(tx, optax.GradientTransformation):
+    tx = tx(1000)   # the schedule's length does not change the step's cost
+  stage = dataclasses.replace(stage, optimizer=tx)
+  graphdef, params, rest = nnx.split(model, stage.trainable, ...)
   opt = tx.init(params)
-
-  def step(params, opt, batch, key):
-    def loss(p):
-      return method.pretrain_loss(nnx.merge(graphdef, p, rest), batch, key)[0]
-    val, grads = jax.value_and_grad(loss)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, val
-
-  key = jax.random.key(0)
-  compiled, compile_s = common.compile_timed(jax.jit(step), params, opt, batch, key)
+  compiled, compile_s = common.compile_timed(common.make_train_step(stage, graphdef),
+                                             params, opt, rest, batch, jax.random.key(0))
   state = {"params": params, "opt": opt}
 
   def run(k):
-    state["params"], state["opt"], val = compiled(state["params"], state["opt"], batch, k)
+    state["params"], state["opt"], val = compiled(state["params"], state["opt"], rest, batch,
+                                                  k)
     return val
 
   stats = common.time_calls(run, repeats=args.repeats, warmup=args.warmup,
                             make_args=lambda i: (jax.random.key(i),))
+  params = state["params"]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   return {"framework": "jax-jit", "compile_s": compile_s, "params": n_params, "step": stats}
 
@@ -207,19 +209,31 @@ def main():
   p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--depth", type=int, default=2)
+  p.add_argument("--pathology-depth", type=int, default=None,
+                 help="WSI encoder layers (default: --depth)")
   p.add_argument("--decoder-depth", type=int, default=3)
   p.add_argument("--repeats", type=int, default=15)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--out", default="benchmarks/results/mae_pretrain_cpu.json")
   args = p.parse_args()
+  if args.pathology_depth is None:
+    args.pathology_depth = args.depth
   if args.torch_worker:
     print(json.dumps(_torch_worker(args)))
     return
   from benchmarks import common
   args.threads = args.threads or common.num_cpu_threads()
-  result = {"benchmark": "mae_pretrain", "shapes": SHAPES,
+  argv, command = iter(sys.argv[1:]), ["python", "-m", "benchmarks.mae_pretrain",
+                                         "--torch-python=..."]
+  for a in argv:   # the torch interpreter's path is this machine's, not the command's
+    if a == "--torch-python":
+      next(argv, None)
+    elif not a.startswith("--torch-python="):
+      command.append(a)
+  result = {"benchmark": "mae_pretrain", "command": " ".join(command), "shapes": SHAPES,
             "model": {"dim": args.dim, "heads": 4, "encoder_depth": args.depth,
+                      "pathology_encoder_depth": args.pathology_depth,
                       "decoder_depth": args.decoder_depth},
             "device": common.device_info(), "git": common.git_state()}
   result["jax"] = _jax_side(args)
@@ -229,7 +243,8 @@ def main():
     result["torch_reason"] = "no --torch-python and no $SURVJAX_TORCH_PYTHON"
   else:
     cmd = [torch_py, str(Path(__file__).resolve()), "--torch-worker", "--dim", str(args.dim),
-           "--depth", str(args.depth), "--decoder-depth", str(args.decoder_depth),
+           "--depth", str(args.depth),
+           "--pathology-depth", str(args.pathology_depth), "--decoder-depth", str(args.decoder_depth),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--threads", str(args.threads)]
     result["torch"], result["torch_reason"] = common.run_json_subprocess(cmd, 1200)

@@ -3,7 +3,7 @@
 # runs each config below into runs/<name>, copies its results.json to
 # docs/results/runs/<name>.json, then rewrites the generated tables
 # (python -m survjax.docs). Runs already finished are reused (a run directory resumes).
-#   bash scripts/reproduce_results.sh              # everything (about four hours on 2 cores)
+#   bash scripts/reproduce_results.sh              # everything (several hours on 2 cores)
 #   bash scripts/reproduce_results.sh must snn     # some of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,13 @@ PY=${PYTHON:-.venv/bin/python}
 IMPUTMAE_COHORT="--config.data.synthetic.rna_dnam=True --config.data.synthetic.rna_dim=2048 \
 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 \
 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
+# One cohort with every modality any method reads (impuTMAE's plus radiology slices), each
+# specific factor carrying an equal share of the risk: every method on the same folds.
+ALL_MODALITIES="$IMPUTMAE_COHORT --config.data.synthetic.radiology=True \
+--config.data.synthetic.radiology_dim=64 --config.data.synthetic.share_shared=0.25 \
+--config.data.synthetic.share_pathology=0.25 --config.data.synthetic.share_genomics=0.25 \
+--config.data.synthetic.share_radiology=0.25 --config.data.synthetic.coupling=0.6 \
+--config.data.synthetic.risk_std=2.0"
 declare -A CONFIGS=(
   [must]="configs/must.py"
   [must_seed2]="configs/must.py --config.data.synthetic.seed=2"
@@ -44,10 +51,16 @@ declare -A CONFIGS=(
   [imputmae]="configs/imputmae.py"
   [imputmae_hide0]="configs/imputmae.py --config.model.pretrain.hide_modality=0.0"
   [imputmae_unimodal_pretrain]="configs/imputmae.py:unimodal_pretrain"
+  # raw tiles pretrain 100 epochs of a ViT: two folds of five
+  [imputmae_tiles]="configs/imputmae.py:tiles --config.cv.folds=(0,1)"
   [snn_imputmae_cohort]="configs/snn.py $IMPUTMAE_COHORT"
   [abmil_imputmae_cohort]="configs/abmil.py $IMPUTMAE_COHORT"
-  [must_imputmae_cohort]="configs/must.py $IMPUTMAE_COHORT"
-  [tta_imputmae_cohort]="configs/tta.py $IMPUTMAE_COHORT"
+  [imputmae_all_modalities]="configs/imputmae.py $ALL_MODALITIES"
+  [must_all_modalities]="configs/must.py $ALL_MODALITIES"
+  [tta_all_modalities]="configs/tta.py $ALL_MODALITIES"
+  [parachute_all_modalities]="configs/parachute.py $ALL_MODALITIES"
+  [snn_all_modalities]="configs/snn.py $ALL_MODALITIES"
+  [abmil_all_modalities]="configs/abmil.py $ALL_MODALITIES"
   [must_paper_imputer]="configs/must.py:paper_imputer"
   [must_paper_imputer_seed2]="configs/must.py:paper_imputer --config.data.synthetic.seed=2"
   [must_paper_imputer_seed3]="configs/must.py:paper_imputer --config.data.synthetic.seed=3"
@@ -59,8 +72,10 @@ ORDER=(must_tune must_tune_ldm must abmil transmil snn must_paper_decomp must_br
        snn_imputmae_cohort abmil_imputmae_cohort must_seed2 abmil_seed2 snn_seed2 must_seed3 abmil_seed3
        snn_seed3 must_seed4 abmil_seed4 snn_seed4 must_paper must_paper_missing
        must_paper_missing_seed2 must_paper_missing_seed3 must_paper_missing_seed4
-       must_imputmae_cohort tta_imputmae_cohort must_paper_imputer must_paper_imputer_seed2
-       must_paper_imputer_seed3 must_paper_imputer_seed4)
+       must_paper_imputer must_paper_imputer_seed2
+       must_paper_imputer_seed3 must_paper_imputer_seed4 parachute_all_modalities
+       snn_all_modalities abmil_all_modalities tta_all_modalities must_all_modalities
+       imputmae_all_modalities imputmae_tiles)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do
@@ -110,8 +125,9 @@ compare tta_vs_must_missing_pathology must:missing_pathology runs/tta runs/must
 compare tta_vs_must_missing_genomics must:missing_genomics runs/tta runs/must
 compare imputmae_vs_unimodal_baselines snn_imputmae_cohort:full runs/imputmae \
   runs/snn_imputmae_cohort runs/abmil_imputmae_cohort
-compare imputmae_vs_methods imputmae:full runs/imputmae runs/must_imputmae_cohort \
-  runs/tta_imputmae_cohort runs/snn_imputmae_cohort runs/abmil_imputmae_cohort
+compare all_methods imputmae_all_modalities:full runs/imputmae_all_modalities \
+  runs/must_all_modalities runs/tta_all_modalities runs/parachute_all_modalities \
+  runs/snn_all_modalities runs/abmil_all_modalities
 compare parachute_ablations parachute:full runs/parachute runs/parachute_no_dce \
   runs/parachute_no_gcs runs/parachute_no_dce_no_gcs runs/abmil_radiology runs/abmil_parachute_cohort
 "$PY" scripts/cohort_oracles.py > /dev/null

@@ -498,8 +498,14 @@ def bench_table(name: str) -> str:
     rows = [["JAX (jit)", f"{j['p50_ms']:.0f} / {j['p90_ms']:.0f} ms", "1.0x"],
             ["PyTorch eager", f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} ms",
              f"{t['p50_ms'] / j['p50_ms']:.1f}x"]]
-    text = _table(["impuTMAE pretraining step (batch 32)", "p50 / p90", "time / JAX"], rows)
-    command = "python -m benchmarks.mae_pretrain --torch-python=..."
+    md = d["model"]
+    depth = (f"{md['encoder_depth']}" if md.get("pathology_encoder_depth", md["encoder_depth"])
+             == md["encoder_depth"] else
+             f"{md['encoder_depth']} (vectors) / {md['pathology_encoder_depth']} (WSI)")
+    text = _table([f"impuTMAE pretraining step, batch {d['shapes']['batch']}, {md['dim']}-d, "
+                   f"encoders {depth} layers, decoder {md['decoder_depth']}", "p50 / p90",
+                   "time / JAX"], rows)
+    command = d.get("command", "python -m benchmarks.mae_pretrain --torch-python=...")
   elif name.startswith("gene_groups"):
     rows = []
     for r in d["rows"]:

@@ -150,6 +150,25 @@ def test_pretraining_masks_half_of_each_modality_per_patient():
   assert int(patches["rna"]["elem"].sum()) == 300
 
 
+def test_never_hide_exempts_a_modality_from_whole_hiding():
+  c = _small_config()
+  c.model.modalities = ("rna", "dnam", "pathology")
+  c.model.pretrain.never_hide = ("dnam",)
+  cohort, method, model = _setup(c)
+  batch = _jnp(make_batch(cohort, np.arange(12), BatchSpec(16, max_instances=32),
+                          rng=np.random.default_rng(0)))
+  patches, enc, _ = _jit(lambda mdl, b, k: method.reconstruct(mdl, b, k, hide_prob=1.0),
+                         model)(batch, jax.random.key(0))
+  for m in method.modalities:
+    length = np.asarray(patches[m]["real"]).sum(1)
+    masked = np.asarray(enc[m]["masked"]).sum(1)
+    # hide_prob = 1 hides every real patch of the others; dnam keeps its usual half
+    np.testing.assert_array_equal(masked, length // 2 if m == "dnam" else length)
+  c.model.pretrain.never_hide = ("tiles",)
+  with pytest.raises(ValueError, match="never_hide"):
+    get_method(c).reconstruct(model, batch, jax.random.key(0), hide_prob=0.5)
+
+
 def test_masked_mse_counts_masked_entries_only():
   rng = np.random.default_rng(0)
   pred, target = (jnp.asarray(rng.normal(size=(3, 6, 4))) for _ in range(2))

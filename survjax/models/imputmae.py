@@ -46,7 +46,9 @@ A missing WSI bag has no patches; the decoder imputes ``impute_bag_len`` slots f
 (missing tiles: all ``M`` tiles' patch slots).
 Departure (``pretrain.hide_modality``, 0 = the paper): each available modality of a
 patient is also hidden entirely with that probability, its loss kept, so that the
-decoder learns to rebuild a modality from the others alone (`ImpuTMAE.reconstruct`).
+decoder learns to rebuild a modality from the others alone (`ImpuTMAE.reconstruct`);
+``pretrain.never_hide`` names modalities exempt from it (raw tiles, whose pixels the
+other modalities cannot predict).
 
 Inputs are standardised per entry (vectors), per feature dimension (bags) or per entry
 of a ViT patch (tiles, pooled over tiles and patches) with the
@@ -412,8 +414,8 @@ class ImpuTMAE:
     return out
 
   def encode(self, model, patches, ratio, key, hide_all=None) -> dict:
-    """Masks (``ratio``; every real patch of the rows ``hide_all[m]``) and encodes every
-    modality; adds the decoder's inputs."""
+    """Masks (``ratio``; every real patch of the rows ``hide_all[m]``, for the modalities
+    it names) and encodes every modality; adds the decoder's inputs."""
     keys = split_key(key, len(self.modalities))
     enc = {}
     tiles = dict(model.tiles)
@@ -421,10 +423,10 @@ class ImpuTMAE:
       pt = patches[m]
       if m in tiles:
         enc[m] = self._encode_tiles(model, m, pt, ratio, k, None if hide_all is None
-                                    else hide_all[m])
+                                    else hide_all.get(m))
         continue
       msk = random_masking(pt["real"], ratio, k if ratio else None,
-                           None if hide_all is None else hide_all[m])
+                           None if hide_all is None else hide_all.get(m))
       kk = msk["keep"].shape[1]
       ids = msk["ids_shuffle"][:, :kk]
       z, _ = model.encoders[m](_gather(pt["x"], ids), ids, msk["keep"])
@@ -518,7 +520,9 @@ class ImpuTMAE:
     paper) a fully masked modality is only ever one the patient lacks, which has no
     target, and on the synthetic cohort the decoder then learns mostly within-modality
     reconstruction (cross-modal imputation at or near the training mean; see
-    docs/results/imputmae.md).
+    docs/results/imputmae.md). Modalities in ``pretrain.never_hide`` are never hidden
+    whole: a hidden tile's loss is noise (its pixels' phase is in no other modality),
+    and with it the tiles did not learn at all (docs/results/imputmae.md).
     """
     patches = self.patchify(model, batch)
     ratio = self.cfg.mask_ratio if ratio is None else ratio
@@ -527,7 +531,13 @@ class ImpuTMAE:
     hide_all = None
     if hide_prob > 0:
       u = jax.random.uniform(k_hide, (batch["valid"].shape[0], len(self.modalities)))
-      hide_all = {m: u[:, i] < hide_prob for i, m in enumerate(self.modalities)}
+      never = frozenset(self.cfg.pretrain.get("never_hide", ()))
+      unknown = never - set(self.modalities)
+      if unknown:
+        raise ValueError(f"pretrain.never_hide names {sorted(unknown)}, expected some of "
+                         f"the model's modalities {list(self.modalities)}")
+      hide_all = {m: u[:, i] < hide_prob for i, m in enumerate(self.modalities)
+                  if m not in never}
     enc = self.encode(model, patches, ratio, k_mask, hide_all)
     return patches, enc, model.decoder(enc)
 

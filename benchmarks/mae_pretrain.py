@@ -40,6 +40,9 @@ def _torch_worker(args) -> dict:
   from torch import nn
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
+  # On a machine with a GPU both sides run on it (JAX takes its default device).
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.set_default_device(device)
   sh, d, dd, heads = SHAPES, args.dim, args.dim, 4
 
   def sincos(n, dim):
@@ -136,7 +139,7 @@ def _torch_worker(args) -> dict:
     if i >= args.warmup:
       times.append(time.perf_counter() - t0)
   t = np.asarray(times) * 1e3
-  return {"framework": "torch-eager", "torch_version": torch.__version__,
+  return {"framework": "torch-eager", "torch_version": torch.__version__, "device": device,
           "threads": args.threads,
           "params": sum(p.numel() for p in model.parameters()),
           "step": {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README's speed section (issue 19's GPU goals), JAX against
-# PyTorch eager on the same GPU, in one go within 8 minutes on one H100/H200. Needs a
+# PyTorch eager on the same GPU, in one go within 9.5 minutes on one H100/H200. Needs a
 # CUDA jax and torch in the same Python (the `bench` extra with jax[cuda]). Writes:
 #
 #   sampling_latency_gpu.json          DDIM, XLA scan, float32: batch 1 (+ unrolled) and
@@ -12,11 +12,13 @@
 #   train_throughput_gpu.json          TransMIL / ABMIL forwards 1k-200k patches against
 #                                      torch with peak device memory (chunk threshold from
 #                                      the device's memory), MUST's training step
+#   mae_pretrain_gpu.json,             impuTMAE's pretraining step at the default size and
+#   mae_pretrain_paper_dims_gpu.json   at Table 1's small variant (issue 18)
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR]      # default benchmarks/results
 #
-# Each step has its own time limit (the sum is 460 s plus start-up), so the script always
-# ends within 8 minutes and a step that overruns leaves the others' JSON intact; a failed
+# Each step has its own time limit (the sum is 540 s plus start-up), so the script always
+# ends within 9.5 minutes and a step that overruns leaves the others' JSON intact; a failed
 # step is reported at the end and the exit status is 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,11 @@ step train_throughput 230 "$py" -m benchmarks.train_throughput \
   --out "$out/train_throughput_gpu.json" --torch-python "$(command -v "$py")" \
   --must-sizes 1024,4096 --must-budget 50 --mil-budget 130 \
   --mil-sizes 1024,4096,16384,65536,200000 --paired-rounds 1
+step mae_pretrain 40 "$py" -m benchmarks.mae_pretrain --torch-python "$(command -v "$py")" \
+  --repeats 10 --out "$out/mae_pretrain_gpu.json"
+step mae_pretrain_paper_dims 40 "$py" -m benchmarks.mae_pretrain \
+  --torch-python "$(command -v "$py")" --repeats 10 --dim 256 --depth 6 --pathology-depth 4 \
+  --out "$out/mae_pretrain_paper_dims_gpu.json"
 
 if ((${#failed[@]})); then
   echo "failed or over their time limit: ${failed[*]}" >&2

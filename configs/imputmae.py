@@ -48,8 +48,8 @@ decodes each modality from its own tokens, no modality hidden whole: paper Table
 unimodal row; 5 folds about 12 min on a loaded CPU, docs/results/imputmae.md), :tiles
 (raw RGB WSI tiles instead of patch features: 4 tiles of 64 x 64 per patient, a 4-layer
 ViT on 16 x 16 patches, transposed-convolution decoder head; data.files.tiles_dir reads
-CLAM imgs HDF5 files or image folders; `:tiles,smoke` runs end to end in about 10 min on
-a loaded 2-core CPU, C-index about 0.5; no 5-fold result yet).
+CLAM imgs HDF5 files or image folders; tiles exempt from whole-modality hiding, 100
+pretraining epochs; two folds: docs/results/imputmae.md, run `imputmae_tiles`).
 """
 
 import ml_collections

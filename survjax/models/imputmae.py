@@ -522,7 +522,7 @@ class ImpuTMAE:
     reconstruction (cross-modal imputation at or near the training mean; see
     docs/results/imputmae.md). Modalities in ``pretrain.never_hide`` are never hidden
     whole: a hidden tile's loss is noise (its pixels' phase is in no other modality),
-    and with it the tiles did not learn at all (docs/results/imputmae.md).
+    and with it the masked-tile loss stayed at the mean fill's (docs/results/imputmae.md).
     """
     patches = self.patchify(model, batch)
     ratio = self.cfg.mask_ratio if ratio is None else ratio

@@ -48,7 +48,7 @@ decodes each modality from its own tokens, no modality hidden whole: paper Table
 unimodal row; 5 folds about 12 min on a loaded CPU, docs/results/imputmae.md), :tiles
 (raw RGB WSI tiles instead of patch features: 4 tiles of 64 x 64 per patient, a 4-layer
 ViT on 16 x 16 patches, transposed-convolution decoder head; data.files.tiles_dir reads
-CLAM imgs HDF5 files or image folders; tiles exempt from whole-modality hiding, 100
+CLAM imgs HDF5 files or image folders; tiles exempt from whole-modality hiding, 200
 pretraining epochs; two folds: docs/results/imputmae.md, run `imputmae_tiles`).
 """
 
@@ -134,7 +134,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # masked-tile loss stayed at the mean fill's (docs/results/imputmae.md). Without
       # that noise the tiles still pass a few hundred steps near it before they learn.
       m.pretrain.never_hide = ("tiles",)
-      m.pretrain.epochs = 100
+      m.pretrain.epochs = 200
       # Real tiles (data.source=files): <tiles_dir>/<slide_id>.h5 with CLAM's imgs
       # dataset, or <tiles_dir>/<slide_id>/ image files (survjax.data.tiles).
       c.data.files.tiles_dir = ""

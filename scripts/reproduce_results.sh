@@ -51,7 +51,7 @@ declare -A CONFIGS=(
   [imputmae]="configs/imputmae.py"
   [imputmae_hide0]="configs/imputmae.py --config.model.pretrain.hide_modality=0.0"
   [imputmae_unimodal_pretrain]="configs/imputmae.py:unimodal_pretrain"
-  # raw tiles pretrain 100 epochs of a ViT: two folds of five
+  # raw tiles pretrain 200 epochs of a ViT: two folds of five
   [imputmae_tiles]="configs/imputmae.py:tiles --config.cv.folds=(0,1)"
   [snn_imputmae_cohort]="configs/snn.py $IMPUTMAE_COHORT"
   [abmil_imputmae_cohort]="configs/abmil.py $IMPUTMAE_COHORT"

@@ -13,7 +13,8 @@ IMPUTMAE_COHORT="--config.data.synthetic.rna_dnam=True --config.data.synthetic.r
 --config.data.synthetic.dnam_dim=2048 --config.data.synthetic.missing_dnam=0.2 \
 --config.data.synthetic.missing_pathology=0.3 --config.data.synthetic.unlabelled=0.1"
 # One cohort with every modality any method reads (impuTMAE's plus radiology slices), each
-# specific factor carrying an equal share of the risk: every method on the same folds.
+# specific factor carrying an equal share of the risk: every method on the same folds
+# (coupling and risk_std spelled out because PARACHUTE's config sets its own).
 ALL_MODALITIES="$IMPUTMAE_COHORT --config.data.synthetic.radiology=True \
 --config.data.synthetic.radiology_dim=64 --config.data.synthetic.share_shared=0.25 \
 --config.data.synthetic.share_pathology=0.25 --config.data.synthetic.share_genomics=0.25 \

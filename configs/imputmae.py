@@ -84,7 +84,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Paper: 800 epochs (warm-up 50), batch 256, AdamW lr 1e-4, wd 1e-2.
   m.pretrain = ml_collections.ConfigDict(dict(epochs=20, lr=1e-3, weight_decay=1e-2,
                                               warmup_epochs=2, max_instances=16,
-                                              hide_modality=0.3))
+                                              hide_modality=0.3, never_hide=()))
   # Paper: 20 epochs (warm-up 5), batch 24, lr 1e-4, wd 1e-2, dropout 0.1.
   m.finetune = ml_collections.ConfigDict(dict(epochs=20, lr=1e-3, weight_decay=1e-2,
                                               warmup_epochs=5, max_instances=16, impute=True,

@@ -20,6 +20,7 @@ from configs.imputmae import get_config  # noqa: E402
 from survjax.data.batching import BatchSpec, make_batch  # noqa: E402
 from survjax.data.synthetic import (SyntheticSpec, make_synthetic_cohort,  # noqa: E402
                                     reconstruction_floor)
+from survjax.errors import InputError  # noqa: E402
 from survjax.method import cohort_info  # noqa: E402
 from survjax.models import get_method  # noqa: E402
 from survjax.models.imputmae import masked_mse, random_masking  # noqa: E402
@@ -165,8 +166,8 @@ def test_never_hide_exempts_a_modality_from_whole_hiding():
     # hide_prob = 1 hides every real patch of the others; dnam keeps its usual half
     np.testing.assert_array_equal(masked, length // 2 if m == "dnam" else length)
   c.model.pretrain.never_hide = ("tiles",)
-  with pytest.raises(ValueError, match="never_hide"):
-    get_method(c).reconstruct(model, batch, jax.random.key(0), hide_prob=0.5)
+  with pytest.raises(InputError, match=r"never_hide: names \['tiles'\]"):
+    get_method(c)
 
 
 def test_masked_mse_counts_masked_entries_only():

@@ -80,6 +80,7 @@ import optax
 from flax import nnx
 
 from survjax import survival
+from survjax.errors import InputError
 from survjax.method import Stage
 from survjax.nn.attention import TransformerLayer
 from survjax.nn.core import LN_EPS, dropout, split_key
@@ -360,6 +361,13 @@ class ImpuTMAE:
   name: str = "imputmae"
   time_model: str = "discrete"
 
+  def __post_init__(self):
+    """Checks the config before anything is built or written."""
+    unknown = set(self.cfg.pretrain.get("never_hide", ())) - set(self.modalities)
+    if unknown:
+      raise InputError(f"names {sorted(unknown)}, expected some of the model's modalities "
+                       f"{list(self.modalities)}", path="config.model.pretrain.never_hide")
+
   @property
   def modalities(self):
     return tuple(self.cfg.modalities)
@@ -532,10 +540,6 @@ class ImpuTMAE:
     if hide_prob > 0:
       u = jax.random.uniform(k_hide, (batch["valid"].shape[0], len(self.modalities)))
       never = frozenset(self.cfg.pretrain.get("never_hide", ()))
-      unknown = never - set(self.modalities)
-      if unknown:
-        raise ValueError(f"pretrain.never_hide names {sorted(unknown)}, expected some of "
-                         f"the model's modalities {list(self.modalities)}")
       hide_all = {m: u[:, i] < hide_prob for i, m in enumerate(self.modalities)
                   if m not in never}
     enc = self.encode(model, patches, ratio, k_mask, hide_all)

@@ -499,9 +499,8 @@ def bench_table(name: str) -> str:
             ["PyTorch eager", f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} ms",
              f"{t['p50_ms'] / j['p50_ms']:.1f}x"]]
     md = d["model"]
-    depth = (f"{md['encoder_depth']}" if md.get("pathology_encoder_depth", md["encoder_depth"])
-             == md["encoder_depth"] else
-             f"{md['encoder_depth']} (vectors) / {md['pathology_encoder_depth']} (WSI)")
+    vec, wsi = md["encoder_depth"], md.get("pathology_encoder_depth", md["encoder_depth"])
+    depth = f"{vec}" if wsi == vec else f"{vec} (vectors) / {wsi} (WSI)"
     text = _table([f"impuTMAE pretraining step, batch {d['shapes']['batch']}, {md['dim']}-d, "
                    f"encoders {depth} layers, decoder {md['decoder_depth']}", "p50 / p90",
                    "time / JAX"], rows)

@@ -81,6 +81,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.dropout = 0.1
   m.num_bins = 20
   m.grad_clip = 1.0
+  # Transformer layers keep only their projections' outputs for the backward pass and
+  # recompute the rest: the same numbers, a faster step (benchmarks/mae_pretrain.py).
+  m.remat = True
   # Paper: 800 epochs (warm-up 50), batch 256, AdamW lr 1e-4, wd 1e-2.
   m.pretrain = ml_collections.ConfigDict(dict(epochs=20, lr=1e-3, weight_decay=1e-2,
                                               warmup_epochs=2, max_instances=16,

@@ -145,6 +145,32 @@ def test_transformer_layer_padding_invariant_and_dropout_key():
 # ---- Nystrom attention ---------------------------------------------------------------
 
 
+def test_transformer_layer_remat_same_values_and_gradients():
+  """`remat=True` recomputes in the backward what the plain layer stores: the same
+  function, the same gradients (with dropout, the mask drawn again from the same key),
+  and it differentiates with part of its parameters frozen (split as the trainer does)."""
+  plain = TransformerLayer(8, 2, 2.0, 0.5, rngs=nnx.Rngs(0))
+  remat = TransformerLayer(8, 2, 2.0, 0.5, rngs=nnx.Rngs(0), remat=True)
+  x, mask = _pad_bag(_normal(1, (5, 8)), 7)
+  key = jax.random.key(2)
+
+  def grads(layer):
+    graphdef, trained, frozen = nnx.split(layer, nnx.PathContains("fc2"), ...)
+
+    def loss(trained, x):
+      out = nnx.merge(graphdef, trained, frozen)(x, mask, key)
+      return jnp.sum(jnp.sin(out))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(trained, x)
+
+  (loss_p, (g_p, gx_p)), (loss_r, (g_r, gx_r)) = grads(plain), grads(remat)
+  np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
+  np.testing.assert_allclose(gx_r, gx_p, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_p), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.abs(gx_p).max() > 0.0 and all(np.abs(g).max() > 0.0 for g in jax.tree.leaves(g_p))
+
+
 def _exact_attention(layer, x):
   """softmax(Q K^T / sqrt(d_h)) V with the layer's own projections (no value conv)."""
   b, n, _ = x.shape

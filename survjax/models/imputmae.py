@@ -195,16 +195,17 @@ class PatchEncoder(nnx.Module):
   ``depth`` pre-LN transformer layers; the last layer (``last``) and the final norm
   (``last_norm``) are what fine-tuning unfreezes."""
 
-  def __init__(self, patch_dim, dim, depth, num_heads, mlp_ratio, positional, *, rngs):
+  def __init__(self, patch_dim, dim, depth, num_heads, mlp_ratio, positional, *, rngs,
+               remat=False):
     if depth < 1:
       raise ValueError(f"encoder depth must be >= 1, got {depth}")
     self.dim = dim
     self.positional = positional
     self.embed = nnx.Linear(patch_dim, dim, rngs=rngs)
     self.cls = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, dim)))
-    self.layers = nnx.List([TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs)
+    self.layers = nnx.List([TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs, remat=remat)
                             for _ in range(depth - 1)])
-    self.last = TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs)
+    self.last = TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs, remat=remat)
     self.last_norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
 
   def __call__(self, patches, pos, keep, key=None):
@@ -253,7 +254,7 @@ class MultimodalDecoder(nnx.Module):
   concatenated modalities, per-modality linear heads back to patch space."""
 
   def __init__(self, enc_dims, patch_dims, positional, dim, depth, num_heads, mlp_ratio,
-               *, rngs, cross_modal: bool = True, tiles=None):
+               *, rngs, cross_modal: bool = True, tiles=None, remat: bool = False):
     self.dim = dim
     self.cross_modal = bool(cross_modal)   # False: each modality decoded alone (unimodal)
     self.positional = tuple(sorted(positional.items()))   # hashable static metadata
@@ -261,7 +262,7 @@ class MultimodalDecoder(nnx.Module):
     self.proj = nnx.Dict({m: nnx.Linear(d, dim, rngs=rngs) for m, d in enc_dims.items()})
     self.mask_token = nnx.Dict({m: init((1, 1, dim)) for m in enc_dims})
     self.type_embed = nnx.Dict({m: init((1, 1, dim)) for m in enc_dims})
-    self.layers = nnx.List([TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs)
+    self.layers = nnx.List([TransformerLayer(dim, num_heads, mlp_ratio, rngs=rngs, remat=remat)
                             for _ in range(depth)])
     self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
     tiles = tiles or {}   # image modalities: a transposed-convolution head
@@ -332,17 +333,19 @@ class ImpuTMAEModel(nnx.Module):
                          f"{kind!r}")
     self.patch_dims = tuple(sorted(patch_dims.items()))   # hashable static metadata
     self.tiles = tuple(sorted(tiles.items()))
+    remat = bool(cfg.get("remat", False))
     self.encoders = nnx.Dict({
         m: PatchEncoder(patch_dims[m], cfg.dim, int(cfg.depth.get(m, cfg.depth.default)),
-                        cfg.num_heads, cfg.mlp_ratio, positional[m], rngs=rngs)
+                        cfg.num_heads, cfg.mlp_ratio, positional[m], rngs=rngs, remat=remat)
         for m in self.modalities})
     dec = cfg.decoder
     self.decoder = MultimodalDecoder({m: cfg.dim for m in self.modalities}, patch_dims,
                                      positional, dec.dim, dec.depth, dec.num_heads,
                                      dec.mlp_ratio, rngs=rngs,
-                                     cross_modal=dec.get("cross_modal", True), tiles=tiles)
+                                     cross_modal=dec.get("cross_modal", True), tiles=tiles,
+                                     remat=remat)
     self.fusion = TransformerLayer(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
-                                   rngs=rngs)
+                                   rngs=rngs, remat=remat)
     self.surv_head = nnx.Linear(len(self.modalities) * cfg.dim, cfg.num_bins, rngs=rngs)
     # Per-entry (vectors) / per-dimension (bags) mean and standard deviation.
     self.stats = nnx.Dict({

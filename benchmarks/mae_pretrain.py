@@ -17,8 +17,13 @@ AdamW. Shapes are the default config's training batch: 32 patients, RNA and meth
 2048 values in 512-value patches, WSI bags of 16 patch features of 128, every modality
 present. The default model is the config's (128-d, 2 encoder layers, decoder 3 layers);
 the second command is Table 1's small variant (``:paper_dims``: 256-d, 6 layers for the
-vectors, 4 for the WSI, decoder 256-d). Compile time is reported apart; steps are timed
-after warm-up (p50 / p90 ms). Results: README (generated from the JSON).
+vectors, 4 for the WSI, decoder 256-d). Compile time is reported apart. Both sides are
+built and warmed up in their own processes, then timed in alternating rounds (``--rounds``
+of ``--repeats`` steps each, JAX first in even rounds, torch first in odd ones), so that
+each round's ratio sees one state of a shared host: ``torch_over_jax_p50`` is the median
+of the rounds' ratios (each round's p50 over its steps), ``jax_faster_rounds`` counts the
+rounds JAX won, and ``jax.step`` / ``torch.step`` pool all rounds (p50 / p90 ms).
+Results: README (generated from the JSON).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 SHAPES = {"batch": 32, "vector_dim": 2048, "patch": 512, "bag": 16, "bag_dim": 128}
 
 
-def _torch_worker(args) -> dict:
+def _torch_worker(args) -> None:
   import numpy as np
   import torch
   from torch import nn
@@ -132,22 +137,23 @@ def _torch_worker(args) -> dict:
     opt.step()
     return loss.detach().item()
 
-  times = []
-  for i in range(args.warmup + args.repeats):
-    t0 = time.perf_counter()
+  for _ in range(args.warmup):
     step()
-    if i >= args.warmup:
+  meta = {"framework": "torch-eager", "torch_version": torch.__version__, "device": device,
+          "threads": args.threads, "params": sum(p.numel() for p in model.parameters())}
+  print(json.dumps(meta), flush=True)
+  for line in sys.stdin:   # one line per round: time `repeats` steps, answer with the times
+    if not line.strip():
+      break
+    times = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      step()
       times.append(time.perf_counter() - t0)
-  t = np.asarray(times) * 1e3
-  return {"framework": "torch-eager", "torch_version": torch.__version__, "device": device,
-          "threads": args.threads,
-          "params": sum(p.numel() for p in model.parameters()),
-          "step": {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
-                   "min_ms": float(t.min()), "repeats": int(t.size),
-                   "times_ms": [round(float(x), 3) for x in t]}}
+    print(json.dumps({"times_s": times}), flush=True)
 
 
-def _jax_side(args) -> dict:
+def _jax_side(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -192,18 +198,71 @@ def _jax_side(args) -> dict:
   opt = tx.init(params)
   compiled, compile_s = common.compile_timed(common.make_train_step(stage, graphdef),
                                              params, opt, rest, batch, jax.random.key(0))
-  state = {"params": params, "opt": opt}
+  state = {"params": params, "opt": opt, "calls": 0}
 
-  def run(k):
-    state["params"], state["opt"], val = compiled(state["params"], state["opt"], rest, batch,
-                                                  k)
-    return val
+  def round_times(n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      key = jax.random.key(state["calls"])
+      state["calls"] += 1
+      t0 = time.perf_counter()
+      state["params"], state["opt"], loss = compiled(state["params"], state["opt"], rest,
+                                                     batch, key)
+      jax.block_until_ready((state["params"], state["opt"], loss))
+      times.append(time.perf_counter() - t0)
+    return times
 
-  stats = common.time_calls(run, repeats=args.repeats, warmup=args.warmup,
-                            make_args=lambda i: (jax.random.key(i),))
-  params = state["params"]
+  round_times(args.warmup)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  return {"framework": "jax-jit", "compile_s": compile_s, "params": n_params, "step": stats}
+  return {"framework": "jax-jit", "compile_s": compile_s, "params": n_params}, round_times
+
+
+def _paired_rounds(args, jax_round, torch_cmd):
+  """Alternating rounds (JAX then torch, then torch then JAX, ...) of ``repeats`` steps
+  each, both models built and warm in their processes throughout: the per-round ratios
+  see the same state of a shared host. Returns ``(jax_times, torch_meta, torch_times,
+  rounds, reason)``."""
+  import subprocess
+  import numpy as np
+  from benchmarks import common
+  proc = subprocess.Popen(torch_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+  def answer():
+    line = proc.stdout.readline()
+    if not line:
+      proc.wait(timeout=60)
+      tail = proc.stderr.read().strip().splitlines()[-1:] or ["(no stderr)"]
+      raise RuntimeError(f"torch worker exited {proc.returncode}: {tail[0][:300]}")
+    return json.loads(line)
+
+  jax_all, torch_all, rounds = [], [], []
+  try:
+    meta = answer()
+    for k in range(args.rounds):
+      order = ("jax", "torch") if k % 2 == 0 else ("torch", "jax")
+      got = {}
+      for side in order:
+        if side == "jax":
+          got["jax"] = jax_round(args.repeats)
+        else:
+          proc.stdin.write("go\n")
+          proc.stdin.flush()
+          got["torch"] = answer()["times_s"]
+        time.sleep(0.2)   # let the side that just ran go idle (torch's OpenMP spins)
+      j, t = (1e3 * float(np.median(got[x])) for x in ("jax", "torch"))
+      common.log(f"round {k + 1} ({' then '.join(order)}): JAX {j:.1f} ms, torch {t:.1f} ms")
+      rounds.append({"order": list(order), "jax_p50_ms": j, "torch_p50_ms": t,
+                     "torch_over_jax": t / j})
+      jax_all += got["jax"]
+      torch_all += got["torch"]
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(timeout=60)
+    return jax_all, meta, torch_all, rounds, None
+  except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+    proc.kill()
+    return jax_all, None, None, rounds, str(e)
 
 
 def main():
@@ -215,7 +274,8 @@ def main():
   p.add_argument("--pathology-depth", type=int, default=None,
                  help="WSI encoder layers (default: --depth)")
   p.add_argument("--decoder-depth", type=int, default=3)
-  p.add_argument("--repeats", type=int, default=15)
+  p.add_argument("--repeats", type=int, default=8, help="steps per side per round")
+  p.add_argument("--rounds", type=int, default=6, help="alternating JAX/torch rounds")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=0)
   p.add_argument("--out", default="benchmarks/results/mae_pretrain_cpu.json")
@@ -223,7 +283,7 @@ def main():
   if args.pathology_depth is None:
     args.pathology_depth = args.depth
   if args.torch_worker:
-    print(json.dumps(_torch_worker(args)))
+    _torch_worker(args)
     return
   from benchmarks import common
   args.threads = args.threads or common.num_cpu_threads()
@@ -239,10 +299,11 @@ def main():
                       "pathology_encoder_depth": args.pathology_depth,
                       "decoder_depth": args.decoder_depth},
             "device": common.device_info(), "git": common.git_state()}
-  result["jax"] = _jax_side(args)
+  jax_meta, jax_round = _jax_side(args)
   torch_py = common.torch_python(args.torch_python)
+  result["torch"] = None
   if torch_py is None:
-    result["torch"] = None
+    result["jax"] = {**jax_meta, "step": common.summarize(jax_round(args.rounds * args.repeats))}
     result["torch_reason"] = "no --torch-python and no $SURVJAX_TORCH_PYTHON"
   else:
     cmd = [torch_py, str(Path(__file__).resolve()), "--torch-worker", "--dim", str(args.dim),
@@ -250,10 +311,18 @@ def main():
            "--pathology-depth", str(args.pathology_depth), "--decoder-depth", str(args.decoder_depth),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--threads", str(args.threads)]
-    result["torch"], result["torch_reason"] = common.run_json_subprocess(cmd, 1200)
-  if result["torch"]:
-    result["torch_over_jax_p50"] = (result["torch"]["step"]["p50_ms"]
-                                    / result["jax"]["step"]["p50_ms"])
+    jax_times, torch_meta, torch_times, rounds, reason = _paired_rounds(args, jax_round, cmd)
+    if reason is not None:
+      jax_times = jax_times or jax_round(args.rounds * args.repeats)
+    result["jax"] = {**jax_meta, "step": common.summarize(jax_times)}
+    result["torch_reason"] = reason
+    if reason is None:
+      import numpy as np
+      result["torch"] = {**torch_meta, "step": common.summarize(torch_times)}
+      result["rounds"] = rounds
+      ratios = [r["torch_over_jax"] for r in rounds]
+      result["torch_over_jax_p50"] = float(np.median(ratios))
+      result["jax_faster_rounds"] = f"{sum(x > 1 for x in ratios)} of {len(ratios)}"
   common.emit(args.out, result)
 
 

@@ -37,6 +37,33 @@ import time
 from pathlib import Path
 
 SHAPES = {"batch": 32, "vector_dim": 2048, "patch": 512, "bag": 16, "bag_dim": 128}
+CHAIN = 20   # matmuls per timed call of the matmul probe (amortises the call's dispatch)
+
+
+def matmul_shapes(dim: int) -> list[tuple[int, int, int]]:
+  """``(rows, k, n)`` of the step's main products: 288 rows (32 WSI bags of 8 kept
+  patches + CLS) and 864 (the decoder's 32 x 27 tokens), times ``dim x dim`` (attention
+  projections) and ``dim x 4 dim`` (the encoders' MLP)."""
+  return [(r, dim, n) for r in (288, 864) for n in (dim, 4 * dim)]
+
+
+def _probe(chain_fn, shapes) -> list[dict]:
+  """GFLOP/s of ``chain_fn(m, k, n)`` (a callable running ``CHAIN`` dependent products of
+  ``[m, k] x [k, n]`` and ``[m, n] x [n, k]``), median of 30 calls after 5."""
+  import numpy as np
+  out = []
+  for m, k, n in shapes:
+    f = chain_fn(m, k, n)
+    for _ in range(5):
+      f()
+    ts = []
+    for _ in range(30):
+      t0 = time.perf_counter()
+      f()
+      ts.append(time.perf_counter() - t0)
+    out.append({"shape": f"{m}x{k}x{n}",
+                "gflops": 2 * m * k * n * CHAIN / float(np.median(ts)) / 1e9})
+  return out
 
 
 def _torch_worker(args) -> None:
@@ -152,6 +179,37 @@ def _torch_worker(args) -> None:
       times.append(time.perf_counter() - t0)
     print(json.dumps({"times_s": times}), flush=True)
 
+  def torch_chain(m, k, n):
+    a = torch.randn(m, k)
+    b, c = 0.01 * torch.randn(k, n), 0.01 * torch.randn(n, k)
+
+    def f():
+      x = a
+      for _ in range(CHAIN // 2):
+        x = (x @ b) @ c
+      if device == "cuda":
+        torch.cuda.synchronize()
+    return f
+
+  print(json.dumps({"matmul": _probe(torch_chain, matmul_shapes(args.dim))}), flush=True)
+
+
+def _jax_matmul_probe(dim: int) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+
+  def jax_chain(m, k, n):
+    a = jnp.ones((m, k))
+    b, c = jnp.full((k, n), 0.01), jnp.full((n, k), 0.01)
+
+    def g(x, b, c):
+      for _ in range(CHAIN // 2):
+        x = (x @ b) @ c
+      return x
+    f = jax.jit(g).lower(a, b, c).compile()
+    return lambda: f(a, b, c).block_until_ready()
+  return _probe(jax_chain, matmul_shapes(dim))
+
 
 def _jax_side(args):
   import jax
@@ -258,6 +316,7 @@ def _paired_rounds(args, jax_round, torch_cmd):
       torch_all += got["torch"]
     proc.stdin.write("\n")
     proc.stdin.flush()
+    meta["matmul"] = answer()["matmul"]
     proc.wait(timeout=60)
     return jax_all, meta, torch_all, rounds, None
   except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
@@ -323,6 +382,8 @@ def main():
       ratios = [r["torch_over_jax"] for r in rounds]
       result["torch_over_jax_p50"] = float(np.median(ratios))
       result["jax_faster_rounds"] = f"{sum(x > 1 for x in ratios)} of {len(ratios)}"
+  # The step's products alone, in each framework's own kernels (XLA:CPU: YNNPACK).
+  result["jax"]["matmul"] = _jax_matmul_probe(args.dim)
   common.emit(args.out, result)
 
 

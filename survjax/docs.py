@@ -501,6 +501,14 @@ def bench_table(name: str) -> str:
              else f"{t['p50_ms'] / j['p50_ms']:.1f}x")
     rows = [["JAX (jit)", f"{j['p50_ms']:.0f} / {j['p90_ms']:.0f} ms", "1.0x"],
             ["PyTorch eager", f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} ms", ratio]]
+    jm, tm = d["jax"].get("matmul"), d["torch"].get("matmul")
+    if jm and tm:   # the step's products alone, each framework's own kernels
+      jr, tr = [r["gflops"] for r in jm], [r["gflops"] for r in tm]
+      rel = [a / b for a, b in zip(jr, tr)]
+      rows.append([f"its matmuls alone ({', '.join(r['shape'] for r in jm)}), GFLOP/s",
+                   f"JAX {min(jr):.0f}-{max(jr):.0f}",
+                   f"torch {min(tr):.0f}-{max(tr):.0f} (JAX at {min(rel):.2f}-{max(rel):.2f}x "
+                   f"torch's rate)"])
     md = d["model"]
     vec, wsi = md["encoder_depth"], md.get("pathology_encoder_depth", md["encoder_depth"])
     depth = f"{vec}" if wsi == vec else f"{vec} (vectors) / {wsi} (WSI)"

@@ -272,7 +272,10 @@ def _jax_side(args):
 
   round_times(args.warmup)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  return {"framework": "jax-jit", "compile_s": compile_s, "params": n_params}, round_times
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  return {"framework": "jax-jit", "compile_s": compile_s, "params": n_params,
+          "step_gflop": cost.get("flops", 0.0) / 1e9}, round_times
 
 
 def _paired_rounds(args, jax_round, torch_cmd):

@@ -501,6 +501,10 @@ def bench_table(name: str) -> str:
              else f"{t['p50_ms'] / j['p50_ms']:.1f}x")
     rows = [["JAX (jit)", f"{j['p50_ms']:.0f} / {j['p90_ms']:.0f} ms", "1.0x"],
             ["PyTorch eager", f"{t['p50_ms']:.0f} / {t['p90_ms']:.0f} ms", ratio]]
+    if d["jax"].get("step_gflop"):
+      gf = d["jax"]["step_gflop"]
+      rows.append(["JAX's step: XLA's FLOP count, and that over its p50",
+                   f"{gf:.1f} GFLOP", f"{gf / j['p50_ms'] * 1e3:.0f} GFLOP/s"])
     jm, tm = d["jax"].get("matmul"), d["torch"].get("matmul")
     if jm and tm:   # the step's products alone, each framework's own kernels
       jr, tr = [r["gflops"] for r in jm], [r["gflops"] for r in tm]

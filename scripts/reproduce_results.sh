@@ -52,8 +52,11 @@ declare -A CONFIGS=(
   [imputmae]="configs/imputmae.py"
   [imputmae_hide0]="configs/imputmae.py --config.model.pretrain.hide_modality=0.0"
   [imputmae_unimodal_pretrain]="configs/imputmae.py:unimodal_pretrain"
-  # raw tiles pretrain 200 epochs of a ViT: two folds of five
+  # raw tiles pretrain a ViT for :tiles' epochs (chosen on the development draw, seed 1,
+  # from the two runs after it): two folds of five
   [imputmae_tiles]="configs/imputmae.py:tiles --config.cv.folds=(0,1)"
+  [imputmae_tiles_dev_e100]="configs/imputmae.py:tiles --config.cv.folds=(0,1) --config.data.synthetic.seed=1 --config.model.pretrain.epochs=100"
+  [imputmae_tiles_dev_e200]="configs/imputmae.py:tiles --config.cv.folds=(0,1) --config.data.synthetic.seed=1 --config.model.pretrain.epochs=200"
   [snn_imputmae_cohort]="configs/snn.py $IMPUTMAE_COHORT"
   [abmil_imputmae_cohort]="configs/abmil.py $IMPUTMAE_COHORT"
   [imputmae_all_modalities]="configs/imputmae.py $ALL_MODALITIES"
@@ -76,7 +79,7 @@ ORDER=(must_tune must_tune_ldm must abmil transmil snn must_paper_decomp must_br
        must_paper_imputer must_paper_imputer_seed2
        must_paper_imputer_seed3 must_paper_imputer_seed4 parachute_all_modalities
        snn_all_modalities abmil_all_modalities tta_all_modalities must_all_modalities
-       imputmae_all_modalities imputmae_tiles)
+       imputmae_all_modalities imputmae_tiles_dev_e100 imputmae_tiles_dev_e200 imputmae_tiles)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do

@@ -137,7 +137,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # masked-tile loss stayed at the mean fill's (docs/results/imputmae.md). Without
       # that noise the tiles still pass a few hundred steps near it before they learn.
       m.pretrain.never_hide = ("tiles",)
-      m.pretrain.epochs = 200
+      m.pretrain.epochs = 200   # of 100 / 200, on the development draw (seed 1)
       # Real tiles (data.source=files): <tiles_dir>/<slide_id>.h5 with CLAM's imgs
       # dataset, or <tiles_dir>/<slide_id>/ image files (survjax.data.tiles).
       c.data.files.tiles_dir = ""

@@ -108,18 +108,25 @@ def time_calls(
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20, m: int | None = None,
-                  dtype: str = "float32") -> float:
+                  dtype: str = "float32", chain: int = 1) -> float:
   """Measured matmul rate ``2 m n n / t`` (GFLOP/s, p50) of ``[m, n] @ [n, n]``: float32
   operands, or with ``dtype="bfloat16"`` bfloat16 operands and float32 accumulation (what
-  the ``precision="bfloat16"`` option of the samplers and MIL forwards computes)."""
+  the ``precision="bfloat16"`` option of the samplers and MIL forwards computes). With
+  ``chain > 1``, one call runs ``chain`` dependent products (``x <- x @ b``), so a small
+  shape's rate is its kernel's, not the call's dispatch."""
   m = n if m is None else m
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (m, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-  compiled, _ = compile_timed(
-      lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32), a, b)
+  b = (jax.random.normal(kb, (n, n), jnp.float32) / n ** 0.5).astype(dtype)
+
+  def products(x, y):
+    for _ in range(chain):
+      x = jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(dtype)
+    return x
+
+  compiled, _ = compile_timed(products, a, b)
   stats = time_calls(compiled, a, b, repeats=repeats, warmup=2)
-  return 2.0 * m * n * n / (stats["p50_ms"] * 1e-3) / 1e9
+  return 2.0 * m * n * n * chain / (stats["p50_ms"] * 1e-3) / 1e9
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

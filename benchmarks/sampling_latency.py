@@ -221,7 +221,9 @@ def main(argv=None):
   mm_n = 8192 if info["platform"] == "gpu" else 1024
   matmul_start = common.matmul_gflops(mm_n, repeats=10 if quick else 20)
   matmul_small = common.matmul_gflops(256, repeats=50, m=15)
-  matmul_small_chained = common.matmul_gflops(256, repeats=30, m=15, chain=20)
+  # The sampler's shapes alone (rows of one call at batch 1, 16, 64), kernel rate only.
+  chained = {f"{m}x256x256_chained20": common.matmul_gflops(256, repeats=30, m=m, chain=20)
+             for m in (15, 240, 960)}
   common.log(f"float32 matmul (default precision): {matmul_start:.0f} GFLOP/s ({mm_n}^3), "
              f"{matmul_small:.0f} GFLOP/s ([15,256]x[256,256], the batch-1 shape)")
 
@@ -420,7 +422,7 @@ def main(argv=None):
       "matmul_gflops_per_s": {f"{mm_n}x{mm_n}x{mm_n}_start": matmul_start,
                               f"{mm_n}x{mm_n}x{mm_n}_end": matmul_end, "reference": matmul,
                               "15x256x256": matmul_small,
-                              "15x256x256_chained20": matmul_small_chained,
+                              **chained,
                               "precision": jax.config.jax_default_matmul_precision
                               or "default (TF32 for float32 on NVIDIA Ampere and later)",
                               f"{mm_n}x{mm_n}x{mm_n}_bfloat16": matmul_bf16},

@@ -240,7 +240,29 @@ def run(params=None, *, threads=None, repeats=10, one_at_a_time_repeats=3,
     sweep.append(stats)
   result["sweep"] = sweep
   result["sweep_skipped"] = skipped
+  result["matmul_gflops_per_s"] = chained_matmul_rates(device)
   return result
+
+
+CHAINED_ROWS = (15, 240, 960)   # one denoiser call's rows at batch 1, 16 and 64 (15 each)
+
+
+def chained_matmul_rates(device="cpu", n=256, chain=20, repeats=30) -> dict:
+  """GFLOP/s of ``[m, n] @ [n, n]`` for ``m`` in `CHAINED_ROWS`, ``chain`` dependent
+  products per call (the kernel's own rate: no per-call dispatch), p50 of ``repeats``."""
+  out = {}
+  for m in CHAINED_ROWS:
+    a = torch.randn(m, n, device=device)
+    b = torch.randn(n, n, device=device) / n ** 0.5
+
+    def products(a=a, b=b):
+      x = a
+      for _ in range(chain):
+        x = x @ b
+      return x
+    stats = _time(products, repeats, warmup=3, device=device)
+    out[f"{m}x{n}x{n}_chained{chain}"] = 2.0 * m * n * n * chain / (stats["p50_ms"] * 1e-3) / 1e9
+  return out
 
 
 def main(argv=None):

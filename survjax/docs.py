@@ -320,6 +320,13 @@ def _sampling_table(d) -> str:
               f"({_pct(100 * chained / ref)} of the large-matmul rate) with 20 dependent "
               f"products in one call, its kernel's own rate" if chained else "")
            + ".")
+  tm = t.get("matmul_gflops_per_s") or {}
+  pairs = [(k.split("x")[0], mm[k], tm[k]) for k in mm if k.endswith("_chained20") and k in tm]
+  if pairs:
+    text += (" The same products chained 20 to a call, `[M, 256] x [256, 256]` for M = "
+             + ", ".join(m for m, _, _ in pairs) + " (one call's rows at batch 1, 16, 64): "
+             + ", ".join(_flops(j) for _, j, _ in pairs) + " in XLA:CPU, "
+             + ", ".join(_flops(q) for _, _, q in pairs) + " in PyTorch.")
   if t.get("check_max_rel_diff") is not None:
     text += f" Samples agree with torch's to {t['check_max_rel_diff']:.1e} (relative)."
   peak = j.get("peak") or {}

@@ -142,9 +142,6 @@ def test_transformer_layer_padding_invariant_and_dropout_key():
   assert np.abs(fwd(xs, ms, key=jax.random.key(3)) - out).max() > 1e-3
 
 
-# ---- Nystrom attention ---------------------------------------------------------------
-
-
 def test_transformer_layer_remat_same_values_and_gradients():
   """`remat=True` recomputes in the backward what the plain layer stores: the same
   function, the same gradients (with dropout, the mask drawn again from the same key),
@@ -157,11 +154,11 @@ def test_transformer_layer_remat_same_values_and_gradients():
   def grads(layer):
     graphdef, trained, frozen = nnx.split(layer, nnx.PathContains("fc2"), ...)
 
-    def loss(trained, x):
+    def loss(trained, x, frozen):
       out = nnx.merge(graphdef, trained, frozen)(x, mask, key)
       return jnp.sum(jnp.sin(out))
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(trained, x)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(trained, x, frozen)
 
   (loss_p, (g_p, gx_p)), (loss_r, (g_r, gx_r)) = grads(plain), grads(remat)
   np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
@@ -169,6 +166,9 @@ def test_transformer_layer_remat_same_values_and_gradients():
   for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_p), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert np.abs(gx_p).max() > 0.0 and all(np.abs(g).max() > 0.0 for g in jax.tree.leaves(g_p))
+
+
+# ---- Nystrom attention ---------------------------------------------------------------
 
 
 def _exact_attention(layer, x):

@@ -25,6 +25,16 @@ from survjax.evaluate.cv import run_cv  # noqa: E402
 from toy_method import ToyMethod  # noqa: E402
 
 c = base_config("toy")
+# Checkpoints by the clock: process 1's clock runs a million times fast, so it alone would
+# find a save due after every epoch; the processes must still save together.
+c.train.checkpoint_every_s = 3600.0
+if nproc > 1 and pid == 1:
+  import time
+  import types
+
+  from survjax.train import trainer
+  trainer.time = types.SimpleNamespace(monotonic=lambda: 1e6 * time.monotonic(),
+                                       perf_counter=time.perf_counter)
 c.cv.num_folds = 2
 c.cv.splits_dir = os.path.join(workdir, "splits")
 c.train.batch_size = 16

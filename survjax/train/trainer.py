@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from survjax.checkpoint import Checkpointer
@@ -364,6 +365,11 @@ class Trainer:
       bar.update(1)
       due = (stop or epoch + 1 == stage.epochs
              or time.monotonic() - last_save >= self.checkpoint_every_s)
+      if checkpointer is not None and jax.process_count() > 1:
+        # Saving is collective (orbax syncs the processes), and each process's clock
+        # crosses checkpoint_every_s after its own epoch: process 0 decides for all, or
+        # one process waits in the save for another that went on training.
+        due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
       if checkpointer is not None and due:
         meta = {"stage": s_idx, "epoch": stage.epochs - 1 if stop else epoch,
                 "stage_name": stage.name, "fold": fold}

@@ -40,6 +40,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -167,7 +168,10 @@ def _run_torch(params: dict, args, threads: int) -> tuple[dict | None, str | Non
            "--one-at-a-time-repeats", str(kw["one_at_a_time_repeats"]),
            "--batch-sizes", ",".join(map(str, sweep)), "--max-seconds",
            str(kw["max_seconds"]), "--device", kw["device"]]
-    env = dict(os.environ, OMP_WAIT_POLICY=args.torch_omp_wait_policy)
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if args.torch_omp_wait_policy:   # '' leaves OpenMP's own default (spin, then sleep)
+      env["OMP_WAIT_POLICY"] = args.torch_omp_wait_policy
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
   if proc.returncode != 0:
     tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
@@ -193,7 +197,8 @@ def main(argv=None):
   p.add_argument("--torch-omp-wait-policy", default="PASSIVE",
                  help="OMP_WAIT_POLICY of the torch subprocess (PASSIVE: OpenMP's default "
                       "spinning made torch's 2 threads 30-250x slower on a loaded 2-core "
-                      "machine; ACTIVE for the spinning default)")
+                      "machine, but PASSIVE slows its small products on a quiet one; '' "
+                      "for OpenMP's own default)")
   p.add_argument("--unroll", type=int, default=1,
                  help="steps per scan iteration of the sampler (50 = fully unrolled)")
   p.add_argument("--unroll-variants", default="",
@@ -277,8 +282,8 @@ def main(argv=None):
     common.log(f"kernel {args.kernel} failed to compile: {reason}")
     common.emit(args.out, {
         "benchmark": "sampling_latency", "mode": "quick" if quick else "full",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.sampling_latency",
-                             *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.sampling_latency",
+                              *(argv if argv is not None else sys.argv[1:])]),
         "git": common.git_state(), "device": info, "config": c,
         "error": f"the {args.kernel} sampler did not compile: {reason}"})
     return 1
@@ -413,8 +418,8 @@ def main(argv=None):
   result = {
       "benchmark": "sampling_latency",
       "mode": "quick" if quick else "full",
-      "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.sampling_latency",
-                           *(argv if argv is not None else sys.argv[1:])]),
+      "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.sampling_latency",
+                            *(argv if argv is not None else sys.argv[1:])]),
       "git": common.git_state(),
       "device": info,
       "config": c,

@@ -327,6 +327,9 @@ def _sampling_table(d) -> str:
              + ", ".join(m for m, _, _ in pairs) + " (one call's rows at batch 1, 16, 64): "
              + ", ".join(_flops(j) for _, j, _ in pairs) + " in XLA:CPU, "
              + ", ".join(_flops(q) for _, _, q in pairs) + " in PyTorch.")
+  if "omp_wait_policy" in t:
+    text += (f" PyTorch ran with `OMP_WAIT_POLICY={t['omp_wait_policy']}`."
+             if t["omp_wait_policy"] else " PyTorch ran with OpenMP's default wait policy.")
   if t.get("check_max_rel_diff") is not None:
     text += f" Samples agree with torch's to {t['check_max_rel_diff']:.1e} (relative)."
   peak = j.get("peak") or {}

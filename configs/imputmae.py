@@ -82,7 +82,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   m.num_bins = 20
   m.grad_clip = 1.0
   # Transformer layers keep only their projections' outputs for the backward pass and
-  # recompute the rest: the same numbers, a faster step (benchmarks/mae_pretrain.py).
+  # recompute the rest: the same numbers, a faster step at this size (an exploratory A/B,
+  # docs/results/imputmae.md, Speed).
   m.remat = True
   # Paper: 800 epochs (warm-up 50), batch 256, AdamW lr 1e-4, wd 1e-2.
   m.pretrain = ml_collections.ConfigDict(dict(epochs=20, lr=1e-3, weight_decay=1e-2,

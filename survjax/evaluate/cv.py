@@ -198,6 +198,8 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: b
   if method.time_model not in ("discrete", "cox"):
     raise InputError(f"method {method.name} has time_model {method.time_model!r}, expected "
                      "'discrete' or 'cox'", path="config.method")
+  if jax.process_count() > 1:   # for callers that ran jax.distributed.initialize themselves
+    sharding.same_program_on_every_process()
   mesh = sharding.make_mesh(config.mesh.num_devices)
   folds, fingerprints = cohort_folds(cohort, config)
   run_folds = list(config.cv.folds) if config.cv.folds else list(range(len(folds)))

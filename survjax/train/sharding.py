@@ -8,7 +8,8 @@ mesh axis ``"data"``. XLA inserts the gradient all-reduce. This is what ``pmap``
 Multi-host: call `initialize_distributed` first; each process then builds the global
 batch (cheap host work, identical on every process) and contributes its own rows through
 `jax.make_array_from_process_local_data`, so each host only copies its slice to its
-devices.
+devices. Every process must lower the same program, down to its debug metadata
+(`same_program_on_every_process`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
                   process_id=process_id)
   jax.distributed.initialize(**kwargs)
+  same_program_on_every_process()
+
+
+def same_program_on_every_process() -> None:
+  """Keeps the Python call stack out of the lowered programs' source locations.
+
+  By default JAX records the whole traceback of every traced operation in the HLO
+  metadata, and that metadata enters the program's fingerprint. Processes that reach the
+  same jitted step through different lines (process 0 inside the run directory's lock,
+  the others not) then lower programs that differ only there, and since jax 0.12.1 the
+  CPU (Gloo) collectives of such programs wait on each other forever. Each operation keeps
+  its own location, which is the same model code on every process. Idempotent; called by
+  `initialize_distributed` and by `run_cv` when several processes run.
+  """
+  jax.config.update("jax_include_full_tracebacks_in_locations", False)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

@@ -75,12 +75,16 @@ def test_folds_partition_patients_and_are_reused(cohort, tmp_path):
     assert abs(cohort.event[va].mean() - cohort.event.mean()) < 0.06  # stratified
   train, v0 = read_splits_csv(tmp_path / "d" / "splits_0.csv")
   assert set(v0) == set(cohort.case_ids[folds[0][1]]) and len(train) == len(folds[0][0])
-  # A different seed would give other folds, but the saved files win: identical folds.
-  again = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event, num_folds=5, seed=9,
+  # Read back, not redrawn: identical folds. Another seed would draw other folds; the
+  # folder's folds were drawn with seed 0, so that is refused rather than silently reused.
+  again = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event, num_folds=5, seed=0,
                              splits_dir=tmp_path, dataset="d")
   for (a, b), (c, d) in zip(folds, again):
     np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(b, d)
+  with pytest.raises(InputError, match="drawn with seed 0, this run asks for .* cv.seed=9"):
+    load_or_make_folds(cohort.case_ids, cohort.time, cohort.event, num_folds=5, seed=9,
+                       splits_dir=tmp_path, dataset="d")
 
 
 def test_split_file_with_unknown_case_is_rejected(cohort, tmp_path):

@@ -18,7 +18,7 @@ from survjax import rundir
 from survjax.data.splits import inner_validation, load_or_make_folds
 from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
 from survjax.errors import InputError
-from survjax.evaluate.cv import run_cv
+from survjax.evaluate.cv import cohort_folds, run_cv
 from survjax.evaluate.metrics import concordance_index
 from survjax.train.sharding import make_mesh
 from survjax.train.trainer import Trainer
@@ -124,6 +124,35 @@ def test_split_files_are_refused_for_another_cohort(tmp_path):
   assert all((f[1] == g[1]).all() for f, g in zip(folds, again))
   with pytest.raises(InputError, match="made for cohort"):
     load_or_make_folds(b.case_ids, b.time, b.event, **kw)
+
+
+def test_split_files_of_another_partition_are_refused_and_kept(tmp_path):
+  a = make_synthetic_cohort(SPEC)
+  kw = dict(seed=0, splits_dir=tmp_path, dataset="x")
+  load_or_make_folds(a.case_ids, a.time, a.event, num_folds=3, **kw)
+  written = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+  assert sorted(written) == ["cohort.json", "splits_0.csv", "splits_1.csv", "splits_2.csv"]
+  for num_folds, seed in ((2, 0), (5, 0), (3, 1)):
+    with pytest.raises(InputError, match="this run asks for cv.num_folds"):
+      load_or_make_folds(a.case_ids, a.time, a.event, num_folds=num_folds,
+                         **dict(kw, seed=seed))
+  # Files dropped in by hand (no cohort.json): the count is checked, nothing overwritten.
+  (tmp_path / "x" / "cohort.json").unlink()
+  with pytest.raises(InputError, match="holds 3 split files"):
+    load_or_make_folds(a.case_ids, a.time, a.event, num_folds=5, **kw)
+  assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == {
+      k: v for k, v in written.items() if k != "cohort.json"}
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary left
+
+
+def test_synthetic_variants_with_other_fold_counts_get_their_own_folders(tmp_path):
+  cohort = make_synthetic_cohort(SPEC)
+  for num_folds in (3, 2, 3):
+    c = base_config("toy")
+    c.cv.num_folds, c.cv.splits_dir = num_folds, str(tmp_path)
+    folds, _ = cohort_folds(cohort, c)
+    assert len(folds) == num_folds
+  assert sorted(p.name.rsplit("-", 2)[1] for p in tmp_path.iterdir()) == ["2folds", "3folds"]
 
 
 def test_inner_validation_is_stratified_disjoint_and_reproducible():

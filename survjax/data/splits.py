@@ -8,9 +8,10 @@ same files: methods are compared on identical folds, and folds can be shared wit
 that read that layout.
 
 Beside them, ``cohort.json`` records the fingerprint of the cohort the folds were made for
-(`cohort_fingerprint`: case ids, times, events). Folds are refused for a cohort with
-another fingerprint (one "bad input" line naming both), so a changed generator or data
-file never silently reuses old folds. Split files a user drops in without ``cohort.json``
+(`cohort_fingerprint`: case ids, times, events) and the number of folds and seed. Folds
+are refused for a cohort with another fingerprint or a run asking for another partition
+(one "bad input" line naming both), so a changed generator, data file or ``cv.num_folds``
+never silently reuses or overwrites old folds. Split files a user drops in without ``cohort.json``
 impose their folds as they are. Only labelled patients are split.
 """
 
@@ -20,6 +21,8 @@ import csv
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -140,8 +143,13 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
                        splits_dir: str | os.PathLike | None, dataset: str):
   """Folds as index arrays; read from ``splits_dir/dataset`` if present, else made and saved.
 
+  New folds are written to a temporary folder that is then renamed into place, so a
+  killed run never leaves a partial set, and existing split files are never overwritten.
+
   Raises:
-    InputError: the folder's ``cohort.json`` records another cohort fingerprint.
+    InputError: the folder's ``cohort.json`` records another cohort fingerprint, or
+      another number of folds or split seed; the folder holds split files other than
+      ``splits_0 .. splits_{num_folds - 1}``.
     InputError: a split file names an unknown case, a case appears in both train and val
       of one fold, the folds do not cover the cohort, or a fold has no events among its
       training or its held-out patients (checked before any split file is written).
@@ -151,15 +159,9 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
   folder = None if splits_dir is None else Path(splits_dir) / dataset
   files = [] if folder is None else [folder / f"splits_{k}.csv" for k in range(num_folds)]
   fingerprint = cohort_fingerprint(case_ids, time, event)
+  if folder is not None:
+    _check_folder(folder, files, fingerprint, num_folds, seed)
   if files and all(f.exists() for f in files):
-    record = folder / "cohort.json"
-    if record.exists():
-      made_for = json.loads(record.read_text()).get("fingerprint")
-      if made_for != fingerprint:
-        raise InputError(f"split files were made for cohort {made_for}, this cohort is "
-                         f"{fingerprint} (its case ids, times or events differ); expected "
-                         "folds for this cohort: delete the folder or set cv.splits_dir",
-                         path=record)
     folds = []
     for f in files:
       train, val = read_splits_csv(f)
@@ -195,12 +197,57 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
   # Before writing.
   check_folds_have_events(folds, event, where=where, time=time, num_folds=num_folds)
   if folder is not None:
-    for f, (tr, va) in zip(files, folds):
-      write_splits_csv(f, list(case_ids[tr]), list(case_ids[va]))
-    atomic_write_text(folder / "cohort.json", json.dumps(
+    _write_folder(folder, files, folds, case_ids, json.dumps(
         {"fingerprint": fingerprint, "n_patients": int(len(case_ids)),
          "num_folds": num_folds, "seed": seed}, indent=1) + "\n")
   return folds
+
+
+def _check_folder(folder: Path, files, fingerprint: str, num_folds: int, seed: int) -> None:
+  """Refuses a split folder made for another cohort or partition (see `load_or_make_folds`)."""
+  record = folder / "cohort.json"
+  if record.exists():
+    made = json.loads(record.read_text())
+    if made.get("fingerprint") != fingerprint:
+      raise InputError(f"split files were made for cohort {made.get('fingerprint')}, this "
+                       f"cohort is {fingerprint} (its case ids, times or events differ); "
+                       "expected folds for this cohort: delete the folder or set "
+                       "cv.splits_dir", path=record)
+    if (made.get("num_folds", num_folds), made.get("seed", seed)) != (num_folds, seed):
+      raise InputError(f"split files here are {made.get('num_folds')} folds drawn with seed "
+                       f"{made.get('seed')}, this run asks for cv.num_folds={num_folds}, "
+                       f"cv.seed={seed}; expected the same partition (runs compared on a "
+                       "cohort share its folds): set those, or another cv.splits_dir",
+                       path=record)
+  present = sorted(p.name for p in folder.glob("splits_*.csv")) if folder.is_dir() else []
+  if present and present != sorted(f.name for f in files):
+    raise InputError(f"the folder holds {len(present)} split files ({', '.join(present[:6])}"
+                     f"{', ...' if len(present) > 6 else ''}), this run asks for "
+                     f"cv.num_folds={num_folds} (splits_0 to splits_{num_folds - 1}); "
+                     "expected the same number of folds, or another cv.splits_dir",
+                     path=folder)
+
+
+def _write_folder(folder: Path, files, folds, case_ids, record: str) -> None:
+  """Writes the split files and ``cohort.json`` into a temporary sibling folder, then
+  renames it into place. Another process that got there first (every process of a
+  multi-process run makes the same folds) keeps its copy."""
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+  try:
+    for f, (tr, va) in zip(files, folds):
+      write_splits_csv(tmp / f.name, list(case_ids[tr]), list(case_ids[va]))
+    atomic_write_text(tmp / "cohort.json", record)
+    if folder.is_dir() and not any(folder.iterdir()):
+      folder.rmdir()   # an empty folder (made by hand, or left behind) is taken over
+    try:
+      os.rename(tmp, folder)
+    except OSError:
+      if not all(f.exists() for f in files):
+        raise
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def inner_validation(train_idx, time, event, fraction: float, seed: int):

@@ -131,14 +131,15 @@ def cohort_folds(cohort, config):
 
   Folds are read from or written to ``cv.splits_dir/<dataset>`` (see
   `survjax.data.splits`); for the embedded synthetic data the folder name carries the
-  cohort fingerprint, so every draw and knob setting has its own folds.
+  cohort fingerprint, the number of folds and the split seed, so every draw, knob setting
+  and partition has its own folds.
   """
   lab = np.flatnonzero(cohort.labelled)
   ids, t, e = cohort.case_ids[lab], cohort.time[lab], cohort.event[lab]
   fingerprint = cohort_fingerprint(ids, t, e)
   dataset = cohort.name
   if config.data.source == "synthetic":
-    dataset = f"{cohort.name}-{fingerprint}"
+    dataset = f"{cohort.name}-{fingerprint}-{config.cv.num_folds}folds-seed{config.cv.seed}"
   folds = load_or_make_folds(ids, t, e, num_folds=config.cv.num_folds, seed=config.cv.seed,
                              splits_dir=config.cv.splits_dir or None, dataset=dataset)
   folds = [(lab[tr], lab[va]) for tr, va in folds]

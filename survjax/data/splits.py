@@ -238,9 +238,9 @@ def _write_folder(folder: Path, files, folds, case_ids, record: str) -> None:
     for f, (tr, va) in zip(files, folds):
       write_splits_csv(tmp / f.name, list(case_ids[tr]), list(case_ids[va]))
     atomic_write_text(tmp / "cohort.json", record)
-    if folder.is_dir() and not any(folder.iterdir()):
-      folder.rmdir()   # an empty folder (made by hand, or left behind) is taken over
     try:
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()   # an empty folder (made by hand, or left behind) is taken over
       os.rename(tmp, folder)
     except OSError:
       if not all(f.exists() for f in files):

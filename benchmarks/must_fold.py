@@ -1,0 +1,106 @@
+"""Where one fold of the main job spends its training time, part by part.
+
+    python -m benchmarks.must_fold   # benchmarks/results/must_fold_<platform>.json
+
+Trains fold 0 of `configs/must.py` (``--variant`` for another) as ``--mode=train`` does,
+in a fresh process with the persistent compilation cache off, and sums the wall time of
+the trainer's parts: the batch epochs of each stage (the first epoch of a stage includes
+compiling its step), the inner-validation scoring after each main epoch, the frozen
+feature passes of the feature stages (LDM, unimodal heads) and their scanned chunks, and
+XLA's backend compile time (`jax.monitoring`). ``stages`` gives each stage's epochs and
+seconds from the fold's ``metrics.jsonl``. This is what issue 19's "main job in half the
+time" has to cut: on a quiet machine the step itself is a minority of a fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from benchmarks import common
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--variant", default="", help="config variant of configs/must.py")
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+
+  from configs.must import get_config
+  from survjax.data import load_cohort
+  from survjax.evaluate.cv import run_cv
+  from survjax.models import get_method
+  from survjax.train import trainer as trainer_lib
+
+  seconds = collections.Counter()
+  calls = collections.Counter()
+
+  def on_event(event, duration, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      seconds["xla_compile"] += duration
+      calls["xla_compile"] += 1
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+
+  def timed(name, fn, block=False):
+    def wrapper(*a, **k):
+      t0 = time.perf_counter()
+      out = fn(*a, **k)
+      if block:
+        jax.block_until_ready(out)
+      seconds[name] += time.perf_counter() - t0
+      calls[name] += 1
+      return out
+    return wrapper
+
+  cls = trainer_lib.Trainer
+  cls.fit = timed("fit", cls.fit)
+  cls._batch_epoch = timed("batch_epochs", cls._batch_epoch)
+  cls.validation_score = timed("validation", cls.validation_score)
+  cls._cache_features = timed("feature_passes", cls._cache_features, block=True)
+  make_chunk = cls._make_chunk
+  cls._make_chunk = lambda self, stage, tx: timed("feature_stage_chunks",
+                                                  make_chunk(self, stage, tx), block=True)
+
+  c = get_config(args.variant)
+  c.cv.folds = (0,)
+  c.progress = False
+  cohort = load_cohort(c.data)
+  with tempfile.TemporaryDirectory() as tmp:
+    c.cv.splits_dir = str(Path(tmp) / "splits")
+    t0 = time.perf_counter()
+    run_cv(get_method(c), cohort, c, Path(tmp) / "run", mode="train")
+    total = time.perf_counter() - t0
+    stages = collections.defaultdict(lambda: {"epochs": 0, "seconds": 0.0,
+                                              "first_epoch_s": None})
+    for line in (Path(tmp) / "run" / "fold_0" / "metrics.jsonl").read_text().splitlines():
+      r = json.loads(line)
+      s = stages[r["stage"]]
+      s["epochs"] += 1
+      s["seconds"] = round(s["seconds"] + r["seconds"], 3)
+      if s["first_epoch_s"] is None:
+        s["first_epoch_s"] = r["seconds"]
+
+  parts = {k: {"seconds": round(v, 2), "calls": calls[k]} for k, v in seconds.items()}
+  common.emit(args.out or common.default_out("must_fold"), {
+      "benchmark": "must_fold",
+      "command": "python -m benchmarks.must_fold"
+                 + (f" --variant {args.variant}" if args.variant else ""),
+      "git": common.git_state(),
+      "device": common.device_info(),
+      "setup": {"config": f"configs/must.py{':' + args.variant if args.variant else ''}",
+                "fold": 0, "patients": len(cohort), "mode": "train",
+                "compilation_cache": "off"},
+      "total_s": round(total, 2),
+      "parts": parts,
+      "stages": dict(stages),
+  })
+
+
+if __name__ == "__main__":
+  main()

@@ -439,6 +439,23 @@ def _profile_table(d) -> str:
                  "(p50; median of alternating rounds)", "time", "XLA cost / share"], rows)
 
 
+def _must_fold_table(d) -> str:
+  """`benchmarks.must_fold`: one fold of the main job's training, part by part."""
+  parts, stages, fit = d["parts"], d["stages"], d["parts"]["fit"]["seconds"]
+  labels = {"batch_epochs": "batch epochs (warm-up and main stages, first epochs compiling)",
+            "validation": "inner-validation scoring after each main epoch",
+            "feature_passes": "frozen feature passes of the feature stages",
+            "feature_stage_chunks": "scanned chunks of the feature stages (LDMs, unimodal heads)",
+            "xla_compile": "XLA compile time (inside the parts above)"}
+  rows = [[f"{labels[k]}", f"{parts[k]['seconds']:.1f} s", str(parts[k]["calls"]),
+           f"{100 * parts[k]['seconds'] / fit:.0f}%"] for k in labels if k in parts]
+  for name, st in stages.items():
+    rows.append([f"stage `{name}`: {st['epochs']} epochs", f"{st['seconds']:.1f} s",
+                 "", f"first epoch {st['first_epoch_s']:.1f} s"])
+  return _table([f"{d['setup']['config']}, fold {d['setup']['fold']}: training "
+                 f"{fit:.0f} s", "time", "calls", "share of training / note"], rows)
+
+
 def bench_table(name: str) -> str:
   """A benchmark JSON of ``benchmarks/results/`` as a table (README speed section)."""
   d = _bench(name)
@@ -457,6 +474,8 @@ def bench_table(name: str) -> str:
     return _scaling_table(d) + _caption(d, "python -m benchmarks.scaling")
   if name.startswith("profile_must_step"):
     return _profile_table(d) + _caption(d, "python -m benchmarks.profile_must_step")
+  if name.startswith("must_fold"):
+    return _must_fold_table(d) + _caption(d, "python -m benchmarks.must_fold")
   if name.startswith("gcs_step"):
     rows = []
     for key in ("probes_0", "probes_1", "probes_4", "probes_16"):

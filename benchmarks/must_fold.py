@@ -7,7 +7,8 @@ in a fresh process with the persistent compilation cache off, and sums the wall 
 the trainer's parts: the batch epochs of each stage (the first epoch of a stage includes
 compiling its step), the inner-validation scoring after each main epoch, the frozen
 feature passes of the feature stages (LDM, unimodal heads) and their scanned chunks, and
-XLA's backend compile time (`jax.monitoring`). ``stages`` gives each stage's epochs and
+XLA's backend compile time (`jax.monitoring`); ``feature_passes`` counts the passes run
+and those reused by a later stage (`Trainer._cache_features`). ``stages`` gives each stage's epochs and
 seconds from the fold's ``metrics.jsonl``. This is what issue 19's "main job in half the
 time" has to cut: on a quiet machine the step itself is a minority of a fold.
 """
@@ -59,7 +60,13 @@ def main(argv=None):
     return wrapper
 
   cls = trainer_lib.Trainer
-  cls.fit = timed("fit", cls.fit)
+  trainers = []
+  fit = timed("fit", cls.fit)
+
+  def fit_recording(self, *a, **k):
+    trainers.append(self)
+    return fit(self, *a, **k)
+  cls.fit = fit_recording
   cls._batch_epoch = timed("batch_epochs", cls._batch_epoch)
   cls.validation_score = timed("validation", cls.validation_score)
   cls._cache_features = timed("feature_passes", cls._cache_features, block=True)
@@ -98,6 +105,7 @@ def main(argv=None):
                 "compilation_cache": "off"},
       "total_s": round(total, 2),
       "parts": parts,
+      "feature_passes": dict(trainers[0].feature_passes),
       "stages": dict(stages),
   })
 

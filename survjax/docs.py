@@ -444,11 +444,15 @@ def _must_fold_table(d) -> str:
   parts, stages, fit = d["parts"], d["stages"], d["parts"]["fit"]["seconds"]
   labels = {"batch_epochs": "batch epochs (warm-up and main stages, first epochs compiling)",
             "validation": "inner-validation scoring after each main epoch",
-            "feature_passes": "frozen feature passes of the feature stages",
+            "feature_passes": "frozen feature passes of the feature stages (calls include "
+                              "reused passes)",
             "feature_stage_chunks": "scanned chunks of the feature stages (LDMs, unimodal heads)",
             "xla_compile": "XLA compile time (inside the parts above)"}
   rows = [[f"{labels[k]}", f"{parts[k]['seconds']:.1f} s", str(parts[k]["calls"]),
            f"{100 * parts[k]['seconds'] / fit:.0f}%"] for k in labels if k in parts]
+  if d.get("feature_passes"):
+    rows.append(["feature passes run / reused", "", ", ".join(
+        f"{k}: {v}" for k, v in d["feature_passes"].items()), ""])
   for name, st in stages.items():
     rows.append([f"stage `{name}`: {st['epochs']} epochs", f"{st['seconds']:.1f} s",
                  "", f"first epoch {st['first_epoch_s']:.1f} s"])

@@ -165,6 +165,37 @@ def test_one_compilation_per_stage_and_bucket_across_folds(cohort):
   assert trainer.traces["features:c"] <= 2  # whole bags: 64 and 256 buckets at most
 
 
+@pytest.mark.parametrize("second", ["keeps_encoder", "moves_encoder"])
+def test_a_feature_pass_is_reused_only_while_what_it_reads_is_unchanged(cohort, second):
+  """Stage d shares stage c's features function. When c trains only `aux` (not read by
+  the features), d reuses c's pass; when c's prepare shifts an encoder bias, d runs its
+  own. Either way d's features equal a fresh pass on the model as d finds it."""
+  method = ToyMethod(epochs=(1, 1), feature_epochs=1, second_feature_stage=second)
+  trainer = Trainer(method, mesh=sharding.make_mesh(1), batch_size=16, max_instances=32,
+                    seed=0, progress=False)
+  seen = {}
+  original = trainer._cache_features
+
+  def recording(s_idx, model, *a, **k):
+    feats = original(s_idx, model, *a, **k)
+    if trainer.stages[s_idx].name == "d":
+      trainer._feature_memo.clear()
+      seen["fresh"] = original(s_idx, model, *a, **k)
+    seen[trainer.stages[s_idx].name] = feats
+    return feats
+
+  trainer._cache_features = recording
+  model = method.build(cohort_info(cohort, method.modalities), nnx.Rngs(0))
+  trainer.fit(model, cohort, np.arange(48))
+  if second == "keeps_encoder":
+    assert trainer.feature_passes == {"c": 1, "d:reused": 1, "d": 1}   # + the fresh pass
+    assert seen["d"] is seen["c"]
+  else:
+    assert trainer.feature_passes == {"c": 1, "d": 2}
+    assert not np.array_equal(np.asarray(seen["d"]["h"]), np.asarray(seen["c"]["h"]))
+  np.testing.assert_array_equal(np.asarray(seen["d"]["h"]), np.asarray(seen["fresh"]["h"]))
+
+
 def test_divergence_names_step_fold_and_checkpoint(cohort, tmp_path):
   bad = make_synthetic_cohort(SyntheticSpec(n_patients=60, bag_min=10, bag_max=70, patch_dim=8))
   bad.modalities["genomics"].values[5, 0] = np.inf

@@ -45,6 +45,10 @@ class ToyMethod:
   time_model: str = "cox"
   num_bins: int = 0
   flipped_variant: bool = False   # predict also returns "flipped" = -risk (a bad fill)
+  # A second feature stage "d" on the same features function after "c": "keeps_encoder"
+  # (c trains only `aux`, which the features do not read), "moves_encoder" (c's prepare
+  # shifts an encoder bias, which they do).
+  second_feature_stage: str = ""
 
   def build(self, info, rngs):
     return ToyModel({k: info[k]["dim"] for k in self.modalities}, rngs)
@@ -68,10 +72,21 @@ class ToyMethod:
     st = [Stage("a", loss, optax.adamw(1e-2), epochs=self.epochs[0]),
           Stage("b", loss, optax.adam(3e-3), epochs=self.epochs[1],
                 trainable=nnx.All(nnx.Param, nnx.PathContains("head")))]
+    def shift_encoder(model, feats):
+      del feats
+      lin = model.enc[self.modalities[0]]
+      lin.bias[...] = lin.bias[...] + 0.5
+
     if self.feature_epochs:
       st.append(Stage("c", aux_loss, optax.adam(1e-2), epochs=self.feature_epochs,
                       trainable=nnx.All(nnx.Param, nnx.PathContains("aux")),
-                      features=feats, steps_per_epoch=7, batch_size=8))
+                      features=feats, steps_per_epoch=7, batch_size=8,
+                      prepare=(shift_encoder if self.second_feature_stage == "moves_encoder"
+                               else None)))
+    if self.second_feature_stage:
+      st.append(Stage("d", aux_loss, optax.adam(1e-2), epochs=1,
+                      trainable=nnx.All(nnx.Param, nnx.PathContains("aux")),
+                      features=feats, steps_per_epoch=3, batch_size=8))
     return st
 
   def predict(self, model, batch, present, key):

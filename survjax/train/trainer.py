@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.extend import core as jax_core
 from tqdm.auto import tqdm
 
 from survjax.checkpoint import Checkpointer
@@ -98,6 +99,19 @@ def _state_dict(model) -> dict:
   return nnx.to_pure_dict(nnx.state(model))
 
 
+def _same_leaf(old, new) -> bool:
+  """The same array object, or equal shape, dtype and values (PRNG keys by their data)."""
+  if old is new:
+    return True
+  if not hasattr(old, "dtype") or not hasattr(new, "dtype"):
+    return type(old) is type(new) and old == new
+  if getattr(old, "shape", None) != getattr(new, "shape", None) or old.dtype != new.dtype:
+    return False
+  if jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
+    old, new = jax.random.key_data(old), jax.random.key_data(new)
+  return bool(np.array_equal(sharding.to_host(old), sharding.to_host(new)))
+
+
 class Trainer:
   """Runs a method's stages for one fold at a time; reuse one Trainer across folds.
 
@@ -151,6 +165,11 @@ class Trainer:
       if ident not in shared:
         shared[ident] = jax.jit(self._features_fn(s), static_argnums=0)
       self._feature_fns.append(shared[ident])
+    # The last feature pass of each features function, reused by a later stage when
+    # nothing it reads has changed (`_cache_features`); `feature_passes` counts the
+    # passes run and reused, per stage.
+    self._feature_memo: dict[Any, dict] = {}
+    self.feature_passes = collections.Counter()
 
   def _total_steps(self, stage: Stage, n_patients: int) -> int:
     per_epoch = (stage.steps_per_epoch if stage.features is not None
@@ -239,6 +258,7 @@ class Trainer:
     choose their epoch (`chosen_epochs` records it per fold and stage).
     """
     log = log or MetricsLog(None)
+    self._feature_memo.clear()
     nnx.update(model, sharding.replicate(nnx.state(model), self.mesh))
     resume = self._resume_point(checkpointer)
     self._rewind_log(log, fold, resume)
@@ -468,14 +488,54 @@ class Trainer:
     return trainable, opt_state, losses, metrics
 
   def _cache_features(self, s_idx, model, cohort, patients, bins):
+    """Stage ``s_idx``'s frozen features of ``patients`` (whole bags), replicated.
+
+    A stage whose features function, patients and bins are those of an earlier pass in
+    this fit reuses that pass when every state leaf the function reads is unchanged
+    (the leaves its jaxpr takes as inputs): MUST's second LDM stage reads the encoders,
+    which the first LDM stage did not train. The reused features are the same arrays the
+    pass would compute again.
+    """
+    stage = self.stages[s_idx]
+    fn = self._feature_fns[s_idx]
     graphdef, state = nnx.split(model)
+    leaves = jax.tree.leaves(state)
     spec = dataclasses.replace(self.spec, max_instances=None)
+    patients = np.asarray(patients)
+    bins = None if bins is None else np.asarray(bins)
+    memo = self._feature_memo.get(fn)
+    if memo is not None and self._features_unchanged(memo, stage, graphdef, state, leaves,
+                                                     cohort, patients, bins, spec):
+      self.feature_passes[f"{stage.name}:reused"] += 1
+      return memo["feats"]
     parts = []
     for batch in iterate_batches(cohort, patients, spec, bins=bins, sort_by_length=True):
-      out = self._feature_fns[s_idx](graphdef, state, sharding.shard_batch(batch, self.mesh))
+      out = fn(graphdef, state, sharding.shard_batch(batch, self.mesh))
       parts.append(jax.tree.map(lambda a: sharding.to_host(a)[batch["valid"]], out))
-    feats = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    return sharding.replicate(feats, self.mesh)
+    feats = sharding.replicate(jax.tree.map(lambda *xs: np.concatenate(xs), *parts), self.mesh)
+    self.feature_passes[stage.name] += 1
+    self._feature_memo[fn] = {"graphdef": graphdef, "leaves": leaves, "patients": patients,
+                              "bins": bins, "feats": feats}
+    return feats
+
+  def _features_unchanged(self, memo, stage, graphdef, state, leaves, cohort, patients, bins,
+                          spec) -> bool:
+    """Whether ``memo``'s feature pass holds for the model and patients as they are now."""
+    same_rows = (np.array_equal(memo["patients"], patients)
+                 and (memo["bins"] is None) == (bins is None)
+                 and (bins is None or np.array_equal(memo["bins"], bins)))
+    if not same_rows or memo["graphdef"] != graphdef or len(memo["leaves"]) != len(leaves):
+      return False
+    if "reads" not in memo:
+      batch = next(iter(iterate_batches(cohort, patients, spec, bins=bins,
+                                        sort_by_length=True)))
+      closed = jax.make_jaxpr(lambda st, b: stage.features(nnx.merge(graphdef, st), b))(
+          state, batch)
+      used = {v for eqn in closed.jaxpr.eqns for v in eqn.invars
+              if not isinstance(v, jax_core.Literal)}
+      used |= {v for v in closed.jaxpr.outvars if not isinstance(v, jax_core.Literal)}
+      memo["reads"] = [i for i, v in enumerate(closed.jaxpr.invars[:len(leaves)]) if v in used]
+    return all(_same_leaf(memo["leaves"][i], leaves[i]) for i in memo["reads"])
 
   def num_steps(self, n_patients: int) -> int:
     return sum(self._total_steps(s, n_patients) for s in self.stages)

@@ -8,9 +8,10 @@ the trainer's parts: the batch epochs of each stage (the first epoch of a stage 
 compiling its step), the inner-validation scoring after each main epoch, the frozen
 feature passes of the feature stages (LDM, unimodal heads) and their scanned chunks, and
 XLA's backend compile time (`jax.monitoring`); ``feature_passes`` counts the passes run
-and those reused by a later stage (`Trainer._cache_features`). ``stages`` gives each stage's epochs and
-seconds from the fold's ``metrics.jsonl``. This is what issue 19's "main job in half the
-time" has to cut: on a quiet machine the step itself is a minority of a fold.
+and those reused by a later stage (`Trainer._cache_features`). ``stages`` gives each
+stage's epochs and seconds from the fold's ``metrics.jsonl``. This is what issue 19's
+"main job in half the time" has to cut: on a quiet machine the step itself is a
+minority of a fold.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def _free_port():
 
 
 def _run_pair(worker, workdir, timeout):
-  """Both processes of a two-process run; fails with their output if they hang."""
+  """Runs both processes of a two-process run; fails with their output if they hang."""
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, worker, str(workdir), str(i), "2", port],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -112,7 +112,6 @@ def _run_pair(worker, workdir, timeout):
   for p, (o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-2000:]
     assert "of 2 done on 2 devices" in o
-  return outs
 
 
 def test_programs_do_not_depend_on_the_call_stack():
@@ -151,8 +150,8 @@ def test_two_processes_reach_the_single_process_result(tmp_path):
   single = subprocess.run([sys.executable, worker, str(tmp_path / "one"), "0", "1", "0"],
                           capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-2000:]
-  _run_pair(worker, tmp_path / "two", timeout=300)
   run_dir = tmp_path / "two"
+  _run_pair(worker, run_dir, timeout=300)
   a = json.loads((tmp_path / "one" / "run" / "results.json").read_text())
   b = json.loads((run_dir / "run" / "results.json").read_text())
   for name, s in a["scenarios"].items():

@@ -226,7 +226,7 @@ def test_epoch_selection_matches_a_reference_loop_over_validation_scores():
 def test_selection_over_modality_subsets_scores_the_mean_of_their_cindexes():
   """With ``select_present`` the validation score is the mean over the subsets of
   scikit-survival's C of ``predict`` shown that subset, on the complete validation
-  patients."""
+  patients, all subsets from one jitted program."""
   from sksurv.metrics import concordance_index_censored
   from survjax.data.batching import BatchSpec, make_batch
   import jax
@@ -245,8 +245,10 @@ def test_selection_over_modality_subsets_scores_the_mean_of_their_cindexes():
       np.asarray(method.predict(model, batch, frozenset(p), jax.random.key(0))["risk"]))[0]
       for p in subsets]
   assert len(set(np.round(want, 6))) == 3   # the subsets disagree, so the mean is a test
+  traced = trainer.traces["validation"]
   got = trainer.validation_score(stage, model, cohort, val, None)
   assert got == pytest.approx(np.mean(want), abs=1e-9)
+  assert trainer.traces["validation"] == traced + 1   # the three subsets: one program
   only_full = dataclasses.replace(stage, select_present=None)
   assert trainer.validation_score(only_full, model, cohort, val, None) == pytest.approx(
       want[0], abs=1e-9)

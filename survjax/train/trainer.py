@@ -415,10 +415,11 @@ class Trainer:
     if stage.select == "c_index":
       from survjax.evaluate.metrics import concordance_index
       val_idx = val_idx[cohort.complete(self.method.modalities)[val_idx]]
+      presents = tuple(frozenset(p) for p in
+                       stage.select_present or (tuple(self.method.modalities),))
       scores = []
-      for present in stage.select_present or (tuple(self.method.modalities),):
-        risk = self._validation_risk(frozenset(present), graphdef, state, cohort, val_idx,
-                                     spec, bins, key)
+      for risk in self._validation_risks(presents, graphdef, state, cohort, val_idx, spec,
+                                         bins, key):
         if not np.all(np.isfinite(risk)):
           return float("-inf")
         scores.append(concordance_index(cohort.time[val_idx], cohort.event[val_idx], risk)[0])
@@ -433,21 +434,27 @@ class Trainer:
       return float(np.average(losses, weights=weights))
     raise ValueError(f"stage {stage.name}: select={stage.select!r}, expected 'c_index' or 'loss'")
 
-  def _validation_risk(self, present, graphdef, state, cohort, val_idx, spec, bins, key):
-    """``predict``'s risk of ``val_idx`` shown the ``present`` modalities (jitted once per
-    subset)."""
-    if present not in self._val_predict:
+  def _validation_risks(self, presents, graphdef, state, cohort, val_idx, spec, bins, key):
+    """``predict``'s risk of ``val_idx`` shown each of the ``presents`` modality subsets,
+    all from one jitted program per batch shape: the subsets' shared work (MUST's
+    pathology encoder, run for both modalities and for pathology alone) is one
+    computation there, merged by XLA's common-subexpression elimination."""
+    if presents not in self._val_predict:
       def predict(graphdef, state, batch, key):
         self.traces["validation"] += 1
-        return self.method.predict(nnx.merge(graphdef, state), batch, present, key)["risk"]
-      self._val_predict[present] = jax.jit(predict, static_argnums=0)
-    risk = np.empty(len(val_idx))
+        model = nnx.merge(graphdef, state)
+        return tuple(self.method.predict(model, batch, present, key)["risk"]
+                     for present in presents)
+      self._val_predict[presents] = jax.jit(predict, static_argnums=0)
+    risks = np.empty((len(presents), len(val_idx)))
     pos = {p: j for j, p in enumerate(val_idx)}
     for batch in iterate_batches(cohort, val_idx, spec, bins=bins, sort_by_length=True):
-      out = sharding.to_host(self._val_predict[present](
-          graphdef, state, sharding.shard_batch(batch, self.mesh), key))
-      risk[[pos[p] for p in batch["index"][batch["valid"]]]] = out[batch["valid"]]
-    return risk
+      out = self._val_predict[presents](graphdef, state,
+                                        sharding.shard_batch(batch, self.mesh), key)
+      rows = [pos[p] for p in batch["index"][batch["valid"]]]
+      for j, risk in enumerate(out):
+        risks[j, rows] = sharding.to_host(risk)[batch["valid"]]
+    return risks
 
   def _val_loss(self, stage: Stage):
     if stage.name not in self._val_losses:

@@ -69,6 +69,10 @@ declare -A CONFIGS=(
   [must_paper_imputer_seed2]="configs/must.py:paper_imputer --config.data.synthetic.seed=2"
   [must_paper_imputer_seed3]="configs/must.py:paper_imputer --config.data.synthetic.seed=3"
   [must_paper_imputer_seed4]="configs/must.py:paper_imputer --config.data.synthetic.seed=4"
+  [must_missing_zeros]="configs/must.py:missing_zeros"
+  [must_missing_zeros_seed2]="configs/must.py:missing_zeros --config.data.synthetic.seed=2"
+  [must_missing_zeros_seed3]="configs/must.py:missing_zeros --config.data.synthetic.seed=3"
+  [must_missing_zeros_seed4]="configs/must.py:missing_zeros --config.data.synthetic.seed=4"
 )
 ORDER=(must_tune must_tune_ldm must abmil transmil snn must_paper_decomp must_breast tta parachute
        parachute_no_dce parachute_no_gcs parachute_no_dce_no_gcs abmil_radiology
@@ -77,7 +81,8 @@ ORDER=(must_tune must_tune_ldm must abmil transmil snn must_paper_decomp must_br
        snn_seed3 must_seed4 abmil_seed4 snn_seed4 must_paper must_paper_missing
        must_paper_missing_seed2 must_paper_missing_seed3 must_paper_missing_seed4
        must_paper_imputer must_paper_imputer_seed2
-       must_paper_imputer_seed3 must_paper_imputer_seed4 parachute_all_modalities
+       must_paper_imputer_seed3 must_paper_imputer_seed4 must_missing_zeros
+       must_missing_zeros_seed2 must_missing_zeros_seed3 must_missing_zeros_seed4 parachute_all_modalities
        snn_all_modalities abmil_all_modalities tta_all_modalities must_all_modalities
        imputmae_all_modalities imputmae_tiles_dev_e100 imputmae_tiles_dev_e200 imputmae_tiles)
 names=("$@")
@@ -113,9 +118,11 @@ compare must_vs_genomics_only snn:full runs/must runs/snn
 for s in 0 2 3 4; do
   sfx=$([ $s = 0 ] && echo "" || echo "_seed$s")
   compare "draw${s}_pathology_present" "abmil$sfx:full" "runs/must$sfx" \
-    "runs/must_paper_missing$sfx" "runs/must_paper_imputer$sfx" "runs/abmil$sfx"
+    "runs/must_paper_missing$sfx" "runs/must_paper_imputer$sfx" "runs/must_missing_zeros$sfx" \
+    "runs/abmil$sfx"
   compare "draw${s}_genomics_present" "snn$sfx:full" "runs/must$sfx" \
-    "runs/must_paper_missing$sfx" "runs/must_paper_imputer$sfx" "runs/snn$sfx"
+    "runs/must_paper_missing$sfx" "runs/must_paper_imputer$sfx" "runs/must_missing_zeros$sfx" \
+    "runs/snn$sfx"
   compare "draw${s}_fill_pathology" "must$sfx:missing_pathology/zeros" "runs/must$sfx"
   compare "draw${s}_fill_genomics" "must$sfx:missing_genomics/zeros" "runs/must$sfx"
   # The same fills in the paper's head (trained on complete pairs only).
@@ -123,6 +130,12 @@ for s in 0 2 3 4; do
     "runs/must_paper_imputer$sfx"
   compare "draw${s}_paper_head_fill_genomics" "must_paper_imputer$sfx:missing_genomics/zeros" \
     "runs/must_paper_imputer$sfx"
+  # The trained path with the imputer's fill against the same path trained and read with
+  # zeros in the missing slot (two networks on the same folds).
+  compare "draw${s}_trained_fill_pathology" "must_missing_zeros$sfx:missing_pathology" \
+    "runs/must$sfx" "runs/must_missing_zeros$sfx"
+  compare "draw${s}_trained_fill_genomics" "must_missing_zeros$sfx:missing_genomics" \
+    "runs/must$sfx" "runs/must_missing_zeros$sfx"
 done
 compare tta_vs_must must:full runs/tta runs/must runs/abmil runs/snn
 compare tta_vs_must_missing_pathology must:missing_pathology runs/tta runs/must

@@ -614,14 +614,16 @@ def _diff(row) -> str:
 # MUST's missing-modality paths as the draws tables name them: (label, run, row suffix).
 # `must` is the default (the missing path trained in the main stage, the imputer's fill);
 # `must_paper_missing` the head trained on complete pairs with the diffusion fill,
-# `must_paper_imputer` the same head with the imputer's fill.
+# `must_paper_imputer` the same head with the imputer's fill, `must_missing_zeros` the
+# missing path trained (and read) with zeros in the missing slot.
 _MISSING_PATHS = (("imputer fill (default)", "must", ""),
                   ("diffusion fill", "must", "/diffusion"),
                   ("unimodal head", "must", "/unimodal"),
                   ("auto", "must", "/auto"),
                   ("`:paper_missing`, diffusion fill", "must_paper_missing", ""),
                   ("`:paper_missing`, auto", "must_paper_missing", "/auto"),
-                  ("`:paper_imputer`, imputer fill", "must_paper_imputer", ""))
+                  ("`:paper_imputer`, imputer fill", "must_paper_imputer", ""),
+                  ("`:missing_zeros`, zeros", "must_missing_zeros", ""))
 
 
 def draws_table() -> str:
@@ -645,6 +647,8 @@ def draws_table() -> str:
     for label, variant in (("imputer fill", ""), ("diffusion fill", "/diffusion")):
       spec.append((f"{missing} missing: `:paper_imputer` {label} vs zeros (same network)",
                    f"paper_head_fill_{missing}", f"must_paper_imputer:missing_{missing}{variant}"))
+    spec.append((f"{missing} missing: imputer fill vs `:missing_zeros` (trained with zeros)",
+                 f"trained_fill_{missing}", f"must:missing_{missing}"))
   rows = []
   for question, comp, row in spec:
     cells = [question]

@@ -349,7 +349,8 @@ def _mil_rows(d, model: str) -> list[list[str]]:
   rows = []
   for jr in m.get("jax", []):
     n, tr = jr["n"], torch_by_n.get(jr["n"])
-    mem = lambda r: r["memory"].get("device_peak_mb", r["memory"]["peak_mb"])  # noqa: E731
+    # device_peak_mb: the accelerator's allocator peak (None on the CPU: the process's RSS)
+    mem = lambda r: r["memory"].get("device_peak_mb") or r["memory"]["peak_mb"]  # noqa: E731
     jt = jr["forward"]["p50_ms"]
     rows.append([f"{'TransMIL' if model == 'transmil' else 'gated ABMIL'} forward, "
                  f"{_patches(n)} patches"

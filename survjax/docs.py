@@ -141,8 +141,12 @@ def scenarios_table(runs, run: str) -> str:
   text = _table(["scenario", "C-index", "per fold", "oracle"], rows)
   timing = res.get("timing", {})
   if "train_s_total" in timing:
+    compiling = ""
+    if "train_compile_s_total" in timing:
+      compiling = (f" (compiling {timing['train_compile_s_total']:.0f} s and "
+                   f"{timing.get('eval_compile_s_total', 0):.0f} s of them)")
     text += (f"\nTraining {timing['train_s_total']:.0f} s, evaluation "
-             f"{timing.get('eval_s_total', 0):.0f} s in all folds; cohort "
+             f"{timing.get('eval_s_total', 0):.0f} s in all folds{compiling}; cohort "
              f"`{res.get('cohort_fingerprint', '?')}`, splits `{res.get('splits_fingerprint', '?')}`.\n")
   return text
 
@@ -461,6 +465,22 @@ def _must_fold_table(d) -> str:
                  f"{fit:.0f} s", "time", "calls", "share of training / note"], rows)
 
 
+def _warm_start_table(d) -> str:
+  """`benchmarks.warm_start`: a config cold, then warm from the persistent cache."""
+  rows = []
+  for name, r in d["runs"].items():
+    cache = "an empty cache" if name == "cold" else "the cold run's cache"
+    rows.append([f"{name} ({cache})",
+                 f"{r['wall_s']:.0f} s",
+                 f"{r['train']['s']:.0f} s ({r['train']['compile_s']:.0f} s)",
+                 f"{r['eval']['s']:.0f} s ({r['eval']['compile_s']:.0f} s)",
+                 f"{r['compile_s']:.0f} s",
+                 f"{r['train']['persistent_cache_hits'] + r['eval']['persistent_cache_hits']}"])
+  return _table([f"`{d['setup']['config']}`", "process wall time", "training (compiling)",
+                 "evaluation (compiling)", "compiling in all", "executables read from the cache"],
+                rows)
+
+
 def bench_table(name: str) -> str:
   """A benchmark JSON of ``benchmarks/results/`` as a table (README speed section)."""
   d = _bench(name)
@@ -481,6 +501,8 @@ def bench_table(name: str) -> str:
     return _profile_table(d) + _caption(d, "python -m benchmarks.profile_must_step")
   if name.startswith("must_fold"):
     return _must_fold_table(d) + _caption(d, "python -m benchmarks.must_fold")
+  if name.startswith("warm_start"):
+    return _warm_start_table(d) + _caption(d, "python -m benchmarks.warm_start")
   if name.startswith("gcs_step"):
     rows = []
     for key in ("probes_0", "probes_1", "probes_4", "probes_16"):

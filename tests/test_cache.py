@@ -41,6 +41,9 @@ def test_compilation_cache_created_reused_and_off(tmp_path):
   cache = home / ".cache" / "survjax" / "xla"
 
   first = _run(tmp_path, home, "run1")
+  assert first["timing"]["train_persistent_cache_hits"] == 0   # an empty cache
+  assert 0 < first["timing"]["train_compile_s_total"] <= first["timing"]["train_s_total"]
+  assert 0 < first["timing"]["eval_compile_s_total"] <= first["timing"]["eval_s_total"]
   assert cache.is_dir()
   assert first["config"]["compilation_cache_dir"] == str(cache)  # results.json names it
   entries = _entries(cache)
@@ -50,6 +53,8 @@ def test_compilation_cache_created_reused_and_off(tmp_path):
   second = _run(tmp_path, home, "run2")
   assert second["config"]["compilation_cache_dir"] == str(cache)
   assert _entries(cache) == entries
+  assert second["timing"]["train_persistent_cache_hits"] > 0
+  assert second["timing"]["eval_persistent_cache_hits"] > 0
   assert second["scenarios"]["full"]["per_fold"] == first["scenarios"]["full"]["per_fold"]
 
   # Off: no cache directory (matplotlib may still make its own under HOME).
@@ -58,3 +63,23 @@ def test_compilation_cache_created_reused_and_off(tmp_path):
   off = _run(tmp_path, home_off, "run3", "--config.compilation_cache_dir=none")
   assert off["config"]["compilation_cache_dir"] == ""
   assert not (home_off / ".cache" / "survjax").exists()
+
+
+def test_compile_clock_counts_compiling_not_running():
+  """A new jitted function's first call is traced, lowered and compiled (each part > 0);
+  calling it again compiles nothing, so the clock does not move."""
+  import jax
+  import jax.numpy as jnp
+  from survjax.compile_clock import CompileClock
+
+  f = jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)
+  x = jnp.ones((8, 8))
+  clock = CompileClock()
+  jax.block_until_ready(f(x))
+  first = clock.elapsed()
+  assert first["trace"] > 0 and first["lower"] > 0 and first["xla"] > 0, first
+  assert first["total"] == first["trace"] + first["lower"] + first["xla"]
+  assert first["persistent_cache_hits"] == 0
+  for _ in range(3):
+    jax.block_until_ready(f(x))
+  assert clock.elapsed() == first

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from survjax.checkpoint import Checkpointer
+from survjax.compile_clock import CompileClock
 from survjax.data.batching import BatchSpec, iterate_batches, make_batch
 from survjax.data.formats import impute_fold, standardize_fold
 from survjax import rundir
@@ -267,14 +268,20 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
           atomic_write_json(result_path, fold)
       fold_results.append(fold)
       continue
+    train_clock = CompileClock()
     model, edges, train_s = _train_fold(method, cohort_k, config, workdir, mode, trainer, k, tr)
+    train_compile = train_clock.rounded()
     if mode == "train":
       continue
+    eval_clock = CompileClock()
     fold = _evaluate_fold(method, cohort_k, config, workdir, predictor, eval_spec, model, k, tr,
                           va, scenario_names, ref_models,
                           latency=config.eval.latency and k == run_folds[-1])
     fold["time_bins"] = None if edges is None else edges.tolist()
     fold["timing"]["train_s"] = round(train_s, 2)
+    # Compile time inside train_s and eval_s (tracing, lowering, XLA or a cache read).
+    fold["timing"]["train_compile"] = train_compile
+    fold["timing"]["eval_compile"] = eval_clock.rounded()
     fold["chosen_epochs"] = trainer.chosen_epochs.get(k, {})
     # What --mode=predict needs from this fold (survjax.predict): out-of-fold risk
     # statistics and cut-off, bin edges, Breslow baseline. Written before result.json.

@@ -170,9 +170,8 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
   timing = {"train_s_total": round(sum(f["timing"]["train_s"] for f in fold_results), 2),
             "eval_s_total": round(sum(f["timing"]["eval_s"] for f in fold_results), 2)}
   for part in ("train", "eval"):   # compile seconds inside the totals above
-    clocks = [f["timing"][f"{part}_compile"] for f in fold_results
-              if f"{part}_compile" in f["timing"]]   # folds evaluated before it was recorded
-    if clocks:
+    clocks = [f["timing"].get(f"{part}_compile") for f in fold_results]
+    if clocks and None not in clocks:   # not for a run resumed over folds that predate it
       timing[f"{part}_compile_s_total"] = round(sum(c["total"] for c in clocks), 2)
       timing[f"{part}_persistent_cache_hits"] = sum(c["persistent_cache_hits"] for c in clocks)
   per_patient = {}

@@ -470,15 +470,15 @@ def _warm_start_table(d) -> str:
   rows = []
   for name, r in d["runs"].items():
     cache = "an empty cache" if name == "cold" else "the cold run's cache"
-    rows.append([f"{name} ({cache})",
-                 f"{r['wall_s']:.0f} s",
-                 f"{r['train']['s']:.0f} s ({r['train']['compile_s']:.0f} s)",
-                 f"{r['eval']['s']:.0f} s ({r['eval']['compile_s']:.0f} s)",
-                 f"{r['compile_s']:.0f} s",
-                 f"{r['train']['persistent_cache_hits'] + r['eval']['persistent_cache_hits']}"])
+    parts = [r[p] for p in ("train", "eval", "predict_info")]
+    rows.append([f"{name} ({cache})", f"{r['wall_s']:.0f} s"]
+                + [f"{p['s']:.0f} s ({p['compile_s']:.0f} s)" for p in parts]
+                + [f"{r['outside_s']:.0f} s", f"{r['compile_s']:.0f} s",
+                   str(sum(p["persistent_cache_hits"] for p in parts))])
   return _table([f"`{d['setup']['config']}`", "process wall time", "training (compiling)",
-                 "evaluation (compiling)", "compiling in all", "executables read from the cache"],
-                rows)
+                 "evaluation (compiling)", "predict information (compiling)",
+                 "the rest (start-up, cohort, reports)", "compiling in all",
+                 "executables read from the cache"], rows)
 
 
 def bench_table(name: str) -> str:

@@ -286,9 +286,14 @@ def _folds(method, cohort, config, workdir, mode, folds, run_folds, mesh, scenar
     # What --mode=predict needs from this fold (survjax.predict): out-of-fold risk
     # statistics and cut-off, bin edges, Breslow baseline. Written before result.json.
     from survjax.predict import PREDICT_INFO, fold_predict_info
+    t_info, info_clock = time.perf_counter(), CompileClock()
     predict_info = fold_predict_info(method, cohort_k, predictor, eval_spec, model, k, tr, va,
                                      edges, jax.random.fold_in(jax.random.key(config.seed + 17), k),
                                      scenarios=scenario_names, scenario_seed=config.cv.seed)
+    # Apart from eval_s: the risks of the training patients under every scenario (the KM
+    # cut-offs), the out-of-fold statistics and the calibration curve.
+    fold["timing"]["predict_info_s"] = round(time.perf_counter() - t_info, 2)
+    fold["timing"]["predict_info_compile"] = info_clock.rounded()
     if is_main:
       atomic_write_json(workdir / f"fold_{k}" / PREDICT_INFO, predict_info)
       atomic_write_json(result_path, fold)

@@ -169,7 +169,10 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
   held_out = held_out_summary(fold_results)
   timing = {"train_s_total": round(sum(f["timing"]["train_s"] for f in fold_results), 2),
             "eval_s_total": round(sum(f["timing"]["eval_s"] for f in fold_results), 2)}
-  for part in ("train", "eval"):   # compile seconds inside the totals above
+  if all("predict_info_s" in f["timing"] for f in fold_results):
+    timing["predict_info_s_total"] = round(
+        sum(f["timing"]["predict_info_s"] for f in fold_results), 2)
+  for part in ("train", "eval", "predict_info"):   # compile seconds inside the totals above
     clocks = [f["timing"].get(f"{part}_compile") for f in fold_results]
     if clocks and None not in clocks:   # not for a run resumed over folds that predate it
       timing[f"{part}_compile_s_total"] = round(sum(c["total"] for c in clocks), 2)
@@ -328,12 +331,19 @@ def render_report(results: dict, cohort=None) -> str:
       lines.append(f"| `{k}` | {mean} | {per} |")
   t = results["timing"]
   lines += ["", "## Timing", "", f"- device: {t.get('device')}",
-            f"- training, all folds: {t.get('train_s_total')} s; evaluation: {t.get('eval_s_total')} s"]
+            f"- training, all folds: {t.get('train_s_total')} s; evaluation: {t.get('eval_s_total')} s"
+            + (f"; what `--mode=predict` needs (training-patient cut-offs, out-of-fold "
+               f"statistics, calibration): {t['predict_info_s_total']} s"
+               if "predict_info_s_total" in t else "")]
   if "train_compile_s_total" in t:
     lines.append(f"- of which compiling (tracing, lowering, XLA): training "
-                 f"{t['train_compile_s_total']} s, evaluation {t.get('eval_compile_s_total')} s; "
-                 f"persistent-cache hits {t['train_persistent_cache_hits']} + "
-                 f"{t.get('eval_persistent_cache_hits')}")
+                 f"{t['train_compile_s_total']} s, evaluation {t.get('eval_compile_s_total')} s"
+                 + (f", predict information {t['predict_info_compile_s_total']} s"
+                    if "predict_info_compile_s_total" in t else "")
+                 + f"; persistent-cache hits {t['train_persistent_cache_hits']} + "
+                 f"{t.get('eval_persistent_cache_hits')}"
+                 + (f" + {t['predict_info_persistent_cache_hits']}"
+                    if "predict_info_persistent_cache_hits" in t else ""))
   for k, v in t.get("predict_ms_per_patient_batched", {}).items():
     lines.append(f"- `{k}`: {v} ms per patient, batched")
   for k, v in t.get("latency_ms_batch1", {}).items():

@@ -44,6 +44,9 @@ def test_compilation_cache_created_reused_and_off(tmp_path):
   assert first["timing"]["train_persistent_cache_hits"] == 0   # an empty cache
   assert 0 < first["timing"]["train_compile_s_total"] <= first["timing"]["train_s_total"]
   assert 0 < first["timing"]["eval_compile_s_total"] <= first["timing"]["eval_s_total"]
+  assert (0 <= first["timing"]["predict_info_compile_s_total"]
+          <= first["timing"]["predict_info_s_total"])
+  assert first["timing"]["predict_info_s_total"] > 0
   assert cache.is_dir()
   assert first["config"]["compilation_cache_dir"] == str(cache)  # results.json names it
   entries = _entries(cache)

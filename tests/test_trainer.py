@@ -196,6 +196,17 @@ def test_a_feature_pass_is_reused_only_while_what_it_reads_is_unchanged(cohort, 
   np.testing.assert_array_equal(np.asarray(seen["d"]["h"]), np.asarray(seen["fresh"]["h"]))
 
 
+def test_a_leaf_donated_to_a_step_since_the_pass_counts_as_changed():
+  """A feature pass remembers the leaves it read; one a later training step took as a
+  donated buffer is gone, and the pass is redone rather than the comparison failing."""
+  from survjax.train.trainer import _same_leaf
+  old = jnp.arange(3.0)
+  assert _same_leaf(old, jnp.arange(3.0)) and not _same_leaf(old, jnp.arange(3.0) + 1)
+  new = jax.jit(lambda a: a + 0.0, donate_argnums=0)(old)
+  assert old.is_deleted()
+  assert _same_leaf(old, new) is False
+
+
 def test_divergence_names_step_fold_and_checkpoint(cohort, tmp_path):
   bad = make_synthetic_cohort(SyntheticSpec(n_patients=60, bag_min=10, bag_max=70, patch_dim=8))
   bad.modalities["genomics"].values[5, 0] = np.inf

@@ -100,9 +100,12 @@ def _state_dict(model) -> dict:
 
 
 def _same_leaf(old, new) -> bool:
-  """The same array object, or equal shape, dtype and values (PRNG keys by their data)."""
+  """The same array object, or equal shape, dtype and values (PRNG keys by their data).
+  A deleted ``old`` was donated to a training step since, so it changed."""
   if old is new:
     return True
+  if isinstance(old, jax.Array) and old.is_deleted():
+    return False
   if not hasattr(old, "dtype") or not hasattr(new, "dtype"):
     return type(old) is type(new) and old == new
   if getattr(old, "shape", None) != getattr(new, "shape", None) or old.dtype != new.dtype:

@@ -21,6 +21,7 @@ _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 _lock = threading.Lock()
 _totals = {part: 0.0 for part in PARTS.values()}
+_totals["xla_calls"] = 0
 _totals["persistent_cache_hits"] = 0
 _listening = False
 
@@ -30,6 +31,7 @@ def _on_duration(event: str, duration: float, **_) -> None:
   if part is not None:
     with _lock:
       _totals[part] += duration
+      _totals["xla_calls"] += part == "xla"
 
 
 def _on_event(event: str, **_) -> None:
@@ -50,8 +52,9 @@ def _listen() -> None:
 
 class CompileClock:
   """Compile seconds since the clock started: ``trace``, ``lower`` and ``xla`` (backend
-  compile or persistent-cache read), their sum ``total``, and the number of
-  ``persistent_cache_hits``. Counts every thread of the process."""
+  compile or persistent-cache read), their sum ``total``, and the counts ``xla_calls``
+  (programs compiled or read) and ``persistent_cache_hits``. Counts every thread of the
+  process."""
 
   def __init__(self):
     _listen()
@@ -70,5 +73,5 @@ class CompileClock:
 
   def rounded(self, digits: int = 2) -> dict:
     """`elapsed` with the seconds rounded, for results files."""
-    return {k: v if k == "persistent_cache_hits" else round(v, digits)
+    return {k: v if isinstance(v, int) else round(v, digits)
             for k, v in self.elapsed().items()}

@@ -83,6 +83,7 @@ def test_compile_clock_counts_compiling_not_running():
   assert first["trace"] > 0 and first["lower"] > 0 and first["xla"] > 0, first
   assert first["total"] == first["trace"] + first["lower"] + first["xla"]
   assert first["persistent_cache_hits"] == 0
+  assert first["xla_calls"] == 1   # the one program
   for _ in range(3):
     jax.block_until_ready(f(x))
   assert clock.elapsed() == first

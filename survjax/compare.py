@@ -43,34 +43,52 @@ from survjax.io import atomic_save_figure, atomic_write_text
 
 
 def _read_fold_risks(path: Path):
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f))
+  expected = "expected columns case_id, time, event, <scenario rows> and a row per patient"
+  try:
+    with open(path, newline="") as f:
+      rows = list(csv.reader(f))
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise InputError(f"cannot read ({e}), {expected}", path=path) from None
+  if len(rows) < 2 or rows[0][:3] != ["case_id", "time", "event"]:
+    raise InputError(expected, path=path)
   header, body = rows[0], rows[1:]
-  if header[:3] != ["case_id", "time", "event"]:
-    raise InputError("expected columns case_id, time, event, <scenario rows>", path=path)
-  ids = np.array([r[0] for r in body])
-  time = np.array([float(r[1]) for r in body])
-  event = np.array([int(r[2]) for r in body], bool)
-  risks = {name: np.array([float(r[3 + j]) for r in body]) for j, name in enumerate(header[3:])}
+  try:
+    ids = np.array([r[0] for r in body])
+    time = np.array([float(r[1]) for r in body])
+    event = np.array([int(r[2]) for r in body], bool)
+    risks = {name: np.array([float(r[3 + j]) for r in body])
+             for j, name in enumerate(header[3:])}
+  except (ValueError, IndexError):
+    raise InputError(f"a row that is not a number per column, {expected}", path=path) from None
   return ids, time, event, risks
 
 
 def load_run(path) -> dict:
-  """A run directory's results.json and per-fold out-of-fold risks."""
+  """A run directory's results.json and the out-of-fold risks of every fold it reports
+  (``{fold: (case ids, time, event, {row: risk})}``)."""
   path = Path(path)
   try:
     results = json.loads((path / "results.json").read_text())
   except OSError:
     raise InputError("no results.json, expected a finished cross-validation run",
                      path=path) from None
-  folds = []
-  for fold_dir in sorted(path.glob("fold_*"), key=lambda p: int(p.name.split("_")[1])):
-    if (fold_dir / "risks.csv").exists():
-      folds.append(_read_fold_risks(fold_dir / "risks.csv"))
-  if not folds:
+  except ValueError as e:
+    raise InputError(f"results.json is not JSON ({e}), expected a finished run's",
+                     path=path) from None
+  cv_config = results.get("config", {}).get("cv", {})
+  expected = list(cv_config.get("folds") or range(int(results.get("folds") or 0)))
+  present = {int(d.name[5:]): d / "risks.csv" for d in path.glob("fold_*")
+             if d.name[5:].isdigit() and (d / "risks.csv").exists()}
+  if not expected:   # a results.json without its folds: the risks files found
+    expected = sorted(present)
+  if not expected:
     raise InputError("no fold_<k>/risks.csv, expected an evaluated run", path=path)
+  lacking = [k for k in expected if k not in present]
+  if lacking:
+    raise InputError(f"fold_{lacking[0]}/risks.csv is missing, expected the risks of every "
+                     f"fold results.json reports ({expected})", path=path)
   return {"path": path, "name": path.name, "method": results.get("method"), "results": results,
-          "folds": folds}
+          "folds": {k: _read_fold_risks(present[k]) for k in expected}}
 
 
 def _pair_matrices(time, event, risk):
@@ -113,18 +131,25 @@ def compare(run_dirs, reference: str | None = None, num_draws: int = 1000, seed:
     a = first["results"].get("splits_fingerprint")
     b = run["results"].get("splits_fingerprint")
     same = (a == b) if a and b else (
-        len(run["folds"]) == len(first["folds"])
-        and all(set(f[0]) == set(g[0]) for f, g in zip(run["folds"], first["folds"])))
+        sorted(run["folds"]) == sorted(first["folds"])
+        and all(set(run["folds"][k][0]) == set(f[0]) for k, f in first["folds"].items()))
     if not same:
       raise InputError(f"runs are on different folds ({first['path']}: {a}, {run['path']}: {b}),"
                        " expected runs made on identical folds", path=run["path"])
+    if sorted(run["folds"]) != sorted(first["folds"]):
+      raise InputError(f"runs evaluated different folds ({first['path']}: "
+                       f"{sorted(first['folds'])}, {run['path']}: {sorted(run['folds'])}), "
+                       "expected the same folds", path=run["path"])
   labels, folds = [], []
-  for k, (ids, time, event, _) in enumerate(first["folds"]):
+  for k, (ids, time, event, _) in first["folds"].items():
     order = np.argsort(ids)
     fold_risks = {}
     for run in runs:
       r_ids, _, _, risks = run["folds"][k]
       pos = {c: i for i, c in enumerate(r_ids)}
+      if set(pos) != set(ids):
+        raise InputError(f"fold {k} holds other patients than in {first['path']}, expected "
+                         "runs made on identical folds", path=run["path"])
       take = np.array([pos[c] for c in ids[order]])
       for row, values in risks.items():
         fold_risks[f"{run['name']}:{row}"] = values[take]
@@ -219,6 +244,11 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   try:
+    if args.draws < 1:
+      raise InputError(f"{args.draws} bootstrap draws, expected at least 1", path="--draws")
+    if args.out:
+      from survjax.rundir import check_creatable
+      check_creatable(Path(args.out).parent, "--out")
     table = compare(args.runs, args.reference, args.draws, args.seed)
   except InputError as e:
     print(f"survjax.compare: bad input: {e}", file=sys.stderr)

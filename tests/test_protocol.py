@@ -321,6 +321,37 @@ def test_compare_pairs_rows_on_identical_folds_and_refuses_others(tmp_path):
   assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
 
 
+def test_compare_refuses_a_run_lacking_a_fold_it_reports(tmp_path, capsys):
+  """A fold's risks missing (or unreadable) is one line and exit 2, in either order: never
+  a comparison on the folds that happen to be there."""
+  from survjax.compare import compare, main
+  rng = np.random.default_rng(2)
+  folds = []
+  for k in range(3):
+    ids = np.array([f"p{k}-{i}" for i in range(30)])
+    t, e = rng.exponential(size=30) + 0.01, rng.uniform(size=30) < 0.6
+    folds.append((ids, t, e, {"full": rng.normal(size=30)}))
+  for name in ("a", "b"):
+    _fake_run(tmp_path / name, name, folds, ["full"])
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    (tmp_path / name / "results.json").write_text(json.dumps({**results, "folds": 3}))
+  (tmp_path / "a" / "fold_0.bak").mkdir()   # a stray folder is not a fold
+  assert len(compare([tmp_path / "a", tmp_path / "b"], num_draws=10)) == 2
+  (tmp_path / "b" / "fold_2" / "risks.csv").unlink()
+  for runs in (["a", "b"], ["b", "a"]):
+    with pytest.raises(InputError, match="fold_2/risks.csv is missing"):
+      compare([tmp_path / r for r in runs])
+  (tmp_path / "b" / "fold_2" / "risks.csv").write_text("")
+  with pytest.raises(InputError, match="expected columns case_id, time, event"):
+    compare([tmp_path / "a", tmp_path / "b"])
+  (tmp_path / "not_a_dir").write_text("")
+  for extra in (["--draws", "0"], ["--out", str(tmp_path / "not_a_dir" / "cmp")]):
+    capsys.readouterr()
+    assert main([str(tmp_path / "a"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("survjax.compare: bad input: "), err
+
+
 def test_tuning_never_reads_a_test_fold(tmp_path):
   """Scrambling the labels of fold 0's test patients leaves fold 0's tuning scores and
   choice unchanged (the folds imposed by split files, so both cohorts share them)."""

@@ -5,7 +5,9 @@ the config (everything but where output and logs go, the evaluation settings, th
 mesh and the folds subset) and the fingerprints of its cohort and splits. A later start
 (a resume, ``--mode=eval``, more folds) under a different one is refused with the
 differing keys named, unless the user asks for ``--restart``, which moves the old run
-aside (``<workdir>.old-<time>``), never deletes it. ``run.lock`` holds the process id of
+aside (``<workdir>.old-<time>``), never deletes it. A directory that holds nothing
+trained yet (a start that stopped on bad input, or before its first checkpoint) takes the
+new configuration instead. ``run.lock`` holds the process id of
 the run in progress; a second run on the same directory stops with one line naming it,
 and a lock whose process is gone is taken over.
 """
@@ -55,6 +57,19 @@ def check_writable(workdir: Path) -> None:
                      "--workdir", path=workdir) from None
 
 
+def check_creatable(path: Path, flag: str) -> None:
+  """That ``path`` is a directory that exists or can be created, without creating it (an
+  output folder is made when its files are written, so a run that stops on bad input
+  leaves none)."""
+  path = Path(path).absolute()
+  ancestor = path
+  while not ancestor.exists():
+    ancestor = ancestor.parent
+  if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    raise InputError(f"cannot write there ({ancestor} is not a writable directory), expected "
+                     f"a writable {flag}", path=path)
+
+
 def restart(workdir: Path) -> Path | None:
   """Moves an existing run directory aside; returns where it went."""
   if not workdir.exists() or not any(workdir.iterdir()):
@@ -95,11 +110,28 @@ def check_or_record(workdir: Path, config, fingerprints: dict) -> None:
       continue   # a generator knob added since, at the default that changes nothing
     if old.get(key, "<absent>") != new.get(key, "<absent>"):
       diffs.append(f"{key} {old.get(key, '<absent>')} -> {new.get(key, '<absent>')}")
+  if diffs and not holds_work(workdir):
+    # A start that stopped on bad input (or before its first checkpoint) left run.json
+    # and nothing trained: the corrected command starts here, nothing can mix.
+    atomic_write_json(path, {**current, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return
   if diffs:
     shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
     raise InputError(f"the run here was made with another configuration ({shown}); expected "
                      "the same one to resume or re-evaluate, or --restart to start afresh "
                      "(the old run is moved aside)", path=workdir)
+
+
+def holds_work(workdir: Path) -> bool:
+  """Whether anything trained or evaluated lives in ``workdir``: a saved checkpoint step,
+  a fold's result, the run's results or a tune."""
+  if any((workdir / name).exists() for name in ("results.json", "tune.json")):
+    return True
+  for path in workdir.rglob("*"):
+    if path.name == "result.json" or (path.parent.name == "checkpoints" and path.is_dir()
+                                      and path.name.isdigit()):
+      return True
+  return False
 
 
 def _alive(pid: int) -> bool:

@@ -141,6 +141,7 @@ def test_a_run_recorded_before_a_synthetic_knob_existed_resumes_at_its_default(t
   c = base_config("toy")
   fp = {"cohort_fingerprint": "a", "splits_fingerprint": "b"}
   rundir.check_or_record(tmp_path, c, fp)
+  (tmp_path / "results.json").write_text("{}")   # the run finished
   recorded = json.loads((tmp_path / "run.json").read_text())
   del recorded["training_config"]["data.synthetic.wsi_tiles"]
   del recorded["training_config"]["data.synthetic.tile_noise"]
@@ -153,3 +154,26 @@ def test_a_run_recorded_before_a_synthetic_knob_existed_resumes_at_its_default(t
   c.model = {"lr": 1.0}   # any other key absent from the record is still a difference
   with pytest.raises(InputError, match="model.lr <absent> -> 1.0"):
     rundir.check_or_record(tmp_path, c, fp)
+
+
+def test_a_run_directory_with_nothing_trained_takes_the_corrected_config(tmp_path):
+  """A start that stopped before its first checkpoint (bad input found mid-run) left
+  run.json and nothing trained: the corrected command starts there. Once a checkpoint
+  step or a fold result exists, another configuration is refused."""
+  from survjax import rundir
+  from survjax.errors import InputError
+  c = base_config("toy")
+  fp = {"cohort_fingerprint": "a", "splits_fingerprint": "b"}
+  rundir.check_or_record(tmp_path, c, fp)
+  (tmp_path / "fold_0" / "checkpoints" / "3.orbax-checkpoint-tmp").mkdir(parents=True)
+  c.train.batch_size = 7
+  rundir.check_or_record(tmp_path, c, fp)   # nothing trained: recorded afresh
+  recorded = json.loads((tmp_path / "run.json").read_text())
+  assert recorded["training_config"]["train.batch_size"] == 7
+  for work in ("fold_0/checkpoints/3", "fold_1/result.json"):
+    (tmp_path / work).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / work).mkdir() if work.endswith("/3") else (tmp_path / work).write_text("{}")
+    c.train.batch_size = 9
+    with pytest.raises(InputError, match="train.batch_size 7 -> 9"):
+      rundir.check_or_record(tmp_path, c, fp)
+    (tmp_path / work).rmdir() if work.endswith("/3") else (tmp_path / work).unlink()

@@ -284,6 +284,9 @@ def test_out_of_range_synthetic_knob(tmp_path):
 @pytest.mark.parametrize("field, value, expected", [
     ("model.ldm.latent_dim", "300", "expected 0 (all 64 dimensions) to model.dim = 64"),
     ("model.rank", "128", "expected 1 <= rank <= model.dim = 64"),
+    ("model.ldm.schedule", "cosinus", "expected one of ['linear', 'cosine']"),
+    ("model.precision", "float16", "expected one of ['float32', 'bfloat16']"),
+    ("model.num_heads", "3", "num_heads 3 does not divide dim 64"),
 ])
 def test_out_of_range_must_size(tmp_path, field, value, expected):
   """MUST checks the sizes its config sets when the method is made: one line, nothing."""
@@ -294,4 +297,57 @@ def test_out_of_range_must_size(tmp_path, field, value, expected):
   assert out.returncode == 2 and len(lines) == 1, out.stderr
   assert lines[0].startswith(f"survjax: bad input: config.{field}: "), lines[0]
   assert expected in lines[0]
+  _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("override, where, expected", [
+    ("train.batch_size=0", "config.train.batch_size", "expected an integer >= 1"),
+    ("train.batch_size=-4", "config.train.batch_size", "expected an integer >= 1"),
+    ("train.accumulate=0", "config.train.accumulate", "expected an integer >= 1"),
+    ("eval.batch_size=0", "config.eval.batch_size", "expected an integer >= 1"),
+    ("cv.val_fraction=1.5", "config.cv.val_fraction", "expected 0 <= fraction < 1"),
+    ("cv.val_fraction=-0.1", "config.cv.val_fraction", "expected 0 <= fraction < 1"),
+    ("data.buckets=(0,)", "config.data.buckets", "expected an integer >= 1"),
+    ("mesh.num_devices=5", "config.mesh.num_devices", "expected at most 1"),
+    ("model.epochs=-1", "config.model (stage 'train')", "expected an integer >= 0"),
+    ("model.epochs=0", "config.model", "every stage (train) has 0 epochs"),
+])
+def test_settings_no_run_can_use(tmp_path, override, where, expected):
+  """Sizes no run can use stop before anything is written (not a traceback mid-run, nor a
+  run that trains nothing and exits 0)."""
+  out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
+              f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
+              f"--config.{override}"], tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith(f"survjax: bad input: {where}: "), lines[0]
+  assert expected in lines[0], lines[0]
+  _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/abmill.py"], "configs/abmill.py"),
+    (["--config=configs/abmil.py:smoke", "extra"], "unexpected argument 'extra'"),
+    (["--config=configs/abmil.py:smoke", "--mode=predict", "--predict.clinical=x.csv"],
+     "unknown --predict field 'clinical'"),
+])
+def test_command_line_mistakes(tmp_path, args, expected):
+  """A config file that is not there, a stray argument: one line, exit 2, nothing run."""
+  out = _run([*args, f"--workdir={tmp_path / 'run'}",
+              f"--config.cv.splits_dir={tmp_path / 'splits'}"], tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith("survjax: bad command line") and expected in lines[0], lines[0]
+  _assert_nothing_written(tmp_path)
+
+
+def test_an_inner_validation_part_without_a_comparable_pair(tmp_path):
+  """12 patients in 3 folds leave fold 1 an inner validation part of one patient: found
+  before any fold trains (it used to stop after fold 0 had trained and been written)."""
+  c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
+  out = _run(_cli_args(c, tmp_path), tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith("survjax: bad input: config.cv.val_fraction: fold 1: its inner "
+                             "validation part (1 patients"), lines[0]
   _assert_nothing_written(tmp_path)

@@ -97,6 +97,26 @@ def test_split_file_with_unknown_case_is_rejected(cohort, tmp_path):
                        splits_dir=tmp_path, dataset="d")
 
 
+def test_split_files_holding_out_a_case_twice_are_rejected(cohort, tmp_path):
+  """Each case is held out by exactly one fold: a case in two folds' val (two out-of-fold
+  risks) or twice in one column is one `InputError` naming the file and the case."""
+  from survjax.data.splits import write_splits_csv
+  folds = load_or_make_folds(cohort.case_ids, cohort.time, cohort.event, num_folds=3, seed=0,
+                             splits_dir=tmp_path, dataset="d")
+  ids = cohort.case_ids
+  moved = ids[folds[0][1][0]]   # held out by fold 0, also by fold 1 now
+  train1 = [c for c in ids[folds[1][0]] if c != moved]
+  write_splits_csv(tmp_path / "d" / "splits_1.csv", train1, [*ids[folds[1][1]], moved])
+  with pytest.raises(InputError, match=f"splits_1.csv: case {moved}: case held out"):
+    load_or_make_folds(ids, cohort.time, cohort.event, num_folds=3, seed=0,
+                       splits_dir=tmp_path, dataset="d")
+  write_splits_csv(tmp_path / "d" / "splits_1.csv", [*ids[folds[1][0]], ids[folds[1][0][0]]],
+                   list(ids[folds[1][1]]))
+  with pytest.raises(InputError, match="listed twice in the train column"):
+    load_or_make_folds(ids, cohort.time, cohort.event, num_folds=3, seed=0,
+                       splits_dir=tmp_path, dataset="d")
+
+
 def test_batches_have_static_shapes_masks_and_hidden_modalities(cohort):
   spec = BatchSpec(batch_size=16, max_instances=100)
   rng = np.random.default_rng(0)
@@ -141,6 +161,11 @@ def test_validate_names_file_case_and_expectation(cohort):
   msg = str(e.value)
   assert msg.startswith("clinical.csv: case SYN-01-00002: survival time") and "> 0" in msg
   assert "\n" not in msg
+  bad = cohort.subset(np.arange(5))
+  bad.time = np.asarray(bad.time, np.float64)
+  bad.time[1] = 1e300   # finite, but inf in the float32 batches
+  with pytest.raises(InputError, match=r"case SYN-01-00001: survival time 1e\+300, .*float32"):
+    bad.validate(source="clinical.csv")
   bad = cohort.subset(np.arange(5))
   bad.modalities["pathology"].bags[3] = bad.modalities["pathology"].bags[3][:, :64]
   with pytest.raises(InputError, match="case SYN-01-00003: pathology feature dimension 64, expected 128"):

@@ -96,14 +96,14 @@ def check_folds_have_events(folds, event, *, where, time=None,
                 "expected at least one per fold (set cv.num_folds lower)")
         raise InputError(f"fold {k} has no events among its {len(idx)} {part} patients "
                          f"(all censored); {hint}", path=where(k))
-    if time is not None and not _has_comparable_pair(time[va], event[va]):
+    if time is not None and not has_comparable_pair(time[va], event[va]):
       raise InputError(f"fold {k}: its {len(va)} test (val) patients have no comparable pair "
                        "(no one outlives an observed event), so its C-index is undefined; "
                        "expected more patients per fold (fewer folds, cv.num_folds)",
                        path=where(k))
 
 
-def _has_comparable_pair(time, event) -> bool:
+def has_comparable_pair(time, event) -> bool:
   """Harrell's definition: an event at t_i and someone else with t_j > t_i (or a
   censoring at t_j = t_i)."""
   if not event.any():
@@ -132,6 +132,8 @@ def read_splits_csv(path) -> tuple[list[str], list[str]]:
       rows = list(csv.DictReader(f))
   except OSError as e:
     raise InputError(f"cannot read split file ({e.strerror})", path=path) from None
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise InputError(f"cannot read split file ({e}), expected a UTF-8 CSV", path=path) from None
   if not rows or "train" not in rows[0] or "val" not in rows[0]:
     raise InputError("expected columns 'train' and 'val' of case ids", path=path)
   train = [r["train"] for r in rows if r["train"] not in ("", None)]
@@ -140,7 +142,7 @@ def read_splits_csv(path) -> tuple[list[str], list[str]]:
 
 
 def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
-                       splits_dir: str | os.PathLike | None, dataset: str):
+                       splits_dir: str | os.PathLike | None, dataset: str, check=None):
   """Folds as index arrays; read from ``splits_dir/dataset`` if present, else made and saved.
 
   New folds are written to a temporary folder that is then renamed into place, so a
@@ -150,9 +152,12 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
     InputError: the folder's ``cohort.json`` records another cohort fingerprint, or
       another number of folds or split seed; the folder holds split files other than
       ``splits_0 .. splits_{num_folds - 1}``.
-    InputError: a split file names an unknown case, a case appears in both train and val
-      of one fold, the folds do not cover the cohort, or a fold has no events among its
-      training or its held-out patients (checked before any split file is written).
+    InputError: a split file names an unknown case, a case appears twice in a column, in
+      both train and val of one fold or in two folds' val, the folds do not cover the
+      cohort, or a fold has no events among its training or its held-out patients
+      (checked before any split file is written).
+    InputError: from ``check(folds)``, the caller's own check of the folds, also called
+      before any split file is written.
   """
   case_ids = np.asarray(case_ids).astype(str)
   position = {c: i for i, c in enumerate(case_ids)}
@@ -169,18 +174,28 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
         if cid not in position:
           raise InputError("unknown case id in split file, expected a case of the cohort",
                            path=f, case_id=cid)
+      for part, ids in (("train", train), ("val", val)):
+        if len(set(ids)) < len(ids):
+          twice = next(c for c in ids if ids.count(c) > 1)
+          raise InputError(f"case listed twice in the {part} column", path=f, case_id=twice)
       both = set(train) & set(val)
       if both:
         raise InputError("case in both train and val", path=f, case_id=sorted(both)[0])
       folds.append((np.sort([position[c] for c in train]), np.sort([position[c] for c in val])))
     covered = np.zeros(len(case_ids), bool)
-    for _, va in folds:
+    for f, (_, va) in zip(files, folds):
+      if covered[va].any():   # held out twice: two out-of-fold risks for one patient
+        raise InputError("case held out (val) in two split files, expected each case in "
+                         "exactly one fold's val column", path=f,
+                         case_id=case_ids[va[np.argmax(covered[va])]])
       covered[va] = True
     if not covered.all():
       raise InputError("split files do not cover the cohort (delete them to remake)",
                        path=folder, case_id=case_ids[np.argmin(covered)])
     check_folds_have_events(folds, event, where=lambda k: files[k], time=time,
                             num_folds=num_folds)
+    if check is not None:
+      check(folds)
     return folds
   # New folds: errors name the split file that would have been written (it is not).
   where = ((lambda k: f"{files[k]} (not written)") if files else
@@ -196,6 +211,8 @@ def load_or_make_folds(case_ids, time, event, *, num_folds: int, seed: int,
                      path=where(0)) from None
   # Before writing.
   check_folds_have_events(folds, event, where=where, time=time, num_folds=num_folds)
+  if check is not None:
+    check(folds)
   if folder is not None:
     _write_folder(folder, files, folds, case_ids, json.dumps(
         {"fingerprint": fingerprint, "n_patients": int(len(case_ids)),
@@ -207,7 +224,13 @@ def _check_folder(folder: Path, files, fingerprint: str, num_folds: int, seed: i
   """Refuses a split folder made for another cohort or partition (see `load_or_make_folds`)."""
   record = folder / "cohort.json"
   if record.exists():
-    made = json.loads(record.read_text())
+    try:
+      made = json.loads(record.read_text())
+    except (ValueError, OSError) as e:
+      raise InputError(f"cannot read the split folder's record ({e}), expected the JSON "
+                       "this run wrote: delete the folder to remake it", path=record) from None
+    if not isinstance(made, dict):
+      raise InputError("expected a JSON object (delete the folder to remake it)", path=record)
     if made.get("fingerprint") != fingerprint:
       raise InputError(f"split files were made for cohort {made.get('fingerprint')}, this "
                        f"cohort is {fingerprint} (its case ids, times or events differ); "

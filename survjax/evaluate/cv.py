@@ -35,8 +35,8 @@ from survjax.compile_clock import CompileClock
 from survjax.data.batching import BatchSpec, iterate_batches, make_batch
 from survjax.data.formats import impute_fold, standardize_fold
 from survjax import rundir
-from survjax.data.splits import (cohort_fingerprint, folds_fingerprint, inner_validation,
-                                 load_or_make_folds)
+from survjax.data.splits import (cohort_fingerprint, folds_fingerprint, has_comparable_pair,
+                                 inner_validation, load_or_make_folds)
 from survjax.data.timebins import assign_time_bins, fit_time_bins
 from survjax.errors import InputError
 from survjax.evaluate import scenarios as scen
@@ -126,9 +126,10 @@ class Predictor:
     return out
 
 
-def cohort_folds(cohort, config):
+def cohort_folds(cohort, config, check=None):
   """The run's folds (index arrays into ``cohort``, labelled patients only) and
-  ``{"cohort_fingerprint", "splits_fingerprint"}``.
+  ``{"cohort_fingerprint", "splits_fingerprint"}``; ``check(folds)`` runs before any
+  split file is written.
 
   Folds are read from or written to ``cv.splits_dir/<dataset>`` (see
   `survjax.data.splits`); for the embedded synthetic data the folder name carries the
@@ -141,9 +142,12 @@ def cohort_folds(cohort, config):
   dataset = cohort.name
   if config.data.source == "synthetic":
     dataset = f"{cohort.name}-{fingerprint}-{config.cv.num_folds}folds-seed{config.cv.seed}"
+  def to_cohort(folds):
+    return [(lab[tr], lab[va]) for tr, va in folds]
   folds = load_or_make_folds(ids, t, e, num_folds=config.cv.num_folds, seed=config.cv.seed,
-                             splits_dir=config.cv.splits_dir or None, dataset=dataset)
-  folds = [(lab[tr], lab[va]) for tr, va in folds]
+                             splits_dir=config.cv.splits_dir or None, dataset=dataset,
+                             check=None if check is None else lambda f: check(to_cohort(f)))
+  folds = to_cohort(folds)
   return folds, {"cohort_fingerprint": fingerprint,
                  "splits_fingerprint": folds_fingerprint(cohort.case_ids, folds)}
 
@@ -183,9 +187,72 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv",
     return _run_cv(method, cohort, config, workdir, mode, restart)
 
 
+def _count(value, path: str, low: int, what: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise InputError(f"{value!r} is not {what}, expected an integer >= {low}", path=path)
+
+
+def check_settings(config, method: Method) -> None:
+  """The run's sizes and each training stage's settings, before anything is written: a
+  value no run can use is one `InputError` naming its key, not a traceback mid-run or a
+  run that trains nothing."""
+  train, ev, cv_ = config.train, config.eval, config.cv
+  _count(train.batch_size, "config.train.batch_size", 1, "a batch size")
+  _count(train.get("accumulate", 1), "config.train.accumulate", 1, "a number of steps")
+  _count(train.max_instances or 0, "config.train.max_instances", 0, "an instance cap")
+  _count(ev.batch_size, "config.eval.batch_size", 1, "a batch size")
+  _count(ev.get("max_instances") or 0, "config.eval.max_instances", 0, "an instance cap")
+  _count(cv_.num_folds, "config.cv.num_folds", 2, "a number of folds")
+  fraction = cv_.get("val_fraction", 0.0)
+  if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+    raise InputError(f"{fraction!r} is out of range, expected 0 <= fraction < 1",
+                     path="config.cv.val_fraction")
+  for size in config.data.get("buckets") or ():
+    _count(size, "config.data.buckets", 1, "a bag length")
+  wanted, have = config.mesh.get("num_devices") or 0, jax.device_count()
+  _count(wanted, "config.mesh.num_devices", -1, "a device count")
+  if wanted > have:
+    raise InputError(f"{wanted} devices asked for, {have} available, expected at most {have} "
+                     "(-1 or 0: all)", path="config.mesh.num_devices")
+  stages = method.stages()
+  for stage in stages:
+    where = f"config.model (stage {stage.name!r})"
+    _count(stage.epochs, where, 0, "a number of epochs")
+    _count(stage.patience, where, 0, "a patience")
+    if stage.select not in (None, "c_index", "loss"):
+      raise InputError(f"select={stage.select!r}, expected 'c_index', 'loss' or None",
+                       path=where)
+    if stage.features is not None:
+      _count(stage.steps_per_epoch, where, 1, "a number of steps per epoch")
+      _count(stage.batch_size, where, 1, "a batch size")
+  if stages and not any(stage.epochs for stage in stages):
+    raise InputError(f"every stage ({', '.join(s.name for s in stages)}) has 0 epochs, "
+                     "expected a run that trains", path="config.model")
+
+
+def _check_fold_parts(method, cohort, config, folds, run_folds) -> None:
+  """Each fold's inner validation part scores a C-index (two patients, a comparable pair)
+  and its fitting part fits the time bins, checked before a fold trains rather than
+  after the folds before it did."""
+  for k in run_folds:
+    fit_idx, val_idx = fold_validation(cohort, config, k, folds[k][0])
+    if config.cv.get("val_fraction", 0.0) > 0 and not has_comparable_pair(
+        cohort.time[val_idx], cohort.event[val_idx]):
+      raise InputError(f"fold {k}: its inner validation part ({len(val_idx)} patients, "
+                       f"{int(cohort.event[val_idx].sum())} event(s)) has no comparable pair, "
+                       "so its C-index is undefined; expected a larger part or more patients",
+                       path="config.cv.val_fraction")
+    if method.time_model == "discrete":
+      try:
+        fit_time_bins(cohort.time[fit_idx], cohort.event[fit_idx], method.num_bins)
+      except InputError as e:
+        raise InputError(f"fold {k}: {e}", path="config.model.num_bins") from None
+
+
 def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: bool) -> dict:
 
   # Everything a user can get wrong is checked before the first file is written.
+  check_settings(config, method)
   scenario_names = scen.expand(config.eval.scenarios, method.modalities)
   ref_models = check_reference_models(config.eval.get("reference_models", ()), cohort)
   missing = [m for m in method.modalities if m not in cohort.modalities]
@@ -203,7 +270,11 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: b
   if jax.process_count() > 1:   # for callers that ran jax.distributed.initialize themselves
     sharding.same_program_on_every_process()
   mesh = sharding.make_mesh(config.mesh.num_devices)
-  folds, fingerprints = cohort_folds(cohort, config)
+  def check(folds):
+    if mode != "tune":   # --mode=tune scores on inner parts of its own
+      ks = list(config.cv.folds) or range(len(folds))
+      _check_fold_parts(method, cohort, config, folds, [k for k in ks if 0 <= k < len(folds)])
+  folds, fingerprints = cohort_folds(cohort, config, check=check)
   run_folds = list(config.cv.folds) if config.cv.folds else list(range(len(folds)))
   bad = [k for k in run_folds if not 0 <= k < len(folds)]
   if bad:

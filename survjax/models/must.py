@@ -109,7 +109,7 @@ from survjax.diffusion.denoiser import ConditionalDenoiser, denoising_loss
 from survjax.errors import InputError
 from survjax.method import Stage
 from survjax.nn.attention import MultiHeadAttention, TransformerLayer
-from survjax.nn.core import masked_softmax
+from survjax.nn.core import PRECISIONS, masked_softmax
 from survjax.nn.genomic import GroupTokenizer
 from survjax.nn.transmil import TransMIL
 from survjax.train.optim import make_optimizer
@@ -513,6 +513,20 @@ class MUST:
       raise InputError(f"fill {self.fill!r} is not available, expected one of {available} "
                        "(imputer needs model.imputer, unimodal model.unimodal_heads)",
                        path="config.model.fill")
+    choices = {"model.train_patients": (c.train_patients, ("complete", "any")),
+               "model.precision": (c.get("precision", "float32"), PRECISIONS),
+               "model.ldm.schedule": (c.ldm.schedule, ("linear", "cosine")),
+               "model.ldm.condition": (c.ldm.condition, ("c_cls", "c")),
+               "model.ldm.condition_source": (c.ldm.condition_source, ("c_tilde", "c_hat"))}
+    for key, (value, allowed) in choices.items():
+      if value not in allowed:
+        raise InputError(f"{value!r} is not a choice here, expected one of {list(allowed)}",
+                         path=f"config.{key}")
+    for key, dim, heads in (("model", c.dim, c.num_heads),
+                            ("model.ldm", c.dim, c.ldm.num_heads)):
+      if heads < 1 or dim % heads:
+        raise InputError(f"num_heads {heads} does not divide dim {dim}, expected a divisor",
+                         path=f"config.{key}.num_heads")
     if not 0 <= c.ldm.get("latent_dim", 0) <= c.dim:
       raise InputError(f"latent_dim {c.ldm.latent_dim} is out of range, expected 0 (all "
                        f"{c.dim} dimensions) to model.dim = {c.dim}",

@@ -34,6 +34,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+_BAD_FLAG = (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError,
+             SyntaxError, ImportError)
+
+
+def _bad_command_line(e: Exception):
+  # A config file that raises comes back as absl's first line plus a traceback whose
+  # last line holds the reason ("ValueError: unknown variant ..."): keep both.
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  msg = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
+  print(f"survjax: bad command line or config: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<method>).")
@@ -48,9 +61,13 @@ def _predict_defaults():
       name="", out="", attention=False, bootstrap=200))
 
 
-_PREDICT = config_flags.DEFINE_config_dict("predict", _predict_defaults(),
-                                           "--mode=predict: the new cohort and outputs.",
-                                           lock_config=True)
+try:   # the overrides on the command line (--predict.<field>) are checked here
+  _PREDICT = config_flags.DEFINE_config_dict("predict", _predict_defaults(),
+                                             "--mode=predict: the new cohort and outputs.",
+                                             lock_config=True)
+except (KeyError, AttributeError) as e:
+  reason = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  _bad_command_line(ValueError(f"unknown --predict field {reason}"))
 _RESTART = flags.DEFINE_bool("restart", False, "Move an existing run in --workdir aside "
                              "(<workdir>.old-<time>) and start afresh.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
@@ -62,18 +79,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def _parse_flags(argv):
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    # A config file that raises comes back as absl's first line plus a traceback whose
-    # last line holds the reason ("ValueError: unknown variant ..."): keep both.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    msg = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
-    print(f"survjax: bad command line or config: {msg}", file=sys.stderr)
-    sys.exit(2)
+    argv = flags.FLAGS(argv)
+    for flag in (_CONFIG, _PREDICT):   # a config file's load failure surfaces on first use
+      if flag.value is not None:
+        flag.value.keys()
+    return argv
+  except _BAD_FLAG as e:
+    _bad_command_line(e)
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    print(f"survjax: bad command line: unexpected argument {argv[1]!r}, expected --flags only",
+          file=sys.stderr)
+    return 2
   import jax
   from survjax.errors import InputError
   from survjax.train.trainer import TrainingDiverged

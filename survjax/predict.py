@@ -225,6 +225,9 @@ def data_section(config, predict) -> object:
   with data.unlocked():
     data.source = "files"
     data.name = predict.get("name") or Path(given.get("clinical_csv", "cohort")).stem
+    if Path(data.name).name != data.name or data.name in ("", ".", ".."):
+      raise InputError(f"cohort name {data.name!r} is a path, expected a plain name (it "
+                       "names the output folder)", path="--predict.name")
     for f in fields:
       data.files[f] = given.get(f, "")
   return data
@@ -353,6 +356,9 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
   from survjax.train.trainer import Trainer
 
   workdir = Path(workdir)
+  if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+    raise InputError(f"{bootstrap!r} resamples, expected an integer >= 0",
+                     path="--predict.bootstrap")
   if not (workdir / "run.json").is_file():
     raise InputError("no trained run here (run.json missing), expected the --workdir of a "
                      "run trained with --mode=cv", path=workdir)
@@ -379,8 +385,16 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
   if attention and data.source != "files":
     raise InputError("attention maps need slide files (data.source='files') for the patch "
                      "coordinates", path="--predict.attention")
+  if new.labelled.any():   # external validation: what its C-index needs, before predicting
+    lab = new.labelled
+    if lab.sum() < 2 or not new.event[lab].any():
+      raise InputError(f"{int(lab.sum())} labelled patient(s) with {int(new.event[lab].sum())} "
+                       "event(s): too few for the external validation, expected at least 2 "
+                       "patients and 1 event (or no time/event, to predict only)",
+                       path=source or "predict data")
+  given_out = bool(out_dir)
   out_dir = Path(out_dir) if out_dir else workdir / "predictions" / new.name
-  rundir.check_writable(out_dir)
+  rundir.check_creatable(out_dir, "--predict.out" if given_out else "--workdir")
 
   mesh = sharding.make_mesh(config.mesh.num_devices)
   trainer = Trainer(method, mesh=mesh, batch_size=config.train.batch_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from survjax.data.cohort import Cohort, Modality  # noqa: F401
 from survjax.errors import InputError
@@ -24,6 +25,10 @@ def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
     InputError: unknown source or any bad input in the files.
   """
   source = data.source
+  name = data.get("name") or ""
+  if name and (Path(name).name != name or name in (".", "..")):
+    raise InputError(f"cohort name {name!r} is a path, expected a plain name (it names the "
+                     "split and output folders)", path="config.data.name")
   if source == "synthetic":
     from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
     known = {f.name for f in dataclasses.fields(SyntheticSpec)}

@@ -163,11 +163,14 @@ class Cohort:
     if (counts > 1).any():
       raise InputError("duplicate case id, expected one entry per case", path=source,
                        case_id=ids[counts > 1][0])
-    bad = self.labelled & (~np.isfinite(self.time) | (self.time <= 0))
+    # Batches carry times in float32: a time past its range would become inf there.
+    with np.errstate(over="ignore"):
+      in_float32 = np.isfinite(np.asarray(self.time, np.float32))
+    bad = self.labelled & (~np.isfinite(self.time) | ~in_float32 | (self.time <= 0))
     if bad.any():
       i = int(np.argmax(bad))
-      raise InputError(f"survival time {self.time[i]!r}, expected a finite number > 0",
-                       path=source, case_id=self.case_ids[i])
+      raise InputError(f"survival time {float(self.time[i])!r}, expected a finite number > 0 "
+                       "(within float32's range)", path=source, case_id=self.case_ids[i])
     bad = ~self.labelled & self.event
     if bad.any():
       raise InputError("event without a survival time, expected both or neither",

@@ -129,6 +129,40 @@ def matmul_gflops(n: int = 1024, repeats: int = 20, m: int | None = None,
   return 2.0 * m * n * n * chain / (stats["p50_ms"] * 1e-3) / 1e9
 
 
+def matmul_flops(jaxpr) -> int:
+  """Floating-point operations of the products in a (closed) jaxpr: ``2 * size(out) * K``
+  for each ``dot_general`` (``K`` its contracted size), a ``scan`` body's times its
+  ``length``, the costliest branch of a ``cond``; a ``while`` body (trip count unknown)
+  once. Work no output depends on is dropped first (as XLA drops it). Other operations
+  are not counted: at a matmul rate, this is the time the products alone would take
+  (XLA's own cost analysis counts a loop body once)."""
+  from jax._src.interpreters import partial_eval as pe  # the DCE jit itself runs
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+  return _products(jaxpr)
+
+
+def _products(jaxpr) -> int:
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+      total += 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
+      continue
+    if name == "cond":
+      total += max(_products(b) for b in eqn.params["branches"])
+      continue
+    times = eqn.params["length"] if name == "scan" else 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          total += times * _products(sub)
+  return total
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
   """Writes ``obj`` as indented JSON atomically (temporary file + rename)."""
   path = Path(path)

@@ -12,6 +12,12 @@ and those reused by a later stage (`Trainer._cache_features`). ``stages`` gives 
 stage's epochs and seconds from the fold's ``metrics.jsonl``. This is what issue 19's
 "main job in half the time" has to cut: on a quiet machine the step itself is a
 minority of a fold.
+
+``matmul`` sets each part's arithmetic beside its time: the products of every jitted
+program the part ran (`common.matmul_flops` of the program's jaxpr, times its calls),
+the part's time less its compiling, and the rate that gives against
+``matmul_rate_gflop_s``, the measured ``[1024, 1024] x [1024, 1024]`` rate: how far a
+part is from the time its products alone would take.
 """
 
 from __future__ import annotations
@@ -26,6 +32,48 @@ from pathlib import Path
 import jax
 
 from benchmarks import common
+
+
+# The part of `main`'s table each of the trainer's jitted functions runs in, by its name.
+_PART_OF = {"step": "batch_epochs", "predict": "validation", "loss": "validation",
+            "features": "feature_passes", "chunk": "feature_stage_chunks"}
+
+
+class _Programs:
+  """The trainer module's ``jax`` with ``jit`` recording each call's abstract arguments:
+  `flops` then traces every distinct program once more and counts its products."""
+
+  def __init__(self):
+    self._calls = collections.Counter()
+    self._programs = {}
+
+  def __getattr__(self, name):
+    return getattr(jax, name)
+
+  def jit(self, fn, **kw):
+    jitted = jax.jit(fn, **kw)
+    static = kw.get("static_argnums", ())
+    static = (static,) if isinstance(static, int) else tuple(static)
+
+    def call(*args):
+      abstract = tuple(a if i in static else jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                         weak_type=getattr(x, "weak_type", False))
+          if isinstance(x, jax.Array) else x, a) for i, a in enumerate(args))
+      leaves, tree = jax.tree.flatten([a for i, a in enumerate(abstract) if i not in static])
+      key = (id(jitted), tuple(id(args[i]) for i in static), tree,
+             tuple((getattr(x, "shape", x), str(getattr(x, "dtype", ""))) for x in leaves))
+      self._programs.setdefault(key, (fn.__name__, jitted, abstract))
+      self._calls[key] += 1
+      return jitted(*args)
+    return call
+
+  def flops(self) -> dict[str, int]:
+    out = collections.Counter()
+    for key, (name, jitted, abstract) in self._programs.items():
+      out[_PART_OF[name]] += self._calls[key] * common.matmul_flops(
+          jitted.trace(*abstract).jaxpr)
+    return dict(out)
 
 
 def main(argv=None):
@@ -46,16 +94,22 @@ def main(argv=None):
 
   compile_clock = CompileClock()
 
+  compiling = collections.Counter()
+
   def timed(name, fn, block=False):
     def wrapper(*a, **k):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), compile_clock.elapsed()["total"]
       out = fn(*a, **k)
       if block:
         jax.block_until_ready(out)
       seconds[name] += time.perf_counter() - t0
+      compiling[name] += compile_clock.elapsed()["total"] - c0
       calls[name] += 1
       return out
     return wrapper
+
+  programs = _Programs()
+  trainer_lib.jax = programs
 
   cls = trainer_lib.Trainer
   trainers = []
@@ -94,6 +148,15 @@ def main(argv=None):
   compiled = compile_clock.elapsed()
   seconds["xla_compile"], calls["xla_compile"] = compiled["xla"], compiled["xla_calls"]
   parts = {k: {"seconds": round(v, 2), "calls": calls[k]} for k, v in seconds.items()}
+  rate = common.matmul_gflops(1024)
+  matmul = {}
+  for part, flops in programs.flops().items():
+    run_s = seconds[part] - compiling[part]
+    matmul[part] = {"gflop": round(flops / 1e9, 2), "run_s": round(run_s, 2),
+                    "compile_s": round(compiling[part], 2),
+                    "gflop_per_s": round(flops / 1e9 / run_s, 1),
+                    "share_of_matmul_rate": round(flops / 1e9 / run_s / rate, 3),
+                    "at_matmul_rate_s": round(flops / 1e9 / rate, 2)}
   common.emit(args.out or common.default_out("must_fold"), {
       "benchmark": "must_fold",
       "command": "python -m benchmarks.must_fold"
@@ -107,6 +170,8 @@ def main(argv=None):
       "parts": parts,
       "feature_passes": dict(trainers[0].feature_passes),
       "stages": dict(stages),
+      "matmul_rate_gflop_s": round(rate, 1),
+      "matmul": matmul,
   })
 
 

@@ -455,6 +455,14 @@ def _must_fold_table(d) -> str:
             "xla_compile": "XLA compile time (inside the parts above)"}
   rows = [[f"{labels[k]}", f"{parts[k]['seconds']:.1f} s", str(parts[k]["calls"]),
            f"{100 * parts[k]['seconds'] / fit:.0f}%"] for k in labels if k in parts]
+  short = {"batch_epochs": "batch epochs", "validation": "inner-validation scoring",
+           "feature_passes": "feature passes", "feature_stage_chunks": "feature-stage chunks"}
+  for k, m in d.get("matmul", {}).items():
+    rows.append([f"matmuls of the {short[k]}: {m['gflop']:.0f} GFLOP, timed at the 1024^3 "
+                 f"rate ({d['matmul_rate_gflop_s']:.0f} GFLOP/s)",
+                 f"{m['at_matmul_rate_s']:.1f} s", "",
+                 f"the part runs {m['run_s']:.1f} s besides compiling, "
+                 f"{100 * m['share_of_matmul_rate']:.0f}% of that rate"])
   if d.get("feature_passes"):
     rows.append(["feature passes run / reused", "", ", ".join(
         f"{k}: {v}" for k, v in d["feature_passes"].items()), ""])

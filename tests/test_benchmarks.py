@@ -100,3 +100,41 @@ def test_sampling_latency_bfloat16_records_the_bf16_matmul_rate(tmp_path):
   assert r["config"]["precision"] == "bfloat16"
   assert r["matmul_gflops_per_s"]["1024x1024x1024_bfloat16"] > 0
   assert r["jax"]["sweep"][0]["pct_of_bf16_matmul_rate"] > 0
+
+
+def test_matmul_flops_closed_forms():
+  """`benchmarks.common.matmul_flops` against ``2 m n k`` per product, counted through
+  jit, scan (times its length), cond (the costlier branch) and autodiff."""
+  sys.path.insert(0, str(ROOT))
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks.common import matmul_flops
+
+  m, k, n = 8, 16, 32
+  x, w = jnp.ones((m, k)), jnp.ones((k, n))
+  product = 2 * m * k * n
+  assert matmul_flops(jax.make_jaxpr(lambda x, w: x @ w)(x, w)) == product
+  assert matmul_flops(jax.make_jaxpr(jax.jit(lambda x, w: x @ w))(x, w)) == product
+
+  def scanned(x, w):
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w[:, :k]), None), x, None, length=5)[0]
+  assert matmul_flops(jax.make_jaxpr(scanned)(x, w)) == 5 * 2 * m * k * k
+
+  def loss(x, w):
+    return jnp.sum(jnp.tanh(x @ w))
+  # forward, then dL/dx = g w^T and dL/dw = x^T g: three products of the same size
+  assert matmul_flops(jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(x, w)) == 3 * product
+  assert matmul_flops(jax.make_jaxpr(jax.grad(loss, 1))(x, w)) == 2 * product
+
+  batched = jax.make_jaxpr(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))(
+      jnp.ones((3, 4, 5)), jnp.ones((3, 5, 6)))
+  assert matmul_flops(batched) == 2 * 3 * 4 * 5 * 6
+
+  def branch(p, x, w):
+    return jax.lax.cond(p, lambda: x @ w, lambda: jnp.zeros((m, n)))
+  assert matmul_flops(jax.make_jaxpr(branch)(True, x, w)) == product
+  assert matmul_flops(jax.make_jaxpr(lambda x: jnp.tanh(x) + 1)(x)) == 0
+  # a product no output reads is dropped, inside a nested jit too
+  unused = jax.jit(lambda x, w: (x @ w, (x @ w) @ w.T)[0])
+  assert matmul_flops(jax.make_jaxpr(unused)(x, w)) == product

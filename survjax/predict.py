@@ -289,11 +289,23 @@ def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
   return out
 
 
+def _read_json(path: Path) -> dict:
+  """A JSON file the training run wrote; an `InputError` if it is damaged."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise InputError(f"cannot read it ({e}), expected the JSON the training run wrote",
+                     path=path) from None
+  if not isinstance(value, dict):
+    raise InputError("expected a JSON object, as the training run wrote it", path=path)
+  return value
+
+
 def _check_run(workdir: Path, config, fingerprints: dict) -> None:
   """The run in ``workdir`` was trained with this config and cohort (`survjax.rundir`'s
   record), except that config keys added or removed since (by a newer survjax) are
   ignored: predict trains nothing, and a field the run never had cannot have changed it."""
-  recorded = json.loads((workdir / "run.json").read_text())
+  recorded = _read_json(workdir / "run.json")
   diffs = [f"{k} {recorded.get(k)} -> {fingerprints[k]}" for k in fingerprints
            if k in recorded and recorded[k] != fingerprints[k]]
   old, new = recorded.get("training_config", {}), rundir.training_config(config)
@@ -419,7 +431,7 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
     key = jax.random.fold_in(jax.random.key(config.seed + 17), k)
     info_path = workdir / f"fold_{k}" / PREDICT_INFO
     if info_path.is_file():
-      info = json.loads(info_path.read_text())
+      info = _read_json(info_path)
     else:
       info = fold_predict_info(method, train_k, predictor, spec, model, k, tr, va, edges, key,
                                source="recomputed at predict time (run trained before "

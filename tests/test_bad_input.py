@@ -309,15 +309,19 @@ def test_out_of_range_must_size(tmp_path, field, value, expected):
     ("cv.val_fraction=-0.1", "config.cv.val_fraction", "expected 0 <= fraction < 1"),
     ("data.buckets=(0,)", "config.data.buckets", "expected an integer >= 1"),
     ("mesh.num_devices=5", "config.mesh.num_devices", "expected at most 1"),
+    ("cv.seed=-1", "config.cv.seed", "expected an integer >= 0"),
+    ("model.num_bins=0", "config.model.num_bins", "expected an integer >= 1"),
+    ("tune.grid=('model.lr',)", "config.tune.grid", "grid entry 'model.lr', expected pairs"),
     ("model.epochs=-1", "config.model (stage 'train')", "expected an integer >= 0"),
     ("model.epochs=0", "config.model", "every stage (train) has 0 epochs"),
 ])
 def test_settings_no_run_can_use(tmp_path, override, where, expected):
   """Sizes no run can use stop before anything is written (not a traceback mid-run, nor a
   run that trains nothing and exits 0)."""
+  mode = ["--mode=tune"] if override.startswith("tune.") else []
   out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
               f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
-              f"--config.{override}"], tmp_path)
+              f"--config.{override}", *mode], tmp_path)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
   assert lines[0].startswith(f"survjax: bad input: {where}: "), lines[0]
@@ -351,3 +355,17 @@ def test_an_inner_validation_part_without_a_comparable_pair(tmp_path):
   assert lines[0].startswith("survjax: bad input: config.cv.val_fraction: fold 1: its inner "
                              "validation part (1 patients"), lines[0]
   _assert_nothing_written(tmp_path)
+
+
+def test_an_output_folder_that_is_a_file(tmp_path):
+  """--workdir or cv.splits_dir under a file: one line naming the flag, nothing written."""
+  (tmp_path / "a_file").write_text("")
+  for flag in (f"--workdir={tmp_path / 'a_file' / 'run'}",
+               f"--config.cv.splits_dir={tmp_path / 'a_file'}"):
+    out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
+                f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
+                flag], tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert "is not a writable directory" in lines[0] and flag.split("=")[0].lstrip("-") in lines[0]
+    _assert_nothing_written(tmp_path)

@@ -12,6 +12,7 @@ line on stderr, exit status 2 and no output.
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,22 +202,30 @@ def test_predict_bad_inputs_one_line_exit_2(run):
     row[col] = "1"
   with open(censored["csv"], "w", newline="") as f:
     csv.writer(f, lineterminator="\n").writerows(rows)
-  ok_files = [f"--predict.clinical_csv={censored['csv']}",
+  censored_files = [f"--predict.clinical_csv={censored['csv']}",
               f"--predict.features_dir={censored['features']}",
               f"--predict.signatures_csv={censored['signatures']}"]
+  good = write_file_cohort(root / "good", n_patients=12, dim=16, bag=(10, 20), seed=6)
+  good_files = [f"--predict.clinical_csv={good['csv']}",
+                f"--predict.features_dir={good['features']}",
+                f"--predict.signatures_csv={good['signatures']}"]
   cases = {
       "unknown run": (["--workdir=" + str(root / "nowhere")], files, "no trained run"),
       "feature dimension": ([], files, "feature dimension 12"),
       "modality never seen": ([], files[:1] + [f"--predict.radiology_dir={rad}"],
                               "'radiology' was not in the training cohort"),
       # found before any fold predicts, naming the table, and no output folder made
-      "no event to validate on": ([], ok_files, f"{censored['csv']}: 12 labelled patient(s) "
+      "no event to validate on": ([], censored_files, f"{censored['csv']}: 12 labelled patient(s) "
                                                 "with 0 event(s)"),
-      "name with a path": ([], ok_files + ["--predict.name=../escaped"],
+      "name with a path": ([], censored_files + ["--predict.name=../escaped"],
                            "--predict.name: cohort name '../escaped' is a path"),
-      "negative bootstrap": ([], ok_files + ["--predict.bootstrap=-5"],
+      "negative bootstrap": ([], censored_files + ["--predict.bootstrap=-5"],
                              "--predict.bootstrap: -5 resamples, expected an integer >= 0"),
+      "damaged predict.json": ([f"--workdir={root / 'damaged'}"], good_files,
+                               "predict.json: cannot read it"),
   }
+  shutil.copytree(run["work"], root / "damaged")
+  (root / "damaged" / "fold_0" / "predict.json").write_text("{")
   for name, (extra, pred, needle) in cases.items():
     out = root / f"out_{name.replace(' ', '_')}"
     args = run["config"] + extra + ["--mode=predict", f"--predict.out={out}"] + pred

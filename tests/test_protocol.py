@@ -112,7 +112,8 @@ def test_unwritable_workdir_is_one_line(tmp_path):
                       f"--workdir={blocker}/run", f"--config.cv.splits_dir={tmp_path}/splits"],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2, p.stderr
-  assert len(p.stderr.strip().splitlines()) == 1 and "run directory" in p.stderr
+  assert len(p.stderr.strip().splitlines()) == 1 and "expected a writable --workdir" in p.stderr
+  assert not (tmp_path / "splits").exists()   # found before the split files are written
 
 
 def test_split_files_are_refused_for_another_cohort(tmp_path):

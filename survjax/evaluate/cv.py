@@ -144,6 +144,8 @@ def cohort_folds(cohort, config, check=None):
     dataset = f"{cohort.name}-{fingerprint}-{config.cv.num_folds}folds-seed{config.cv.seed}"
   def to_cohort(folds):
     return [(lab[tr], lab[va]) for tr, va in folds]
+  if config.cv.splits_dir:
+    rundir.check_creatable(Path(config.cv.splits_dir), "config.cv.splits_dir")
   folds = load_or_make_folds(ids, t, e, num_folds=config.cv.num_folds, seed=config.cv.seed,
                              splits_dir=config.cv.splits_dir or None, dataset=dataset,
                              check=None if check is None else lambda f: check(to_cohort(f)))
@@ -203,6 +205,9 @@ def check_settings(config, method: Method) -> None:
   _count(ev.batch_size, "config.eval.batch_size", 1, "a batch size")
   _count(ev.get("max_instances") or 0, "config.eval.max_instances", 0, "an instance cap")
   _count(cv_.num_folds, "config.cv.num_folds", 2, "a number of folds")
+  _count(cv_.seed, "config.cv.seed", 0, "a split seed")
+  if method.time_model == "discrete":
+    _count(method.num_bins, "config.model.num_bins", 1, "a number of time bins")
   fraction = cv_.get("val_fraction", 0.0)
   if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
     raise InputError(f"{fraction!r} is out of range, expected 0 <= fraction < 1",
@@ -253,6 +258,9 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: b
 
   # Everything a user can get wrong is checked before the first file is written.
   check_settings(config, method)
+  if mode == "tune":
+    from survjax.evaluate.tune import grid_points
+    grid_points(config)
   scenario_names = scen.expand(config.eval.scenarios, method.modalities)
   ref_models = check_reference_models(config.eval.get("reference_models", ()), cohort)
   missing = [m for m in method.modalities if m not in cohort.modalities]
@@ -274,6 +282,7 @@ def _run_cv(method: Method, cohort, config, workdir: Path, mode: str, restart: b
     if mode != "tune":   # --mode=tune scores on inner parts of its own
       ks = list(config.cv.folds) or range(len(folds))
       _check_fold_parts(method, cohort, config, folds, [k for k in ks if 0 <= k < len(folds)])
+  rundir.check_creatable(Path(workdir), "--workdir")   # before split files are written
   folds, fingerprints = cohort_folds(cohort, config, check=check)
   run_folds = list(config.cv.folds) if config.cv.folds else list(range(len(folds)))
   bad = [k for k in run_folds if not 0 <= k < len(folds)]

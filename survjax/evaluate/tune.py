@@ -56,7 +56,12 @@ def grid_points(config) -> list[dict]:
     raise InputError("no tune.grid, expected e.g. tune.grid = (('model.lr', (1e-3, 1e-4)),)",
                      path="config.tune.grid")
   keys, values = [], []
-  for key, vals in grid:
+  expected = "expected pairs (key, (value, ...)), e.g. (('model.lr', (1e-3, 1e-4)),)"
+  for item in grid:
+    if (not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str)
+        or not isinstance(item[1], (tuple, list)) or not item[1]):
+      raise InputError(f"grid entry {item!r}, {expected}", path="config.tune.grid")
+    key, vals = item
     node = config
     for part in key.split("."):
       if not hasattr(node, "keys") or part not in node:

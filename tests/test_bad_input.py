@@ -312,6 +312,8 @@ def test_out_of_range_must_size(tmp_path, field, value, expected):
     ("cv.seed=-1", "config.cv.seed", "expected an integer >= 0"),
     ("model.num_bins=0", "config.model.num_bins", "expected an integer >= 1"),
     ("tune.grid=('model.lr',)", "config.tune.grid", "grid entry 'model.lr', expected pairs"),
+    ("model.dim=0", "config.model.dim", "expected an integer >= 1"),
+    ("data.source=tfds", "config.data.tfds.name", "needs the dataset's name"),
     ("model.epochs=-1", "config.model (stage 'train')", "expected an integer >= 0"),
     ("model.epochs=0", "config.model", "every stage (train) has 0 epochs"),
 ])
@@ -369,3 +371,13 @@ def test_an_output_folder_that_is_a_file(tmp_path):
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     assert "is not a writable directory" in lines[0] and flag.split("=")[0].lstrip("-") in lines[0]
     _assert_nothing_written(tmp_path)
+
+
+def test_a_negative_feature_width(tmp_path):
+  c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
+  out = _run(_cli_args(c, tmp_path, "--config.data.files.feature_dim=-3"), tmp_path)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith("survjax: bad input: config.data.files.feature_dim: -3 is not "
+                             "a feature width, expected an integer >= 0"), lines[0]
+  _assert_nothing_written(tmp_path)

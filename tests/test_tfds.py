@@ -138,3 +138,10 @@ def test_prepare_cli(tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert "b1.npy" in last and "case B" in last and "NaN" in last, out.stderr
   assert len(load_tfds_cohort(tmp_path / "data", "files")) == 3
+  assert last.startswith("survjax: bad input: "), last
+  (tmp_path / "a_file").write_text("")
+  out = subprocess.run(cmd[:-2] + [f"--data_dir={tmp_path / 'a_file'}", "--name=other"],
+                       capture_output=True, text=True, timeout=120)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+  assert lines[0].startswith("survjax: bad input: ") and "--data_dir" in lines[0], lines[0]

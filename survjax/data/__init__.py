@@ -48,6 +48,10 @@ def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
     f = data.files
     if not f.clinical_csv:
       raise InputError("data.source='files' needs data.files.clinical_csv", path="config")
+    dim = f.get("feature_dim", 0)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+      raise InputError(f"{dim!r} is not a feature width, expected an integer >= 0 (0: as the "
+                       "files have it)", path="config.data.files.feature_dim")
     cohort = load_file_cohort(
         f.clinical_csv, name=data.name or "cohort", features_dir=f.features_dir or None,
         signatures_csv=f.signatures_csv or None, radiology_dir=f.radiology_dir or None,
@@ -58,6 +62,9 @@ def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
         tabular=dict(f.get("tabular", {})) or None)
   elif source == "tfds":
     from survjax.data.tfds_builder import load_tfds_cohort
+    if not data.tfds.get("name"):
+      raise InputError("data.source='tfds' needs the dataset's name (the --name given to "
+                       "survjax.data.prepare)", path="config.data.tfds.name")
     cohort = load_tfds_cohort(data.tfds.data_dir, data.tfds.name)
     if data.name:
       cohort.name = data.name

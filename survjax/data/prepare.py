@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -65,6 +66,8 @@ def prepare() -> str:
   from survjax.data.tfds_builder import build_tfds_cohort, check_dataset_name, dataset_dir
   from survjax.errors import InputError
   check_dataset_name(_NAME.value)
+  from survjax.rundir import check_creatable
+  check_creatable(Path(_DATA_DIR.value), "--data_dir")
   target = dataset_dir(_DATA_DIR.value, _NAME.value)
   if target.exists() and not _OVERWRITE.value:  # Say so before reading every slide.
     raise InputError("dataset already exists, expected a new --name or --overwrite",
@@ -93,7 +96,7 @@ def main(argv) -> int:
   try:
     path = prepare()
   except InputError as e:
-    print(f"survjax: {e}", file=sys.stderr)
+    print(f"survjax: bad input: {e}", file=sys.stderr)
     return 2
   print(f"wrote {path}", flush=True)
   return 0

@@ -21,3 +21,11 @@ class InputError(ValueError):
     super().__init__(": ".join(parts).replace("\n", " "))
     self.path = path
     self.case_id = case_id
+
+
+def check_count(value, path: str, low: int, what: str, hint: str = "") -> None:
+  """An `InputError` at ``path`` unless ``value`` is an integer (not a bool) ``>= low``;
+  ``what`` names it ("a batch size"), ``hint`` is added in parentheses."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise InputError(f"{value!r} is not {what}, expected an integer >= {low}"
+                     + (f" ({hint})" if hint else ""), path=path)

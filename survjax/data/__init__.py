@@ -7,12 +7,20 @@ import logging
 from pathlib import Path
 
 from survjax.data.cohort import Cohort, Modality  # noqa: F401
-from survjax.errors import InputError
+from survjax.errors import InputError, check_count
 
 # numexpr (imported by pandas) logs "NumExpr defaulting to N threads." at INFO on import;
 # under absl that is a line on stderr before any error of ours, which must stay the only
 # line a bad input prints.
 logging.getLogger("numexpr.utils").setLevel(logging.WARNING)
+
+
+def check_plain_name(name: str, path: str) -> None:
+  """An `InputError` at ``path`` unless the cohort name ``name`` is a plain folder name
+  (it names the split and output folders; ``../x`` would write outside them)."""
+  if Path(name).name != name or name in ("", ".", ".."):
+    raise InputError(f"cohort name {name!r} is a path, expected a plain name (it names the "
+                     "split and output folders)", path=path)
 
 
 def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
@@ -25,10 +33,8 @@ def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
     InputError: unknown source or any bad input in the files.
   """
   source = data.source
-  name = data.get("name") or ""
-  if name and (Path(name).name != name or name in (".", "..")):
-    raise InputError(f"cohort name {name!r} is a path, expected a plain name (it names the "
-                     "split and output folders)", path="config.data.name")
+  if data.get("name"):
+    check_plain_name(data.name, "config.data.name")
   if source == "synthetic":
     from survjax.data.synthetic import SyntheticSpec, make_synthetic_cohort
     known = {f.name for f in dataclasses.fields(SyntheticSpec)}
@@ -48,10 +54,8 @@ def load_cohort(data, *, labels: bool = True, tabular_columns=None) -> Cohort:
     f = data.files
     if not f.clinical_csv:
       raise InputError("data.source='files' needs data.files.clinical_csv", path="config")
-    dim = f.get("feature_dim", 0)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-      raise InputError(f"{dim!r} is not a feature width, expected an integer >= 0 (0: as the "
-                       "files have it)", path="config.data.files.feature_dim")
+    check_count(f.get("feature_dim", 0), "config.data.files.feature_dim", 0,
+                "a feature width", hint="0: as the files have it")
     cohort = load_file_cohort(
         f.clinical_csv, name=data.name or "cohort", features_dir=f.features_dir or None,
         signatures_csv=f.signatures_csv or None, radiology_dir=f.radiology_dir or None,

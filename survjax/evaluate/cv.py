@@ -38,7 +38,7 @@ from survjax import rundir
 from survjax.data.splits import (cohort_fingerprint, folds_fingerprint, has_comparable_pair,
                                  inner_validation, load_or_make_folds)
 from survjax.data.timebins import assign_time_bins, fit_time_bins
-from survjax.errors import InputError
+from survjax.errors import InputError, check_count
 from survjax.evaluate import scenarios as scen
 from survjax.evaluate.metrics import concordance_index, uno_c
 from survjax.evaluate.reference import check_reference_models, reference_fold
@@ -189,47 +189,42 @@ def run_cv(method: Method, cohort, config, workdir, *, mode: str = "cv",
     return _run_cv(method, cohort, config, workdir, mode, restart)
 
 
-def _count(value, path: str, low: int, what: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise InputError(f"{value!r} is not {what}, expected an integer >= {low}", path=path)
-
-
 def check_settings(config, method: Method) -> None:
   """The run's sizes and each training stage's settings, before anything is written: a
   value no run can use is one `InputError` naming its key, not a traceback mid-run or a
   run that trains nothing."""
   train, ev, cv_ = config.train, config.eval, config.cv
-  _count(train.batch_size, "config.train.batch_size", 1, "a batch size")
-  _count(train.get("accumulate", 1), "config.train.accumulate", 1, "a number of steps")
-  _count(train.max_instances or 0, "config.train.max_instances", 0, "an instance cap")
-  _count(ev.batch_size, "config.eval.batch_size", 1, "a batch size")
-  _count(ev.get("max_instances") or 0, "config.eval.max_instances", 0, "an instance cap")
-  _count(cv_.num_folds, "config.cv.num_folds", 2, "a number of folds")
-  _count(cv_.seed, "config.cv.seed", 0, "a split seed")
+  check_count(train.batch_size, "config.train.batch_size", 1, "a batch size")
+  check_count(train.get("accumulate", 1), "config.train.accumulate", 1, "a number of steps")
+  check_count(train.max_instances or 0, "config.train.max_instances", 0, "an instance cap")
+  check_count(ev.batch_size, "config.eval.batch_size", 1, "a batch size")
+  check_count(ev.get("max_instances") or 0, "config.eval.max_instances", 0, "an instance cap")
+  check_count(cv_.num_folds, "config.cv.num_folds", 2, "a number of folds")
+  check_count(cv_.seed, "config.cv.seed", 0, "a split seed")
   if method.time_model == "discrete":
-    _count(method.num_bins, "config.model.num_bins", 1, "a number of time bins")
+    check_count(method.num_bins, "config.model.num_bins", 1, "a number of time bins")
   fraction = cv_.get("val_fraction", 0.0)
   if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
     raise InputError(f"{fraction!r} is out of range, expected 0 <= fraction < 1",
                      path="config.cv.val_fraction")
   for size in config.data.get("buckets") or ():
-    _count(size, "config.data.buckets", 1, "a bag length")
+    check_count(size, "config.data.buckets", 1, "a bag length")
   wanted, have = config.mesh.get("num_devices") or 0, jax.device_count()
-  _count(wanted, "config.mesh.num_devices", -1, "a device count")
+  check_count(wanted, "config.mesh.num_devices", -1, "a device count")
   if wanted > have:
     raise InputError(f"{wanted} devices asked for, {have} available, expected at most {have} "
                      "(-1 or 0: all)", path="config.mesh.num_devices")
   stages = method.stages()
   for stage in stages:
     where = f"config.model (stage {stage.name!r})"
-    _count(stage.epochs, where, 0, "a number of epochs")
-    _count(stage.patience, where, 0, "a patience")
+    check_count(stage.epochs, where, 0, "a number of epochs")
+    check_count(stage.patience, where, 0, "a patience")
     if stage.select not in (None, "c_index", "loss"):
       raise InputError(f"select={stage.select!r}, expected 'c_index', 'loss' or None",
                        path=where)
     if stage.features is not None:
-      _count(stage.steps_per_epoch, where, 1, "a number of steps per epoch")
-      _count(stage.batch_size, where, 1, "a batch size")
+      check_count(stage.steps_per_epoch, where, 1, "a number of steps per epoch")
+      check_count(stage.batch_size, where, 1, "a batch size")
   if stages and not any(stage.epochs for stage in stages):
     raise InputError(f"every stage ({', '.join(s.name for s in stages)}) has 0 epochs, "
                      "expected a run that trains", path="config.model")

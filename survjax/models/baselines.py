@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from survjax import survival
-from survjax.errors import InputError
+from survjax.errors import InputError, check_count
 from survjax.method import Stage
 from survjax.nn.genomic import SNN
 from survjax.nn.mil import GatedABMIL
@@ -91,10 +91,8 @@ class Unimodal:
   def __post_init__(self):
     """Checks the widths the config sets, before anything is built or written."""
     c = self.cfg
-    for key in ("dim", "depth", "num_heads"):
-      value = c.get(key, 1)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{value!r}, expected an integer >= 1", path=f"config.model.{key}")
+    for key, what in (("dim", "a width"), ("depth", "a depth"), ("num_heads", "a head count")):
+      check_count(c.get(key, 1), f"config.model.{key}", 1, what)
     if c.get("num_heads") and c.dim % c.num_heads:
       raise InputError(f"num_heads {c.num_heads} does not divide dim {c.dim}, expected a "
                        "divisor", path="config.model.num_heads")

@@ -58,6 +58,7 @@ import numpy as np
 from flax import nnx
 
 from survjax import rundir
+from survjax.data import check_plain_name
 from survjax.data.batching import iterate_batches
 from survjax.data.cohort import Cohort, Modality
 from survjax.data.formats import impute_fold, standardize_fold
@@ -225,9 +226,7 @@ def data_section(config, predict) -> object:
   with data.unlocked():
     data.source = "files"
     data.name = predict.get("name") or Path(given.get("clinical_csv", "cohort")).stem
-    if Path(data.name).name != data.name or data.name in ("", ".", ".."):
-      raise InputError(f"cohort name {data.name!r} is a path, expected a plain name (it "
-                       "names the output folder)", path="--predict.name")
+    check_plain_name(data.name, "--predict.name")
     for f in fields:
       data.files[f] = given.get(f, "")
   return data

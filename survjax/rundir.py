@@ -96,9 +96,11 @@ def check_or_record(workdir: Path, config, fingerprints: dict) -> None:
   """Records the run's identity at its first start; refuses a different one later."""
   path = workdir / "run.json"
   current = {"training_config": training_config(config), **fingerprints}
-  if not path.exists():
+
+  def record():
     atomic_write_json(path, {**current, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return
+  if not path.exists():
+    return record()
   recorded = json.loads(path.read_text())
   diffs = []
   for key in ("cohort_fingerprint", "splits_fingerprint"):
@@ -113,8 +115,7 @@ def check_or_record(workdir: Path, config, fingerprints: dict) -> None:
   if diffs and not holds_work(workdir):
     # A start that stopped on bad input (or before its first checkpoint) left run.json
     # and nothing trained: the corrected command starts here, nothing can mix.
-    atomic_write_json(path, {**current, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return
+    return record()
   if diffs:
     shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
     raise InputError(f"the run here was made with another configuration ({shown}); expected "

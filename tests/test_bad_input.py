@@ -191,6 +191,21 @@ def _run(args, tmp_path):
                         capture_output=True, text=True, timeout=300)
 
 
+def _one_line(out) -> list[str]:
+  """The stderr of a run that stopped on bad input: exit status 2 and exactly one line."""
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  return lines
+
+
+def _run_smoke(config: str, tmp_path, *extra):
+  """``configs/<config>.py:smoke`` on its synthetic cohort, run and split folders in
+  ``tmp_path``, with ``extra`` flags."""
+  return _run([f"--config={REPO}/configs/{config}.py:smoke", f"--workdir={tmp_path / 'run'}",
+               f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
+               *extra], tmp_path)
+
+
 def _cli_args(c, tmp_path, *extra):
   return [f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
           f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
@@ -241,8 +256,7 @@ def test_unknown_case_in_split_file(tmp_path):
   out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
               f"--config.cv.splits_dir={tmp_path / 'given'}", "--config.data.name=cohort",
               "--config.progress=False", *files_args(c)], tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  lines = _one_line(out)
   assert str(folder / "splits_1.csv") in lines[0] and "case TCGA-XX-0000" in lines[0]
   assert "expected a case of the cohort" in lines[0]
   assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -252,8 +266,7 @@ def test_unknown_case_in_split_file(tmp_path):
 def test_unknown_config_key(tmp_path):
   c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
   out = _run(_cli_args(c, tmp_path, "--config.data.files.feature_dimm=4"), tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  lines = _one_line(out)
   assert "feature_dimm" in lines[0]
   _assert_nothing_written(tmp_path)
 
@@ -262,8 +275,7 @@ def test_unknown_config_variant_names_itself(tmp_path):
   """A variant the config file rejects: the one line carries the file's reason."""
   out = _run([f"--config={REPO}/configs/must.py:decomp", f"--workdir={tmp_path / 'run'}",
               f"--config.cv.splits_dir={tmp_path / 'splits'}"], tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  lines = _one_line(out)
   assert lines[0].startswith("survjax: bad command line or config: "), lines[0]
   assert "must.py:decomp" in lines[0] and "unknown variant 'decomp'" in lines[0], lines[0]
   _assert_nothing_written(tmp_path)
@@ -271,11 +283,8 @@ def test_unknown_config_variant_names_itself(tmp_path):
 
 def test_out_of_range_synthetic_knob(tmp_path):
   """Every generator knob is a config field; a bad value gets one line and nothing."""
-  out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
-              f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
-              "--config.data.synthetic.coupling=1.5"], tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  out = _run_smoke("abmil", tmp_path, "--config.data.synthetic.coupling=1.5")
+  lines = _one_line(out)
   assert lines[0].startswith("survjax: bad input: ") and "config.data.synthetic" in lines[0]
   assert "coupling 1.5" in lines[0] and "expected 0 <= coupling < 1" in lines[0]
   _assert_nothing_written(tmp_path)
@@ -290,11 +299,8 @@ def test_out_of_range_synthetic_knob(tmp_path):
 ])
 def test_out_of_range_must_size(tmp_path, field, value, expected):
   """MUST checks the sizes its config sets when the method is made: one line, nothing."""
-  out = _run([f"--config={REPO}/configs/must.py:smoke", f"--workdir={tmp_path / 'run'}",
-              f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
-              f"--config.{field}={value}"], tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  out = _run_smoke("must", tmp_path, f"--config.{field}={value}")
+  lines = _one_line(out)
   assert lines[0].startswith(f"survjax: bad input: config.{field}: "), lines[0]
   assert expected in lines[0]
   _assert_nothing_written(tmp_path)
@@ -321,11 +327,8 @@ def test_settings_no_run_can_use(tmp_path, override, where, expected):
   """Sizes no run can use stop before anything is written (not a traceback mid-run, nor a
   run that trains nothing and exits 0)."""
   mode = ["--mode=tune"] if override.startswith("tune.") else []
-  out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
-              f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
-              f"--config.{override}", *mode], tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  out = _run_smoke("abmil", tmp_path, f"--config.{override}", *mode)
+  lines = _one_line(out)
   assert lines[0].startswith(f"survjax: bad input: {where}: "), lines[0]
   assert expected in lines[0], lines[0]
   _assert_nothing_written(tmp_path)
@@ -341,8 +344,7 @@ def test_command_line_mistakes(tmp_path, args, expected):
   """A config file that is not there, a stray argument: one line, exit 2, nothing run."""
   out = _run([*args, f"--workdir={tmp_path / 'run'}",
               f"--config.cv.splits_dir={tmp_path / 'splits'}"], tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  lines = _one_line(out)
   assert lines[0].startswith("survjax: bad command line") and expected in lines[0], lines[0]
   _assert_nothing_written(tmp_path)
 
@@ -352,8 +354,7 @@ def test_an_inner_validation_part_without_a_comparable_pair(tmp_path):
   before any fold trains (it used to stop after fold 0 had trained and been written)."""
   c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
   out = _run(_cli_args(c, tmp_path), tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  lines = _one_line(out)
   assert lines[0].startswith("survjax: bad input: config.cv.val_fraction: fold 1: its inner "
                              "validation part (1 patients"), lines[0]
   _assert_nothing_written(tmp_path)
@@ -364,11 +365,8 @@ def test_an_output_folder_that_is_a_file(tmp_path):
   (tmp_path / "a_file").write_text("")
   for flag in (f"--workdir={tmp_path / 'a_file' / 'run'}",
                f"--config.cv.splits_dir={tmp_path / 'a_file'}"):
-    out = _run([f"--config={REPO}/configs/abmil.py:smoke", f"--workdir={tmp_path / 'run'}",
-                f"--config.cv.splits_dir={tmp_path / 'splits'}", "--config.progress=False",
-                flag], tmp_path)
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    out = _run_smoke("abmil", tmp_path, flag)
+    lines = _one_line(out)
     assert "is not a writable directory" in lines[0] and flag.split("=")[0].lstrip("-") in lines[0]
     _assert_nothing_written(tmp_path)
 
@@ -376,8 +374,7 @@ def test_an_output_folder_that_is_a_file(tmp_path):
 def test_a_negative_feature_width(tmp_path):
   c = write_file_cohort(tmp_path / "cohort", n_patients=N, dim=4, bag=(3, 6), seed=1)
   out = _run(_cli_args(c, tmp_path, "--config.data.files.feature_dim=-3"), tmp_path)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+  lines = _one_line(out)
   assert lines[0].startswith("survjax: bad input: config.data.files.feature_dim: -3 is not "
                              "a feature width, expected an integer >= 0"), lines[0]
   _assert_nothing_written(tmp_path)

@@ -232,18 +232,26 @@ def data_section(config, predict) -> object:
   return data
 
 
-def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
-  """The new cohort, checked against the training one (names, kinds, dims, tokens).
+def check_compatible(train: Cohort, new: Cohort, method, source: str
+                     ) -> tuple[Cohort, list[str]]:
+  """The new cohort, checked against the training one (names, kinds, dims, tokens), and
+  notes on what was changed (logged by the caller once nothing can fail, so that bad
+  input stays one line).
 
   A modality the method reads that the whole new cohort lacks is added, unavailable for
-  every patient. A modality the run never saw, or one whose kind, feature dimension or
-  token groups differ, raises `InputError`.
+  every patient; one it does not read is dropped, whatever its layout. A modality the run
+  never saw, or one the method reads whose kind, feature dimension or token groups
+  differ, raises `InputError`.
   """
+  mods = {}
   for name, mod in new.modalities.items():
     if name not in train.modalities:
       raise InputError(f"modality {name!r} was not in the training cohort (it had "
                        f"{list(train.modalities)}), expected only modalities the run saw",
                        path=source)
+    if name not in method.modalities:
+      continue
+    mods[name] = mod
     ref = train.modalities[name]
     if mod.kind != ref.kind:
       raise InputError(f"modality {name!r} is of kind {mod.kind!r}, the run was trained on "
@@ -259,8 +267,8 @@ def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
       raise InputError(f"modality {name!r} column {j} is {mod.columns[j]!r}, the run was "
                        f"trained with {ref.columns[j]!r} there (same columns and categories "
                        "expected, in the same order)", path=source)
-  mods = dict(new.modalities)
   n = len(new)
+  notes = []
   for name in method.modalities:
     if name in mods:
       continue
@@ -272,7 +280,7 @@ def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
       shape = (n,) + ref.values.shape[1:]
       mods[name] = Modality(ref.kind, avail, values=np.zeros(shape, ref.values.dtype),
                             groups=ref.groups, columns=ref.columns)
-    log.info("the new cohort has no %s: predicted without it for every patient", name)
+    notes.append(f"the new cohort has no {name}: predicted without it for every patient")
   none = np.ones(n, bool)
   for name in method.modalities:
     none &= ~mods[name].available
@@ -281,11 +289,13 @@ def check_compatible(train: Cohort, new: Cohort, method, source: str) -> Cohort:
     raise InputError(f"none of the method's modalities {list(method.modalities)} is "
                      "available, expected at least one per patient", path=source,
                      case_id=new.case_ids[i])
+  notes += [f"the new cohort's {name} is not read by {method.name}: ignored"
+            for name in new.modalities if name not in mods]
   out = Cohort(name=new.name, case_ids=new.case_ids, time=new.time, event=new.event,
                modalities=mods, true_risk=None)
   if getattr(new, "imputation", None):
     out.imputation = new.imputation
-  return out
+  return out, notes
 
 
 def _read_json(path: Path) -> dict:
@@ -388,8 +398,8 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
                      "evaluated with --mode=cv", path=workdir)
   source = getattr(data.files, "clinical_csv", "") if data.source == "files" else data.source
   tab = {k: m.columns for k, m in train.modalities.items() if m.kind == "tokens"}
-  new = check_compatible(train, load_cohort(data, labels=False, tabular_columns=tab), method,
-                         source or "predict data")
+  new, notes = check_compatible(train, load_cohort(data, labels=False, tabular_columns=tab),
+                                method, source or "predict data")
   if attention and getattr(method, "attention", None) is None:
     raise InputError(f"method {method.name} has no attention hook, expected a MIL method "
                      "(abmil, ...) for --predict.attention", path="--predict.attention")
@@ -470,7 +480,11 @@ def predict_run(config, workdir, data, *, out_dir=None, attention: bool = False,
                 for k, v in ev["km"].items() if k not in ("curves", "bands", "groups")}
     ev["km_figure"] = "km_external.png"
     atomic_write_text(out_dir / "report.md", render_external_report(result))
+  if notes:
+    result["notes"] = notes
   atomic_write_json(out_dir / "predictions.json", result)
+  for note in notes:
+    log.info(note)
   result["out_dir"] = str(out_dir)
   return result
 

@@ -295,3 +295,22 @@ def test_predict_unlabelled_cohort(run):
   assert {r["risk_group"] for r in pred} <= {"high", "low"}
   assert not (out / "report.md").exists() and not (out / "km_external.png").exists()
   assert "external_validation" not in json.loads((out / "predictions.json").read_text())
+
+
+def test_predict_ignores_a_modality_the_method_does_not_read(run):
+  """ABMIL reads pathology only: a new cohort's genomics of another layout (two genes per
+  family, not three) is dropped, and the predictions equal those made without it."""
+  root = run["root"]
+  new = write_file_cohort(root / "other_genes", n_patients=12, dim=16, bag=(10, 20), seed=7,
+                          genes_per_family=2)
+  files = [f"--predict.clinical_csv={new['csv']}", f"--predict.features_dir={new['features']}"]
+  outs = {}
+  for name, extra in (("with", [f"--predict.signatures_csv={new['signatures']}"]),
+                      ("without", [])):
+    outs[name] = root / f"other_genes_{name}"
+    _cli(run["config"] + ["--mode=predict", f"--predict.out={outs[name]}"] + files + extra)
+  got, want = (_read_csv(outs[k] / "predictions.csv") for k in ("with", "without"))
+  assert [r["case_id"] for r in got] == new["case_ids"]
+  assert got == want
+  notes = json.loads((outs["with"] / "predictions.json").read_text())["notes"]
+  assert notes == ["the new cohort's genomics is not read by abmil: ignored"]

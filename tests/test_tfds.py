@@ -87,6 +87,23 @@ def test_missing_build_and_bad_name(tmp_path):
     build_tfds_cohort(_cohort(), tmp_path)  # "toy cohort" has a space
 
 
+@pytest.mark.parametrize("damage", ["truncated records", "empty records", "broken info"])
+def test_damaged_build_is_one_input_error(tmp_path, damage):
+  """A build tfds cannot read is one `InputError` naming its folder, not the reader's
+  RuntimeError, ValueError or protobuf error."""
+  path = build_tfds_cohort(_cohort(), tmp_path, name="toy")
+  records = next(p for p in path.iterdir() if ".array_record" in p.name)
+  if damage == "truncated records":
+    records.write_bytes(records.read_bytes()[:-10])
+  elif damage == "empty records":
+    records.write_bytes(b"")
+  else:
+    (path / "dataset_info.json").write_text("{")
+  with pytest.raises(InputError, match="cannot read this tfds build") as info:
+    load_tfds_cohort(tmp_path, "toy")
+  assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 _SCRIPT = """
 import pickle, sys
 from survjax.data.tfds_builder import build_tfds_cohort, load_tfds_cohort

@@ -25,6 +25,7 @@ protobuf's 2 GiB (a bag of 1M x 1024 float16 values is exactly that).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -232,19 +233,37 @@ def load_tfds_cohort(data_dir, name: str) -> Cohort:
   if not (path / "dataset_info.json").is_file():
     raise InputError(f"no tfds build of cohort {name!r}, expected {path}/dataset_info.json "
                      "(build it with python -m survjax.data.prepare)", path=data_dir)
-  builder = tfds.builder_from_directory(str(path))
-  meta = dict(builder.info.metadata or {}).get("survjax")
+  with _unreadable_as_input_error(path):
+    builder = tfds.builder_from_directory(str(path))
+    meta = dict(builder.info.metadata or {}).get("survjax")
   if not meta or meta.get("format") != FORMAT:
     raise InputError(f"metadata.json has no {FORMAT!r} entry, expected a survjax cohort build",
                      path=path)
-  source = builder.as_data_source(split=SPLIT)
-  n = len(source)
-  if n != meta["n_patients"]:
-    raise InputError(f"{n} examples, expected {meta['n_patients']} patients", path=path)
-  examples = [source[i] for i in range(n)]
+  with _unreadable_as_input_error(path):
+    source = builder.as_data_source(split=SPLIT)
+    n = len(source)
+    if n != meta["n_patients"]:
+      raise InputError(f"{n} examples, expected {meta['n_patients']} patients", path=path)
+    examples = [source[i] for i in range(n)]
   order = np.argsort([int(ex["index"]) for ex in examples], kind="stable")
   examples = [examples[i] for i in order]
   return _cohort_from_examples(meta, examples)
+
+
+@contextlib.contextmanager
+def _unreadable_as_input_error(path: Path):
+  """A build tfds cannot read (a truncated or damaged ``array_record`` file, a broken
+  ``dataset_info.json`` or ``features.json``) as one `InputError` naming the folder;
+  the readers raise RuntimeError, ValueError, protobuf and JSON errors for these."""
+  try:
+    yield
+  except InputError:
+    raise
+  except Exception as e:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise InputError(f"cannot read this tfds build ({type(e).__name__}: {first}), expected "
+                     "the files python -m survjax.data.prepare writes (rebuild it with "
+                     "--overwrite)", path=path) from e
 
 
 def _cohort_from_examples(meta: dict, examples: list[dict]) -> Cohort:

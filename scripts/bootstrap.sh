@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates ./.venv from a Python >= 3.12 and installs survjax into it.
+# Creates ./.venv from a Python >= 3.12 and installs survjax into it, with the package
+# versions of constraints.txt (those of the committed results and CI; SURVJAX_CONSTRAINTS=
+# empty for pyproject's ranges alone, e.g. where a pinned wheel does not exist).
 #   bash scripts/bootstrap.sh            # the package
 #   bash scripts/bootstrap.sh test       # + test extras (any extras, comma-separated)
 # Python: $SURVJAX_PYTHON if set, else python3.13/python3.12/python3 on PATH if >= 3.12,
@@ -41,5 +43,6 @@ if [ ! -x "$venv/bin/python" ] || ! ok "$venv/bin/python"; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-"$venv/bin/python" -m pip install -q -e "$spec"
-echo "survjax: installed into $venv ($("$venv/bin/python" --version 2>&1), extras: ${extras:-none})"
+constraints="${SURVJAX_CONSTRAINTS-constraints.txt}"
+"$venv/bin/python" -m pip install -q ${constraints:+-c "$constraints"} -e "$spec"
+echo "survjax: installed into $venv ($("$venv/bin/python" --version 2>&1), extras: ${extras:-none}, versions: ${constraints:-unpinned})"

@@ -2,12 +2,14 @@
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,6 +50,12 @@ def test_cross_validation_writes_the_contract(tmp_path):
       assert (tmp_path / "run" / f"km_{name}.png").stat().st_size > 1000
   assert on_disk["scenarios"]["full"]["c_index_mean"] > 0.6  # the toy learns something
   assert "timing" in on_disk and "config" in on_disk
+  env = on_disk["environment"]   # what a bit-for-bit rerun needs to match
+  assert env["packages"]["jax"] == jax.__version__ and env["packages"]["numpy"] == np.__version__
+  assert env["python"] == platform.python_version() and env["cpu_model"]
+  for k in range(3):
+    assert json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())[
+        "environment"] == env
   report = (tmp_path / "run" / "report.md").read_text()
   assert "| `full` |" in report and "km_full.png" in report
   risks = (tmp_path / "run" / "fold_0" / "risks.csv").read_text().splitlines()
@@ -57,6 +65,16 @@ def test_cross_validation_writes_the_contract(tmp_path):
   t = on_disk["timing"]["train_traces"]
   assert t["step:a"] == 1 and t["step:b"] == 1
   assert on_disk["timing"]["predict_traces"] <= 3 * 2 + 3
+
+
+def test_folds_run_in_different_environments_are_listed_per_fold():
+  from survjax.environment import environment
+  from survjax.evaluate.report import _environment
+  a = environment()
+  b = dict(a, packages=dict(a["packages"], numpy="0.0"))
+  assert _environment([{"environment": a}, {"environment": dict(a)}]) == a
+  assert _environment([{"environment": a}, {"environment": b}]) == {"per_fold": [a, b]}
+  assert _environment([{}, {"environment": a}]) == {"per_fold": [None, a]}
 
 
 def _cli(args, cwd, **kw):

@@ -38,6 +38,7 @@ from survjax import rundir
 from survjax.data.splits import (cohort_fingerprint, folds_fingerprint, has_comparable_pair,
                                  inner_validation, load_or_make_folds)
 from survjax.data.timebins import assign_time_bins, fit_time_bins
+from survjax.environment import environment
 from survjax.errors import InputError, check_count
 from survjax.evaluate import scenarios as scen
 from survjax.evaluate.metrics import concordance_index, uno_c
@@ -441,7 +442,7 @@ def _evaluate_fold(method, cohort, config, workdir, predictor, eval_spec, model,
   t1 = time.perf_counter()
   key = jax.random.fold_in(jax.random.key(config.seed + 17), k)
   fold = {"fold": k, "n_train": int(len(tr)), "n_test": int(len(va)), "scenarios": {},
-          "validation": {}, "timing": {}}
+          "validation": {}, "timing": {}, "environment": environment()}
   val_idx = fold_validation(cohort, config, k, tr)[1]
   risks_table = {}
   for s_i, name in enumerate(scenario_names):

@@ -32,6 +32,16 @@ from survjax.evaluate.km import plot_km, split_logrank
 from survjax.io import atomic_save_figure, atomic_write_text
 
 
+def _environment(fold_results) -> dict:
+  """The folds' `survjax.environment` when they share one; else ``{"per_fold": [...]}``
+  (a run resumed on another machine or package set; None for a fold that predates the
+  record)."""
+  envs = [f.get("environment") for f in fold_results]
+  if envs and envs[0] is not None and all(e == envs[0] for e in envs):
+    return envs[0]
+  return {"per_fold": envs}
+
+
 def _pooled_risks(workdir: Path, fold_results, row: str, cohort):
   times, events, risks = [], [], []
   pos = {c: i for i, c in enumerate(cohort.case_ids)}
@@ -207,6 +217,7 @@ def write_outputs(workdir, method, cohort, config, folds, fold_results, *, write
   results.update({
       "diagnostics": diagnostics,
       "timing": timing,
+      "environment": _environment(fold_results),
       "config": json.loads(config.to_json_best_effort()),
       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
   })

@@ -757,6 +757,43 @@ def oracles_table() -> str:
           + "\nMean over draws 0-4 of 400 patients; `python scripts/cohort_oracles.py`.\n")
 
 
+def _env_caption(env) -> str:
+  if not env:
+    return "not recorded (the run predates `survjax.environment`)"
+  if "per_fold" in env:
+    return "differs between folds (see the JSON)"
+  pk = env["packages"]
+  return (f"{env['cpu_model']} ({', '.join(env['cpu_flags'])}), jax {pk['jax']}, "
+          f"numpy {pk['numpy']}, flax {pk['flax']}")
+
+
+def rerun_table(runs, name: str) -> str:
+  """A committed run against its rerun from a fresh clone in another environment
+  (``docs/results/reruns/<name>.json``): how far the C-indexes move when only package
+  versions and the machine change."""
+  path = REPO / "docs" / "results" / "reruns" / f"{name}.json"
+  if name not in runs or not path.exists():
+    return f"(no committed rerun `docs/results/reruns/{name}.json`)\n"
+  old, new = runs[name], json.loads(path.read_text())
+  rows = []
+  for row, a in old["scenarios"].items():
+    b = new["scenarios"].get(row)
+    if b is None:
+      continue
+    folds = [y - x for x, y in zip(a["per_fold"], b["per_fold"], strict=True)]
+    rows.append([f"`{row}`", f"{a['c_index_mean']:.3f}", f"{b['c_index_mean']:.3f}",
+                 f"{b['c_index_mean'] - a['c_index_mean']:+.3f}",
+                 f"{max(folds, key=abs):+.3f}"])
+  same = old.get("cohort_fingerprint") == new.get("cohort_fingerprint")
+  return (_table(["scenario", "committed", "rerun", "rerun - committed", "largest fold change"],
+                 rows)
+          + f"\nCommitted run: environment {_env_caption(old.get('environment'))}; cohort "
+            f"`{old.get('cohort_fingerprint')}`. Rerun (`docs/results/reruns/{name}.json`): "
+            f"{_env_caption(new.get('environment'))}; cohort "
+            f"`{new.get('cohort_fingerprint')}` ({'the same' if same else 'a different'} "
+            f"synthetic cohort), splits {'the same' if old.get('splits_fingerprint') == new.get('splits_fingerprint') else 'different'}.\n")
+
+
 def render(name: str, runs) -> str:
   """The text of generated block ``name``."""
   if name == "synthetic":
@@ -780,6 +817,8 @@ def render(name: str, runs) -> str:
     return draws_table() if run == "must" else draws_cindex_table(runs)
   if kind == "tune":
     return tune_table(run)
+  if kind == "rerun":
+    return rerun_table(runs, run)
   raise KeyError(f"unknown generated block {name!r}")
 
 

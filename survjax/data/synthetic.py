@@ -237,7 +237,10 @@ def _generate(spec: SyntheticSpec, name: str) -> tuple[Cohort, dict[str, np.ndar
   c_max = _censor_scale(u_c, t_event, spec.censoring)
   t_censor = u_c * c_max
   event = t_event <= t_censor
-  time = np.maximum(np.where(event, t_event, t_censor), 1e-2)
+  # Rounded to 1e-6 months (a few seconds): numpy's SIMD `exp` and `log` differ in the
+  # last bit between instruction sets and releases, and a cohort should be one cohort on
+  # every machine (its fingerprint names its split files).
+  time = np.round(np.maximum(np.where(event, t_event, t_censor), 1e-2), 6)
 
   modalities = {}
   # Pathology: a few tissue prototypes as background, a signal minority of patches.

@@ -790,8 +790,8 @@ def rerun_table(runs, name: str) -> str:
           + f"\nCommitted run: environment {_env_caption(old.get('environment'))}; cohort "
             f"`{old.get('cohort_fingerprint')}`. Rerun (`docs/results/reruns/{name}.json`): "
             f"{_env_caption(new.get('environment'))}; cohort "
-            f"`{new.get('cohort_fingerprint')}` ({'the same' if same else 'a different'} "
-            f"synthetic cohort), splits {'the same' if old.get('splits_fingerprint') == new.get('splits_fingerprint') else 'different'}.\n")
+            f"`{new.get('cohort_fingerprint')}` ({'the same' if same else 'another'} "
+            f"fingerprint), splits {'the same' if old.get('splits_fingerprint') == new.get('splits_fingerprint') else 'different'}.\n")
 
 
 def render(name: str, runs) -> str:

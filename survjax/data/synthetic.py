@@ -231,15 +231,17 @@ def _generate(spec: SyntheticSpec, name: str) -> tuple[Cohort, dict[str, np.ndar
   eta = part_s + part_p + part_g + part_r
 
   # Weibull PH event times (months-like scale) and uniform censoring at the target rate.
+  # Event times rounded to 1e-6 months (a few seconds): numpy's SIMD `exp` and `log`
+  # differ in the last bit between instruction sets and releases, and a cohort should be
+  # one cohort on every machine (its fingerprint names its split files). Rounded before
+  # censoring, whose cut-off (a bisection onto one patient's event time) would otherwise
+  # turn that bit into the patient's event status.
   u = rng.uniform(size=n)
-  t_event = 30.0 * (-np.log(u) / np.exp(eta)) ** (1.0 / spec.weibull_shape)
+  t_event = np.round(30.0 * (-np.log(u) / np.exp(eta)) ** (1.0 / spec.weibull_shape), 6)
   u_c = rng.uniform(size=n)
   c_max = _censor_scale(u_c, t_event, spec.censoring)
   t_censor = u_c * c_max
   event = t_event <= t_censor
-  # Rounded to 1e-6 months (a few seconds): numpy's SIMD `exp` and `log` differ in the
-  # last bit between instruction sets and releases, and a cohort should be one cohort on
-  # every machine (its fingerprint names its split files).
   time = np.round(np.maximum(np.where(event, t_event, t_censor), 1e-2), 6)
 
   modalities = {}

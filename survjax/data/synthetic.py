@@ -162,6 +162,20 @@ def _censor_scale(rng_u, t_event, target):
   return 0.5 * (lo + hi)
 
 
+def _censor(t_event, u_c, target):
+  """Uniform censoring ``C = u_c * c_max`` at rate ``target``: ``(time, event)``.
+
+  numpy's SIMD ``exp`` and ``log`` differ in the last bit between instruction sets and
+  releases, and a cohort should be one cohort on every machine (its fingerprint names its
+  split files). So times are rounded to 1e-6 months (a few seconds), and the event test
+  has a relative margin far above that bit: ``c_max`` is a bisection onto one patient's
+  event time, and that patient is an event whatever the last bit.
+  """
+  t_censor = u_c * _censor_scale(u_c, t_event, target)
+  event = t_event <= t_censor * (1.0 + 1e-9)
+  return np.round(np.maximum(np.where(event, t_event, t_censor), 1e-2), 6), event
+
+
 def make_synthetic_cohort(spec: SyntheticSpec = SyntheticSpec(), name: str = "synthetic") -> Cohort:
   """Draws a cohort from the generative model in the module docstring."""
   return _generate(spec, name)[0]
@@ -231,18 +245,9 @@ def _generate(spec: SyntheticSpec, name: str) -> tuple[Cohort, dict[str, np.ndar
   eta = part_s + part_p + part_g + part_r
 
   # Weibull PH event times (months-like scale) and uniform censoring at the target rate.
-  # Event times rounded to 1e-6 months (a few seconds): numpy's SIMD `exp` and `log`
-  # differ in the last bit between instruction sets and releases, and a cohort should be
-  # one cohort on every machine (its fingerprint names its split files). Rounded before
-  # censoring, whose cut-off (a bisection onto one patient's event time) would otherwise
-  # turn that bit into the patient's event status.
   u = rng.uniform(size=n)
-  t_event = np.round(30.0 * (-np.log(u) / np.exp(eta)) ** (1.0 / spec.weibull_shape), 6)
-  u_c = rng.uniform(size=n)
-  c_max = _censor_scale(u_c, t_event, spec.censoring)
-  t_censor = u_c * c_max
-  event = t_event <= t_censor
-  time = np.round(np.maximum(np.where(event, t_event, t_censor), 1e-2), 6)
+  t_event = 30.0 * (-np.log(u) / np.exp(eta)) ** (1.0 / spec.weibull_shape)
+  time, event = _censor(t_event, rng.uniform(size=n), spec.censoring)
 
   modalities = {}
   # Pathology: a few tissue prototypes as background, a signal minority of patches.

@@ -784,14 +784,15 @@ def rerun_table(runs, name: str) -> str:
     rows.append([f"`{row}`", f"{a['c_index_mean']:.3f}", f"{b['c_index_mean']:.3f}",
                  f"{b['c_index_mean'] - a['c_index_mean']:+.3f}",
                  f"{max(folds, key=abs):+.3f}"])
-  same = old.get("cohort_fingerprint") == new.get("cohort_fingerprint")
+  def same(key):
+    return "the same" if old.get(key) == new.get(key) else "another"
   return (_table(["scenario", "committed", "rerun", "rerun - committed", "largest fold change"],
                  rows)
           + f"\nCommitted run: environment {_env_caption(old.get('environment'))}; cohort "
             f"`{old.get('cohort_fingerprint')}`. Rerun (`docs/results/reruns/{name}.json`): "
             f"{_env_caption(new.get('environment'))}; cohort "
-            f"`{new.get('cohort_fingerprint')}` ({'the same' if same else 'another'} "
-            f"fingerprint), splits {'the same' if old.get('splits_fingerprint') == new.get('splits_fingerprint') else 'different'}.\n")
+            f"`{new.get('cohort_fingerprint')}` ({same('cohort_fingerprint')} fingerprint), "
+            f"{same('splits_fingerprint')} splits.\n")
 
 
 def render(name: str, runs) -> str:

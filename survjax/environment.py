@@ -3,11 +3,11 @@ machine's instruction set.
 
 Two runs of one commit and config give the same bits only when both match. XLA:CPU picks
 its kernels by instruction set and release, and numpy picks its SIMD loops at import by
-instruction set (the synthetic cohort's ``exp`` and ``log`` among them). Their last-bit
-differences change the synthetic cohort's survival times, and training amplifies such
-differences into different C-indexes. ``scripts/bootstrap.sh`` installs the versions in
-``constraints.txt``; every ``results.json`` records `environment()`, so that a rerun can
-be compared knowing whether it should match bit for bit.
+instruction set; training amplifies their last-bit differences into different C-indexes
+(the synthetic cohort itself is made immune: `survjax.data.synthetic._censor`).
+``scripts/bootstrap.sh`` installs the versions in ``constraints.txt``; every
+``results.json`` records `environment()`, so that a rerun can be compared knowing whether
+it should match bit for bit.
 """
 
 from __future__ import annotations

@@ -784,15 +784,15 @@ def rerun_table(runs, name: str) -> str:
     rows.append([f"`{row}`", f"{a['c_index_mean']:.3f}", f"{b['c_index_mean']:.3f}",
                  f"{b['c_index_mean'] - a['c_index_mean']:+.3f}",
                  f"{max(folds, key=abs):+.3f}"])
-  def same(key):
-    return "the same" if old.get(key) == new.get(key) else "another"
+  def same(key, other="another"):
+    return "the same" if old.get(key) == new.get(key) else other
   return (_table(["scenario", "committed", "rerun", "rerun - committed", "largest fold change"],
                  rows)
           + f"\nCommitted run: environment {_env_caption(old.get('environment'))}; cohort "
             f"`{old.get('cohort_fingerprint')}`. Rerun (`docs/results/reruns/{name}.json`): "
             f"{_env_caption(new.get('environment'))}; cohort "
             f"`{new.get('cohort_fingerprint')}` ({same('cohort_fingerprint')} fingerprint), "
-            f"{same('splits_fingerprint')} splits.\n")
+            f"{same('splits_fingerprint', 'other')} splits.\n")
 
 
 def render(name: str, runs) -> str:

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from survjax import environment
+
 
 def num_cpu_threads() -> int:
   """CPU cores available to this process (XLA:CPU's intra-op pool uses one per core)."""
@@ -34,15 +36,7 @@ def num_cpu_threads() -> int:
 def device_info() -> dict[str, Any]:
   """Names the machine: JAX backend and device kind, CPU model, core count, versions."""
   dev = jax.devices()[0]
-  cpu_model = platform.processor() or ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu_model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  cpu_model = environment.cpu()[0]
   return {
       "device_kind": dev.device_kind,
       "platform": dev.platform,

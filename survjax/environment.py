@@ -30,8 +30,10 @@ def _version(name: str) -> str | None:
     return None
 
 
-def _cpu() -> tuple[str, list[str]]:
-  model, flags = platform.processor() or platform.machine(), set()
+def cpu() -> tuple[str, list[str]]:
+  """The CPU's model name (``/proc/cpuinfo``, else `platform.processor`, else "") and
+  which of `CPU_FLAGS` it has."""
+  model, flags = platform.processor() or "", set()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -59,9 +61,9 @@ def _numpy_simd() -> list[str] | None:
 def environment() -> dict:
   """``{"python", "packages": {name: version}, "cpu_model", "cpu_flags", "numpy_simd",
   "devices"}`` of this process."""
-  model, flags = _cpu()
+  model, flags = cpu()
   dev = jax.devices()[0]
   return {"python": platform.python_version(),
           "packages": {name: _version(name) for name in PACKAGES},
-          "cpu_model": model, "cpu_flags": flags, "numpy_simd": _numpy_simd(),
+          "cpu_model": model or platform.machine(), "cpu_flags": flags, "numpy_simd": _numpy_simd(),
           "devices": f"{dev.platform}:{dev.device_kind} x{jax.device_count()}"}

@@ -1,5 +1,9 @@
 """Synthetic cohort, time bins, splits and batching against independent references."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from sksurv.metrics import concordance_index_censored
@@ -45,9 +49,6 @@ def test_synthetic_times_do_not_depend_on_numpy_simd_dispatch():
   these 400 raw times); the cohort's times and events (censoring cuts at one patient's
   event time) are the same under both. On a CPU without AVX-512 both runs take the AVX2
   path."""
-  import os
-  import subprocess
-  import sys
   runs = []
   for disable in ("", "X86_V4 AVX512_ICL AVX512_SPR"):
     env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=disable, JAX_PLATFORMS="cpu")
